@@ -1,0 +1,170 @@
+"""The ``curate`` command: validate, plan, run, run-shard, stages, inspect, stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from curate.errors import ConfigError, CurateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Synthesize and curate long-context training corpora from one YAML manifest.")
+out = Console()
+err = Console(stderr=True)
+
+ManifestArg = typer.Argument(..., exists=False, help="path to the manifest YAML")
+OutputOpt = typer.Option(None, "--output", "-o", help="run directory (overrides the manifest's `output`)")
+
+
+def _load(manifest: Path, output: Optional[str] = None, workers: Optional[int] = None):
+    from curate.manifest import load
+
+    m = load(manifest, output=output)
+    if workers is not None:
+        if m.executor.kind != "local":
+            raise ConfigError("--workers applies to the local executor only")
+        params = m.executor.params.model_copy(update={"workers": workers})
+        m.executor = dataclasses.replace(m.executor, params=params)
+    return m
+
+
+@app.command()
+def validate(manifest: Path = ManifestArg) -> None:
+    """Check a manifest: every key, type and stage, and that the source has input."""
+    from curate.planner import Plan
+
+    plan = Plan.build(_load(manifest))
+    out.print(f"[green]ok[/green] {manifest}: {len(plan.shards)} input shard(s), {len(plan.stages)} stage(s), "
+              f"{len(plan.phases)} phase(s)")
+
+
+@app.command()
+def plan(manifest: Path = ManifestArg, output: Optional[str] = OutputOpt) -> None:
+    """Show the resolved manifest, the phases and the column flow."""
+    from rich.syntax import Syntax
+
+    from curate.planner import Plan
+
+    p = Plan.build(_load(manifest, output))
+    out.print(Syntax(p.manifest.resolved_yaml(), "yaml", theme="ansi_dark"))
+    out.print(f"[bold]input[/bold]: {len(p.shards)} shard(s) from source kind {p.manifest.source.kind!r}")
+    for phase in p.phases:
+        labels = [s.label + (" (global)" if s.is_global else "") for s in p.stages[phase.start:phase.stop]]
+        where = "sinks" if phase.last else f"intermediate → phase {phase.index + 1}"
+        out.print(f"[bold]phase {phase.index}[/bold]: {' → '.join(labels) or '(read only)'} → {where}")
+    table = Table("after", "columns", title="column flow")
+    for label, columns in p.column_flow():
+        table.add_row(label, ", ".join(columns))
+    out.print(table)
+    out.print(f"[bold]run directory[/bold]: {p.run_dir.root}  fingerprint {p.fingerprint()['digest'][:16]}")
+
+
+@app.command()
+def run(
+    manifest: Path = ManifestArg,
+    output: Optional[str] = OutputOpt,
+    restart: bool = typer.Option(False, "--restart", help="empty the run directory and start over"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="local worker processes"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+) -> None:
+    """Run a manifest; a rerun resumes, skipping completed shards."""
+    from curate.driver import execute
+
+    result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress)
+    _print_stats(result.stats)
+    note = f" (resumed: {result.skipped} shard-phase(s) already done)" if result.resumed else ""
+    out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")
+
+
+@app.command("run-shard")
+def run_shard_cmd(
+    manifest: Path = ManifestArg,
+    phase: int = typer.Option(..., help="phase index"),
+    shard: str = typer.Option(..., help="shard name (as in completions/)"),
+    output: Optional[str] = OutputOpt,
+) -> None:
+    """Run one shard of one phase in a run directory that `curate run` (or a launcher) claimed."""
+    import orjson as _json
+
+    from curate.planner import Plan
+    from curate.runner import run_shard
+
+    p = Plan.build(_load(manifest, output))
+    rd = p.run_dir
+    if not rd.fingerprint.exists() or _json.loads(rd.fingerprint.read_bytes())["digest"] != p.fingerprint()["digest"]:
+        raise ConfigError(f"{rd.root}: not claimed by this manifest (run `curate run` or the launcher first)")
+    target = next((s for s in p.shards if s.name == shard), None)
+    if target is None:
+        raise ConfigError(f"no shard named {shard!r} (there are {len(p.shards)})")
+    run_shard(p, p.phases[phase], target)
+
+
+@app.command()
+def stages(markdown: bool = typer.Option(False, "--markdown", help="print the manifest reference as Markdown")) -> None:
+    """List every stage, source, sink and executor with its parameters and defaults."""
+    from curate.reference import reference_markdown, reference_rows
+
+    if markdown:
+        sys.stdout.write(reference_markdown())
+        return
+    for section, rows in reference_rows().items():
+        table = Table("name", "parameters (default)", "about", title=section, show_lines=True)
+        for name, params, about in rows:
+            table.add_row(name, "\n".join(f"{k} = {v}" for k, v in params), about)
+        out.print(table)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="a run directory, a sink folder or one output file"),
+    n: int = typer.Option(3, "-n", help="how many samples"),
+    offset: int = typer.Option(0, help="skip this many samples first"),
+    width: int = typer.Option(1200, help="characters of text to show per sample"),
+) -> None:
+    """Print samples from an output, whatever its format."""
+    from curate.inspect_output import show
+
+    if show(path, n, offset, width, out) == 0:
+        out.print("[yellow]no samples[/yellow]")
+
+
+@app.command()
+def stats(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
+    """Print a run's merged stats.json."""
+    path = run_dir / "stats.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: no stats.json (the run has not finished)")
+    _print_stats(orjson.loads(path.read_bytes()))
+
+
+def _print_stats(merged: dict) -> None:
+    table = Table("stage", "rows in", "rows out", "dropped (reason: n)", "tokens", "seconds", title="stats")
+    for label, s in merged["stages"].items():
+        drops = ", ".join(f"{k}: {v:,}" for k, v in s["drops"].items())
+        table.add_row(label, f"{s['rows_in']:,}", f"{s['rows_out']:,}", drops, f"{s['tokens_out']:,}",
+                      f"{s['seconds']:.2f}")
+    out.print(table)
+    for label, o in merged.get("outputs", {}).items():
+        out.print(f"{label}: {o['samples']:,} samples in {o['files']} file(s), {o['bytes']:,} bytes → {o['path']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:
+        err.print(f"[red]configuration error[/red]\n{e}", highlight=False)
+        sys.exit(2)
+    except CurateError as e:
+        err.print(f"[red]error[/red]: {e}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The per-shard run context a stage receives: seeds, stats, failures, quarantine, global state."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from curate import seeds
+from curate.stats import ShardStats
+
+if TYPE_CHECKING:
+    from curate.readers.base import Shard
+    from curate.rundir import RunDir
+
+#: Stats label under which readers count their bad records.
+READ_LABEL = "read"
+
+
+@dataclass
+class RunContext:
+    """Everything a stage may touch while it processes one shard of one phase.
+
+    ``failure`` and ``quarantine`` write under temporary names; :meth:`close` renames them into place,
+    so a killed shard leaves nothing that a rerun would mistake for finished output.
+    """
+
+    seed: int
+    shard: Shard
+    run_dir: RunDir
+    phase: int = 0
+    stats: ShardStats = field(default_factory=ShardStats)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("curate"))
+    _failures: Any = None
+    _quarantine: dict[str, Any] = field(default_factory=dict)
+    _global: dict[str, Any] = field(default_factory=dict)
+    _progress: Any = None
+
+    @property
+    def shard_id(self) -> str:
+        return f"p{self.phase}-{self.shard.name}"
+
+    def rng(self, stage: str, shard_key: str | None = None) -> np.random.Generator:
+        """A generator seeded by a stable digest of (manifest seed, stage, shard content key)."""
+        return seeds.rng(self.seed, stage, shard_key if shard_key is not None else self.shard.key)
+
+    def failure(self, reason: str, detail: str = "", *, file: str | None = None, line: int | None = None,
+                record: str | bytes | None = None) -> None:
+        """Record one bad input record in ``failures/`` and count it under ``read`` drops."""
+        self.stats[READ_LABEL].drop(reason)
+        if self._failures is None:
+            self._failures = self.run_dir.open_temp(self.run_dir.failures / f"{self.shard_id}.jsonl")
+        if isinstance(record, bytes):
+            record = record[:2000].decode("utf-8", errors="backslashreplace")
+        entry = {"file": file, "line": line, "reason": reason, "detail": detail,
+                 "record": record[:2000] if record else None}
+        self._failures.write(orjson.dumps(entry) + b"\n")
+
+    def quarantine(self, label: str, rows: pa.RecordBatch) -> None:
+        """Append rejected rows (with their ``drop_reason``) to ``quarantine/<label>/<shard>.parquet``."""
+        import pyarrow.parquet as pq
+
+        writer = self._quarantine.get(label)
+        if writer is None:
+            path = self.run_dir.quarantine / label / f"{self.shard_id}.parquet"
+            fh = self.run_dir.open_temp(path)
+            writer = self._quarantine[label] = (pq.ParquetWriter(fh, rows.schema), fh)
+        writer[0].write_batch(rows)
+
+    def global_state(self, label: str) -> dict[str, Any]:
+        """The combined state of global stage ``label`` (loaded once per process)."""
+        if label not in self._global:
+            self._global[label] = self.run_dir.read_global_state(label)
+        return self._global[label]
+
+    def report(self, rows: int, tokens: int = 0) -> None:
+        """Tell the progress display about rows (and tokens) written."""
+        if self._progress is not None:
+            self._progress(rows, tokens)
+
+    def close(self) -> None:
+        """Rename the failure and quarantine files into place."""
+        if self._failures is not None:
+            self._failures.commit()
+            self._failures = None
+        for writer, fh in self._quarantine.values():
+            writer.close()
+            fh.commit()
+        self._quarantine.clear()

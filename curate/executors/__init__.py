@@ -1,0 +1,6 @@
+"""Executors, selected by ``executor: {kind: ...}``; importing this package registers them."""
+
+from curate.executors import local  # noqa: F401
+from curate.executors.base import Executor
+
+__all__ = ["Executor"]

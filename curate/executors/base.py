@@ -1,0 +1,26 @@
+"""Executors run ``run_shard`` over a phase's pending shards; they differ only in where."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from curate.planner import Phase, Plan
+from curate.readers.base import Shard
+from curate.stage import StageParams
+
+Done = Callable[[Shard, dict[str, Any] | None, BaseException | None], None]
+Progress = Callable[[int, int], None]
+
+
+class Executor:
+    """Base executor. ``map_shards`` calls ``done(shard, stats, error)`` as each shard finishes."""
+
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type[StageParams]] = StageParams
+
+    def __init__(self, params: StageParams):
+        self.params = params
+
+    def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
+        raise NotImplementedError

@@ -1,0 +1,344 @@
+"""The manifest: one YAML file that names a source, stages, sinks and an executor.
+
+Loaded with ``yaml.safe_load`` semantics and validated in two phases: the envelope (top-level keys,
+shape of each section), then each part against its registered ``Params`` (sources, stages, sinks,
+executors). Every error names the manifest path, the YAML line and the field::
+
+    manifests/x.yaml:12: stages[2] (select).threshold: Input should be a valid number
+
+``${VAR}`` and ``${VAR:-default}`` are expanded in string values. Variables whose names look like
+secrets (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*KEY*``) are never written back: the resolved
+manifest keeps the ``${VAR}`` reference, and their values are redacted from logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from curate.errors import ConfigError
+
+Loc = tuple[Any, ...]
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+#: Secret values seen by interpolation in this process, redacted from log records.
+SECRET_VALUES: set[str] = set()
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    seed: int = 0
+    output: str | None = None
+    source: dict[str, Any]
+    stages: list[Any] = []
+    sink: dict[str, Any] | list[dict[str, Any]]
+    executor: dict[str, Any] = {"kind": "local"}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A validated ``kind``-selected section (a source, sink or executor)."""
+
+    kind: str
+    params: BaseModel
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    label: str
+    params: BaseModel
+    loc: Loc
+
+
+@dataclass
+class Manifest:
+    """A validated manifest. Build it with :func:`load` or :meth:`from_dict`."""
+
+    path: str
+    name: str
+    seed: int
+    output: str
+    source: Part
+    stages: list[StageSpec]
+    sinks: list[Part]
+    executor: Part
+    description: str | None = None
+    lines: dict[Loc, int] = field(default_factory=dict, repr=False)
+    secrets: dict[Loc, str] = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "<manifest>", lines: dict[Loc, int] | None = None) -> Manifest:
+        lines = lines or {}
+        errors = _Errors(path, lines)
+        if not isinstance(data, dict):
+            raise errors.one((), "the manifest must be a mapping of top-level keys")
+        data, secrets = _interpolate(data, (), errors)
+        errors.raise_if_any()
+        try:
+            env = _Envelope.model_validate(data)
+        except ValidationError as e:
+            errors.pydantic(e, (), "", list(_Envelope.model_fields))
+            errors.raise_if_any()
+            raise  # pragma: no cover - raise_if_any always raises here
+        source = _part(env.source, ("source",), "source", errors)
+        sink_items = env.sink if isinstance(env.sink, list) else [env.sink]
+        sink_prefix: Loc = ("sink",)
+        sinks = [_part(s, sink_prefix + ((i,) if isinstance(env.sink, list) else ()), "sink", errors)
+                 for i, s in enumerate(sink_items)]
+        executor = _part(env.executor, ("executor",), "executor", errors)
+        stages = _stages(env.stages, errors)
+        errors.raise_if_any()
+        return cls(path=path, name=env.name, seed=env.seed, output=env.output or f"runs/{env.name}",
+                   source=source, stages=stages, sinks=[s for s in sinks if s], executor=executor,  # type: ignore[misc]
+                   description=env.description, lines=lines, secrets=secrets)
+
+    # ---------------------------------------------------------------- use
+    def error(self, loc: Loc, message: str) -> ConfigError:
+        """A ConfigError for ``loc`` (e.g. ``("source", "paths")``) with file, line and field."""
+        return _Errors(self.path, self.lines).one(loc, message)
+
+    def build_stages(self) -> list:
+        """Fresh stage objects, in order (each worker calls this; nothing live is shipped)."""
+        from curate.registry import get_stage
+
+        return [get_stage(s.name)(s.params, s.label) for s in self.stages]
+
+    def resolved(self, *, with_executor: bool = True) -> dict[str, Any]:
+        """The manifest with every default filled in; secrets stay as ``${VAR}`` references."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["seed"] = self.seed
+        out["output"] = self.output
+        out["source"] = _dump_part(self.source)
+        out["stages"] = [{s.name: s.params.model_dump(mode="json")} for s in self.stages]
+        sinks = [_dump_part(s) for s in self.sinks]
+        out["sink"] = sinks[0] if len(sinks) == 1 else sinks
+        if with_executor:
+            out["executor"] = _dump_part(self.executor)
+        return _restore_secrets(out, self.secrets)
+
+    def resolved_yaml(self, *, with_executor: bool = True) -> str:
+        return yaml.safe_dump(self.resolved(with_executor=with_executor), sort_keys=False, allow_unicode=True)
+
+
+def load(path: str | os.PathLike, *, output: str | None = None) -> Manifest:
+    """Read and validate the manifest at ``path`` (``output`` overrides its run directory)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: manifest not found")
+    text = p.read_text(encoding="utf-8")
+    manifest = loads(text, str(path))
+    if output:
+        manifest.output = output
+    return manifest
+
+
+def loads(text: str, path: str = "<manifest>") -> Manifest:
+    """Validate manifest YAML given as a string; ``path`` is used in messages."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    lines: dict[Loc, int] = {}
+    if node is not None:
+        _collect_lines(node, (), lines)
+    return Manifest.from_dict(data, path, lines)
+
+
+# ==================================================================== internals
+class _Errors:
+    """Collects errors with their locations and raises them together."""
+
+    def __init__(self, path: str, lines: dict[Loc, int]):
+        self.path, self.lines, self.items = path, lines, []
+
+    def line(self, loc: Loc) -> int | None:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return None
+
+    def format(self, loc: Loc, message: str, label: str | None = None) -> str:
+        line = self.line(loc)
+        where = f"{self.path}:{line}" if line else self.path
+        return f"{where}: {label or _field_name(loc)}: {message}" if loc else f"{where}: {message}"
+
+    def add(self, loc: Loc, message: str, label: str | None = None) -> None:
+        self.items.append(self.format(loc, message, label))
+
+    def one(self, loc: Loc, message: str) -> ConfigError:
+        return ConfigError(self.format(loc, message))
+
+    def pydantic(self, e: ValidationError, prefix: Loc, label: str, fields: list[str]) -> None:
+        for err in e.errors():
+            loc = prefix + tuple(err["loc"])
+            inner = tuple(err["loc"])
+            name = (label + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in inner)
+                    if label else _field_name(loc))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key" + _suggest(str(inner[-1]), fields)
+            self.add(loc, msg, name)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError("\n".join(self.items))
+
+
+def _suggest(key: str, fields: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, fields, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else (
+        f" (known keys: {', '.join(fields)})" if fields else "")
+
+
+def _field_name(loc: Loc) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _collect_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            lines[loc + (k,)] = key.start_mark.line + 1
+            _collect_lines(value, loc + (k,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _collect_lines(item, loc + (i,), lines)
+
+
+def _interpolate(value: Any, loc: Loc, errors: _Errors) -> tuple[Any, dict[Loc, str]]:
+    secrets: dict[Loc, str] = {}
+
+    def walk(v: Any, at: Loc) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x, at + (k,)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x, at + (i,)) for i, x in enumerate(v)]
+        if not isinstance(v, str) or "${" not in v:
+            return v
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            got = os.environ.get(name, default)
+            if got is None:
+                errors.add(at, f"environment variable ${{{name}}} is not set (use ${{{name}:-default}})")
+                return ""
+            if _SECRET_NAME.search(name):
+                secrets[at] = v
+                if got:
+                    SECRET_VALUES.add(got)
+            return got
+
+        return _VAR.sub(sub, v)
+
+    return walk(value, loc), secrets
+
+
+def _restore_secrets(data: dict[str, Any], secrets: dict[Loc, str]) -> dict[str, Any]:
+    for loc, template in secrets.items():
+        target: Any = data
+        for p in loc[:-1]:
+            try:
+                target = target[p]
+            except (KeyError, IndexError, TypeError):
+                target = None
+                break
+        if isinstance(target, (dict, list)):
+            try:
+                target[loc[-1]] = template
+            except (IndexError, TypeError):
+                pass
+    return data
+
+
+def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part | None:
+    from curate.plugins import kinds_of
+
+    registry = kinds_of(what)
+    kind = section.get("kind")
+    if kind is None:
+        errors.add(loc, f"needs a 'kind' (one of: {', '.join(sorted(registry))})")
+        return None
+    if kind not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(str(kind), list(registry), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        errors.add(loc + ("kind",), f"unknown {what} kind {kind!r}{hint} (known: {', '.join(sorted(registry))})")
+        return None
+    params_cls = registry[kind].Params
+    rest = {k: v for k, v in section.items() if k != "kind"}
+    try:
+        params = params_cls.model_validate(rest)
+    except ValidationError as e:
+        errors.pydantic(e, loc, f"{_field_name(loc)} ({kind})", list(params_cls.model_fields))
+        return None
+    return Part(kind, params, loc)
+
+
+def _stages(items: list[Any], errors: _Errors) -> list[StageSpec]:
+    from curate.registry import get_stage
+
+    names = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            names.append((item, {}))
+        elif isinstance(item, dict) and len(item) == 1:
+            name, params = next(iter(item.items()))
+            if params is not None and not isinstance(params, dict):
+                errors.add(("stages", i, name), "stage parameters must be a mapping", f"stages[{i}] ({name})")
+                params = {}
+            names.append((str(name), params or {}))
+        else:
+            errors.add(("stages", i), "each stage is a one-key mapping like `- select: {min: ...}`")
+            names.append((None, {}))
+    counts: dict[str, int] = {}
+    for name, _ in names:
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    specs = []
+    for i, (name, params) in enumerate(names):
+        if name is None:
+            continue
+        loc: Loc = ("stages", i, name)
+        try:
+            cls = get_stage(name)
+        except ConfigError as e:
+            errors.add(("stages", i), str(e), f"stages[{i}]")
+            continue
+        try:
+            p = cls.Params.model_validate(params)
+        except ValidationError as e:
+            errors.pydantic(e, loc, f"stages[{i}] ({name})", list(cls.Params.model_fields))
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        label = name if counts[name] == 1 else f"{name}_{seen[name]}"
+        specs.append(StageSpec(name, label, p, loc))
+    return specs
+
+
+def _dump_part(part: Part) -> dict[str, Any]:
+    return {"kind": part.kind, **part.params.model_dump(mode="json")}

@@ -1,0 +1,165 @@
+"""What every reader shares: shards with content keys, file listing, bounded batches.
+
+A reader turns its ``source:`` section into a list of :class:`Shard` (one per input file, or per
+byte/row-group range of a large one), and reads one shard as a stream of bounded
+``pyarrow.RecordBatch`` in the documents (or interleaved) schema. Bad records go to
+``ctx.failure`` with file and line; they never stop the shard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import fsspec
+import orjson
+import pyarrow as pa
+from pydantic import ByteSize, Field, field_validator
+
+from curate.errors import ConfigError
+from curate.schema import DOCUMENTS
+from curate.seeds import digest
+from curate.stage import StageParams
+
+if TYPE_CHECKING:
+    from curate.context import RunContext
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a stable ``name`` (its place in the sorted listing) and a content ``key``."""
+
+    name: str
+    key: str
+    uri: str
+    rel: str = ""
+    start: int = 0
+    stop: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "uri": self.uri, "rel": self.rel, "start": self.start,
+                "stop": self.stop, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Shard:
+        return cls(**d)
+
+
+class BatchParams(StageParams):
+    """Batch bounds, shared by every reader: memory stays bounded whatever the document sizes."""
+
+    batch_rows: int = Field(2048, gt=0, description="most rows per batch")
+    batch_bytes: ByteSize = Field(ByteSize(32_000_000), description="most text bytes per batch")
+
+
+class FieldParams(BatchParams):
+    """Field mapping onto the documents schema."""
+
+    text_field: str = "text"
+    id_field: str | None = Field(None, description="field holding a unique id; default file:line")
+    meta_fields: list[str] | None = Field(None, description="fields kept in `meta`; default all others")
+
+
+class ReaderParams(FieldParams):
+    """Parameters every file-based reader takes."""
+
+    paths: list[str] = Field(description="files, glob patterns or fsspec URLs")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class Reader:
+    """Base reader. Subclasses implement :meth:`shards` and :meth:`read`."""
+
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type[StageParams]] = ReaderParams
+    def __init__(self, params: StageParams):
+        self.params = params
+
+    def output_kind(self) -> str:
+        """Which schema (``documents`` or ``interleaved``) the batches have."""
+        return "documents"
+
+    def shards(self) -> list[Shard]:
+        raise NotImplementedError
+
+    def read(self, shard: Shard, ctx: RunContext) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------- helpers
+def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> list[tuple[str, dict, str]]:
+    """Expand globs/URLs to ``(uri, info, relative name)`` sorted by uri; ConfigError if none match."""
+    found: dict[str, dict] = {}
+    for pattern in patterns:
+        fs, _, expanded = fsspec.get_fs_token_paths(os.path.expanduser(pattern))
+        matches = [p for p in expanded if not fs.isdir(p)]
+        if not matches and fs.isdir(expanded[0] if expanded else pattern):
+            matches = sorted(p for p in fs.find(expanded[0]) if suffixes is None or p.endswith(suffixes))
+        if not matches:
+            raise ConfigError(f"no input files match {pattern!r}")
+        for p in matches:
+            uri = fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p
+            found[uri] = fs.info(p)
+    uris = sorted(found)
+    root = os.path.commonpath([u.split("://")[-1] for u in uris]) if len(uris) > 1 else ""
+    out = []
+    for u in uris:
+        path = u.split("://")[-1]
+        rel = os.path.relpath(path, root) if root and path != root else os.path.basename(path)
+        out.append((u, found[u], rel))
+    return out
+
+
+def content_key(uri: str, info: dict, *extra: object) -> str:
+    """A content key from what the filesystem says about a file (size, mtime or etag) plus ``extra``."""
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or ""
+    return digest(uri, info.get("size"), stamp, *extra, size=12).hex()
+
+
+class DocumentBuilder:
+    """Accumulates documents and cuts them into batches bounded by rows and text bytes."""
+
+    def __init__(self, batch_rows: int, batch_bytes: int):
+        self.batch_rows, self.batch_bytes = batch_rows, batch_bytes
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.sources: list[str | None] = []
+        self.metas: list[str | None] = []
+        self.nbytes = 0
+
+    def add(self, doc_id: str, text: str, source: str | None, meta: str | None) -> pa.RecordBatch | None:
+        self.ids.append(doc_id)
+        self.texts.append(text)
+        self.sources.append(source)
+        self.metas.append(meta)
+        self.nbytes += len(text)
+        if len(self.ids) >= self.batch_rows or self.nbytes >= self.batch_bytes:
+            return self.flush()
+        return None
+
+    def flush(self) -> pa.RecordBatch | None:
+        if not self.ids:
+            return None
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(self.ids, pa.string()), pa.array(self.texts, pa.string()),
+             pa.array(self.sources, pa.string()), pa.array(self.metas, pa.string())],
+            schema=DOCUMENTS,
+        )
+        self.ids, self.texts, self.sources, self.metas, self.nbytes = [], [], [], [], 0
+        return batch
+
+
+def meta_json(record: dict, exclude: tuple[str, ...], keep: list[str] | None) -> str | None:
+    """The record's other fields as a JSON object string (sorted keys), or None when there are none."""
+    if keep is not None:
+        rest = {k: record[k] for k in keep if k in record}
+    else:
+        rest = {k: v for k, v in record.items() if k not in exclude}
+    return orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode() if rest else None

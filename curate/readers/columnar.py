@@ -1,0 +1,78 @@
+"""Shared by the column-oriented readers (Parquet, Arrow IPC, Hugging Face datasets).
+
+Maps ``text_field``/``id_field`` onto the documents schema with vectorized Arrow/Polars work; the
+remaining (or the listed ``meta_fields``) columns become the JSON ``meta``. Rows whose text is null
+or blank are sent to ``failures/`` with the file and row number (0-based) as ``line``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.errors import ConfigError
+from curate.readers.base import Shard
+from curate.schema import DOCUMENTS
+
+
+def needed_columns(names: list[str], p) -> list[str] | None:
+    """Columns to read from a file with ``names`` (None reads all of them)."""
+    if p.meta_fields is None:
+        return None
+    wanted = [p.text_field] + ([p.id_field] if p.id_field else []) + list(p.meta_fields)
+    return [c for c in dict.fromkeys(wanted) if c in names]
+
+
+def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) -> pa.RecordBatch | None:
+    """Convert one columnar batch; ``first_row`` is the file row number of its first row."""
+    names = batch.schema.names
+    if p.text_field not in names:
+        raise ConfigError(f"{shard.uri}: source.text_field: no column {p.text_field!r} (has {names})")
+    if p.id_field and p.id_field not in names:
+        raise ConfigError(f"{shard.uri}: source.id_field: no column {p.id_field!r} (has {names})")
+    text = batch.column(p.text_field)
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        raise ConfigError(f"{shard.uri}: source.text_field: column {p.text_field!r} is {text.type}, not text")
+    text = text.cast(pa.string())
+    good = pc.and_(pc.is_valid(text), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
+    good = good.fill_null(False)
+    rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
+    if not pc.all(good).as_py():
+        bad = pc.invert(good)
+        for row, value in zip(rows.filter(bad).to_pylist(), text.filter(bad).to_pylist()):
+            reason = "missing_text_field" if value is None else "empty_text"
+            ctx.failure(reason, f"column {p.text_field!r}", file=shard.uri, line=row)
+        batch, text, rows = batch.filter(good), text.filter(good), rows.filter(good)
+    if batch.num_rows == 0:
+        return None
+    if p.id_field:
+        ids = batch.column(p.id_field).cast(pa.string())
+    else:
+        ids = pc.binary_join_element_wise(pa.scalar(shard.rel), rows.cast(pa.string()), ":")
+    meta = _meta(batch, p)
+    source = pa.array([shard.rel] * batch.num_rows, pa.string())
+    return pa.RecordBatch.from_arrays([ids, text, source, meta], schema=DOCUMENTS)
+
+
+def _meta(batch: pa.RecordBatch, p) -> pa.Array:
+    exclude = {p.text_field, p.id_field}
+    cols = list(p.meta_fields) if p.meta_fields is not None else [c for c in batch.schema.names if c not in exclude]
+    cols = [c for c in cols if c in batch.schema.names]
+    if not cols:
+        return pa.nulls(batch.num_rows, pa.string())
+    df = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
+    encoded = df.select(pl.struct(sorted(cols)).struct.json_encode().alias("m")).to_arrow().column("m")
+    return encoded.combine_chunks().cast(pa.string())
+
+
+def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yield ``(offset, batch)`` with at most ``rows`` rows each, counting rows from 0."""
+    offset = 0
+    for batch in batches:
+        for start in range(0, batch.num_rows, rows):
+            part = batch.slice(start, rows)
+            yield offset, part
+            offset += part.num_rows

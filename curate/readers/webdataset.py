@@ -1,0 +1,118 @@
+"""WebDataset tar shards (local paths, globs or fsspec URLs); each tar is a shard.
+
+A sample's text comes from the member with extension ``text_field`` (default ``txt``); its ``json``
+member becomes ``meta`` (with ``id_field`` looked up there). With ``schema: interleaved``, image
+members (jpg, png, webp, …) become an interleaved row: the images in member-name order, then the text.
+Samples without the text member, and undecodable text, go to ``failures/`` with the tar and the
+sample's position; image members seen in documents mode are counted as ``read`` metric
+``image_members_ignored`` rather than dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from typing import Literal
+
+import fsspec
+import orjson
+import pyarrow as pa
+from pydantic import Field
+
+from curate.context import READ_LABEL
+from curate.plugins import register_source
+from curate.readers.base import DocumentBuilder, Reader, ReaderParams, Shard, content_key, list_files
+from curate.schema import INTERLEAVED
+
+IMAGE_EXTENSIONS = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+                    "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}
+
+
+@register_source("webdataset")
+class WebDatasetReader(Reader):
+    class Params(ReaderParams):
+        text_field: str = "txt"
+        schema_: Literal["documents", "interleaved"] = Field("documents", alias="schema")
+
+    def output_kind(self) -> str:
+        return self.params.schema_
+
+    def shards(self) -> list[Shard]:
+        return [Shard(f"{i:05d}", content_key(uri, info), uri, rel)
+                for i, (uri, info, rel) in enumerate(list_files(self.params.paths, (".tar",)))]
+
+    def read(self, shard: Shard, ctx) -> Iterator[pa.RecordBatch]:
+        import webdataset as wds
+
+        p = self.params
+        interleaved = p.schema_ == "interleaved"
+        builder = DocumentBuilder(p.batch_rows, int(p.batch_bytes))
+        rows: list[dict] = []
+        with fsspec.open(shard.uri, "rb") as fh:
+            samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_iterator(fh))
+            for n, sample in enumerate(samples):
+                doc = self._sample(sample, n, shard, ctx)
+                if doc is None:
+                    continue
+                if interleaved:
+                    rows.append(doc)
+                    if len(rows) >= p.batch_rows:
+                        yield _interleaved_batch(rows)
+                        rows = []
+                else:
+                    batch = builder.add(doc["id"], doc["text"], shard.rel, doc["meta"])
+                    if batch is not None:
+                        yield batch
+        last = _interleaved_batch(rows) if rows else builder.flush()
+        if last is not None:
+            yield last
+
+    def _sample(self, sample: dict, n: int, shard: Shard, ctx) -> dict | None:
+        p = self.params
+        key = sample.get("__key__", str(n))
+        raw = sample.get(p.text_field)
+        if raw is None:
+            ctx.failure("missing_text_field", f"sample {key!r} has no .{p.text_field}", file=shard.uri, line=n)
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            ctx.failure("invalid_utf8", f"sample {key!r}: {e}", file=shard.uri, line=n)
+            return None
+        if not text.strip():
+            ctx.failure("empty_text", f"sample {key!r}", file=shard.uri, line=n)
+            return None
+        meta = orjson.loads(sample["json"]) if "json" in sample else {}
+        doc_id = str(meta.get(p.id_field, key)) if p.id_field else f"{shard.rel}:{key}"
+        images = [(ext, sample[ext]) for ext in sorted(sample) if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+        if images and p.schema_ == "documents":
+            ctx.stats[READ_LABEL].metric("image_members_ignored").add_many(len(images), len(images), 1, 1)
+        meta_str = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode() if meta else None
+        return {"id": doc_id, "text": text, "meta": meta_str, "source": shard.rel, "images": images}
+
+
+def _image(ext: str, data: bytes) -> dict:
+    width = height = None
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - size is optional metadata; PIL may be absent
+        pass
+    return {"bytes": data, "mime": IMAGE_EXTENSIONS[ext.rsplit(".", 1)[-1]],
+            "sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height}
+
+
+def _interleaved_batch(rows: list[dict]) -> pa.RecordBatch:
+    texts, images = [], []
+    for r in rows:
+        imgs = [_image(ext, data) for ext, data in r["images"]]
+        texts.append([None] * len(imgs) + [r["text"]])
+        images.append(imgs + [None])
+    return pa.RecordBatch.from_pydict(
+        {"id": [r["id"] for r in rows], "texts": texts, "images": images,
+         "source": [r["source"] for r in rows], "meta": [r["meta"] for r in rows]},
+        schema=INTERLEAVED,
+    )

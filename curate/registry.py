@@ -1,0 +1,74 @@
+"""The stage registry: ``@register_stage("name")``, built-ins, and the ``curate.stages`` entry points.
+
+Built-in stages live one per file in the ``filters`` and ``synthesizers`` packages; importing
+those packages registers them. Third-party packages declare
+``[project.entry-points."curate.stages"] name = "pkg.module:Class"`` and are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+from curate.errors import ConfigError
+from curate.stage import Stage
+
+_REGISTRY: dict[str, type[Stage]] = {}
+_BUILTIN_PACKAGES = ("filters", "synthesizers")
+_loaded = False
+
+
+def register_stage(name: str):
+    """Class decorator registering a :class:`Stage` subclass under ``name``."""
+
+    def wrap(cls: type[Stage]) -> type[Stage]:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"stage name {name!r} already registered by {existing.__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for pkg_name in _BUILTIN_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{pkg_name}.{mod.name}")
+
+
+def _entry_points() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group="curate.stages")}
+
+
+def stage_names() -> list[str]:
+    """Every registered or installable stage name, sorted."""
+    _load_builtins()
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def get_stage(name: str) -> type[Stage]:
+    """The stage class for ``name``; an unknown name raises ConfigError listing close matches."""
+    _load_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    eps = _entry_points()
+    if name in eps:
+        cls = eps[name].load()  # type: ignore[attr-defined]
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise ConfigError(f"entry point curate.stages:{name} is not a curate Stage subclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    close = difflib.get_close_matches(name, stage_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"unknown stage {name!r}{hint} (`curate stages` lists them all)")

@@ -1,0 +1,180 @@
+"""The run directory contract (docs/run-directory.md).
+
+::
+
+    RUN/
+      manifest.resolved.yaml   the manifest with every default filled in (secrets as ${VAR})
+      fingerprint              JSON: digests of the resolved manifest, package versions, input shards
+      completions/             one JSON marker per finished (phase, shard), written after its output
+      failures/                bad input records, JSONL with file, line, reason
+      quarantine/<stage>/      rejected rows, for filters with ``quarantine: true``
+      logs/                    one log per (phase, shard), plus run.log
+      stats/                   one stats JSON per (phase, shard)
+      global/                  partials and combined state of global stages
+      phases/                  intermediate shards between phases (removed when the run completes)
+      stats.json               merged stats, written at the end
+      <sink>/ …shards…, index.json   the output, index.json written last
+
+Every file is written under a temporary name and renamed into place, so a kill at any moment
+leaves only complete files or temporaries that the next run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from curate.errors import ConfigError
+
+TMP_PREFIX = ".tmp-"
+
+
+class AtomicFile:
+    """A binary file written as ``.tmp-<name>`` that :meth:`commit` renames to ``name``.
+
+    It hashes what is written (``sha256``) and counts bytes, so writers never re-read their output.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(TMP_PREFIX + self.path.name)
+        self._fh = open(self.tmp, "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    # file protocol used by pyarrow, tarfile and plain writes
+    def write(self, data) -> int:
+        n = self._fh.write(data)
+        self._sha.update(data)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Close without committing (pyarrow writers call this); :meth:`commit` renames."""
+        if not self._fh.closed:
+            self._fh.close()
+        self.closed = True
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def commit(self) -> Path:
+        self.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class RunDir:
+    """Paths and helpers of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.completions = self.root / "completions"
+        self.failures = self.root / "failures"
+        self.quarantine = self.root / "quarantine"
+        self.logs = self.root / "logs"
+        self.stats = self.root / "stats"
+        self.global_dir = self.root / "global"
+        self.phases = self.root / "phases"
+        self.fingerprint = self.root / "fingerprint"
+        self.manifest = self.root / "manifest.resolved.yaml"
+        self.stats_json = self.root / "stats.json"
+
+    def create(self) -> None:
+        for d in (self.completions, self.failures, self.logs, self.stats, self.global_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def open_temp(self, path: Path) -> AtomicFile:
+        return AtomicFile(path)
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        f = AtomicFile(path)
+        f.write(data)
+        f.commit()
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        self.write_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+    # ------------------------------------------------------------------ fingerprint
+    def check_fingerprint(self, fingerprint: dict[str, Any], restart: bool) -> bool:
+        """Claim the directory for this fingerprint; True when it resumes an earlier run.
+
+        A directory made by a different fingerprint is refused unless ``restart``, which empties it
+        (only if it is a run directory: it must hold a ``fingerprint`` file).
+        """
+        if self.fingerprint.exists():
+            old = orjson.loads(self.fingerprint.read_bytes())
+            if old.get("digest") == fingerprint["digest"] and not restart:
+                return True
+            if not restart:
+                changed = [k for k in ("manifest", "packages", "inputs") if old.get(k) != fingerprint.get(k)]
+                raise ConfigError(
+                    f"{self.root}: this run directory was made by a different run "
+                    f"({', '.join(changed) or 'fingerprint'} changed); pass --restart to start over "
+                    "or choose another output"
+                )
+            self.clear()
+        elif self.root.exists() and any(self.root.iterdir()) and not restart:
+            raise ConfigError(f"{self.root}: exists, is not empty and is not a curate run directory; "
+                              "choose another output (or pass --restart to write into it anyway)")
+        self.create()
+        self.write_json(self.fingerprint, fingerprint)
+        return False
+
+    def clear(self) -> None:
+        """Remove everything in the run directory (used by --restart)."""
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    # ------------------------------------------------------------------ completions
+    def completion_path(self, shard_id: str) -> Path:
+        return self.completions / f"{shard_id}.json"
+
+    def is_complete(self, shard_id: str) -> bool:
+        return self.completion_path(shard_id).exists()
+
+    def read_completion(self, shard_id: str) -> dict[str, Any]:
+        return orjson.loads(self.completion_path(shard_id).read_bytes())
+
+    def read_global_state(self, label: str) -> dict[str, Any]:
+        path = self.global_dir / label / "state.json"
+        if not path.exists():
+            raise RuntimeError(f"global state of stage {label!r} is missing: {path}")
+        return orjson.loads(path.read_bytes())
+
+
+def remove_temporaries(directory: Path, prefix: str = "") -> None:
+    """Delete leftover ``.tmp-<prefix>*`` files in ``directory`` (from a killed run)."""
+    if directory.is_dir():
+        for p in directory.glob(f"{TMP_PREFIX}{prefix}*"):
+            p.unlink(missing_ok=True)

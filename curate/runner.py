@@ -1,0 +1,194 @@
+"""``run_shard(plan, phase, shard)``: the one function every executor calls.
+
+It reads the shard (from the source in the first phase, from the previous phase's intermediate
+file after that), chains the phase's stage generators, and writes either the sinks (last phase) or
+an intermediate Arrow file that the next global stage observes. Outputs are renamed into place
+before the completion marker is written, so a marker always means finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.context import READ_LABEL, RunContext
+from curate.planner import Phase, Plan
+from curate.readers.arrow_ipc import open_ipc
+from curate.readers.base import Shard
+from curate.rundir import AtomicFile, RunDir
+from curate.stats import StageStats
+
+Progress = Callable[[int, int], None]
+
+
+def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None = None) -> dict[str, Any]:
+    """Process one shard of one phase; return its stats. Raises on anything but bad records."""
+    rd = plan.run_dir
+    ctx = RunContext(plan.manifest.seed, shard, rd, phase.index, _progress=progress)
+    handler = _shard_log(rd, ctx)
+    started = time.perf_counter()
+    try:
+        ctx.log.info("shard %s (%s) phase %d: start", shard.name, shard.uri, phase.index)
+        stages = plan.stages[phase.start:phase.stop]
+        for stage in stages:
+            stage.setup(ctx)
+        # The first phase counts its input under "read"; later phases read the previous phase's
+        # output, already counted, so their input counter is not kept.
+        upstream = ctx.stats[READ_LABEL] if phase.index == 0 else StageStats()
+        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None)
+        for stage in stages:
+            st = ctx.stats[stage.label]
+            batches = _instrument(stage.run(batches, ctx), st, upstream)
+            upstream = st
+        outputs = _write_sinks(plan, shard, batches, ctx) if phase.last else _write_intermediate(
+            plan, phase, shard, batches, ctx)
+        ctx.close()
+        if phase.index == 0:
+            read = ctx.stats[READ_LABEL]
+            read.rows_in = read.rows_out + sum(read.drops.values())
+        stats = ctx.stats.to_dict()
+        rd.write_json(rd.stats / f"{ctx.shard_id}.json", stats)
+        rd.write_json(rd.completion_path(ctx.shard_id), {
+            "shard": shard.name, "key": shard.key, "phase": phase.index, "outputs": outputs,
+            "seconds": round(time.perf_counter() - started, 3)})
+        ctx.log.info("shard %s phase %d: done in %.2fs", shard.name, phase.index, time.perf_counter() - started)
+        return stats
+    except BaseException:
+        ctx.log.error("shard %s phase %d failed:\n%s", shard.name, phase.index, traceback.format_exc())
+        raise
+    finally:
+        logging.getLogger("curate").removeHandler(handler)
+        handler.close()
+
+
+def _input(plan: Plan, phase: Phase, shard: Shard, ctx: RunContext) -> Iterator[pa.RecordBatch]:
+    if phase.index == 0:
+        return plan.reader.read(shard, ctx)
+    return open_ipc(str(intermediate_path(plan.run_dir, phase.index - 1, shard)))
+
+
+def intermediate_path(rd: RunDir, phase: int, shard: Shard):
+    return rd.phases / f"p{phase}" / f"{shard.name}.arrow"
+
+
+def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: StageStats | None):
+    """Count rows in/out, tokens and Arrow bytes, and the seconds spent in this stage alone."""
+    it = iter(batches)
+
+    def upstream_seconds() -> float:
+        return upstream.seconds if upstream is not None else 0.0
+
+    while True:
+        t0, up0 = time.perf_counter(), upstream_seconds()
+        try:
+            batch = next(it)
+        except StopIteration:
+            st.seconds += time.perf_counter() - t0 - (upstream_seconds() - up0)
+            break
+        st.seconds += time.perf_counter() - t0 - (upstream_seconds() - up0)
+        st.rows_out += batch.num_rows
+        st.bytes_out += batch.nbytes
+        st.tokens_out += _tokens(batch)
+        if upstream is not None:
+            st.rows_in = upstream.rows_out
+        yield batch
+    if upstream is not None:
+        st.rows_in = upstream.rows_out
+
+
+def _write_sinks(plan: Plan, shard: Shard, batches, ctx: RunContext) -> dict[str, Any]:
+    writers = [sink.writer(shard.name) for sink in plan.sinks]
+    labels = [sink.label for sink in plan.sinks]
+    schema = None
+    try:
+        for batch in batches:
+            schema = schema or batch.schema
+            for w, label in zip(writers, labels):
+                t0 = time.perf_counter()
+                w.write(batch)
+                st = ctx.stats[label]
+                st.seconds += time.perf_counter() - t0
+                st.rows_in += batch.num_rows
+            ctx.report(batch.num_rows, _tokens(batch))
+        outputs = {}
+        for w, label in zip(writers, labels):
+            t0 = time.perf_counter()
+            files = w.close()
+            st = ctx.stats[label]
+            st.seconds += time.perf_counter() - t0
+            st.rows_out = sum(f["samples"] for f in files)
+            st.bytes_out = sum(f["bytes"] for f in files)
+            outputs[label] = files
+        return {"sinks": outputs, "columns": schema.names if schema is not None else None}
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+def _write_intermediate(plan: Plan, phase: Phase, shard: Shard, batches, ctx: RunContext) -> dict[str, Any]:
+    """Write the phase's output for the next phase, letting the next global stage observe it."""
+    nxt = plan.phases[phase.index + 1]
+    observer = plan.stages[nxt.global_stage]
+    observer.setup(ctx)
+    fh = AtomicFile(intermediate_path(plan.run_dir, phase.index, shard))
+    writer = None
+    rows = 0
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pa.ipc.new_file(fh, batch.schema)
+            writer.write_batch(batch)
+            observer.observe(batch, ctx)
+            rows += batch.num_rows
+            ctx.report(batch.num_rows, _tokens(batch))
+        if writer is None:  # an empty shard still needs a readable (empty) file
+            writer = pa.ipc.new_file(fh, pa.schema([]))
+        writer.close()
+        fh.commit()
+    except BaseException:
+        fh.abort()
+        raise
+    partial = observer.partial(ctx)
+    if partial is not None:
+        path = plan.run_dir.global_dir / observer.label / f"{ctx.shard_id}.arrow"
+        pf = AtomicFile(path)
+        with pa.ipc.new_file(pf, partial.schema) as w:
+            w.write_table(partial)
+        pf.commit()
+    return {"intermediate": fh.path.name, "rows": rows}
+
+
+def _tokens(batch: pa.RecordBatch) -> int:
+    if "n_tokens" in batch.schema.names:
+        return int(pc.sum(batch.column("n_tokens")).as_py() or 0)
+    return 0
+
+
+class _Redact(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from curate.manifest import SECRET_VALUES
+
+        if SECRET_VALUES:
+            msg = record.getMessage()
+            for secret in SECRET_VALUES:
+                msg = msg.replace(secret, "***")
+            record.msg, record.args = msg, ()
+        return True
+
+
+def _shard_log(rd: RunDir, ctx: RunContext) -> logging.Handler:
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(rd.logs / f"{ctx.shard_id}.log", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Redact())
+    logger = logging.getLogger("curate")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler

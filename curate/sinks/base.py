@@ -1,0 +1,171 @@
+"""The shard writer owns sizing, temporary names, hashing and renaming; a format only encodes.
+
+Output files are named ``<shard>-<part>.<ext>`` after the input shard that produced them, so a shard
+rerun after a kill rewrites exactly its own files, and the same manifest gives the same names and
+bytes whatever the number of workers. A file is closed when it reaches ``shard_bytes`` or
+``shard_samples``; it is written as ``.tmp-<name>`` and renamed when complete. ``index.json`` (names,
+sample counts, bytes, sha256) is written last, by :func:`write_index`, when every shard is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+import pyarrow as pa
+from pydantic import ByteSize, Field
+
+from curate.rundir import TMP_PREFIX, AtomicFile
+from curate.stage import StageParams
+
+
+class SinkParams(StageParams):
+    path: str | None = Field(None, description="output folder, relative to the run directory; default <kind>")
+    shard_bytes: ByteSize = Field(ByteSize(256_000_000), description="close a file at about this size")
+    shard_samples: int | None = Field(None, gt=0, description="close a file at this many samples")
+
+
+class Encoder:
+    """Encodes batches into one open file. Subclasses implement ``write`` and ``close``."""
+
+    def __init__(self, fh: AtomicFile, schema: pa.Schema, params: SinkParams):
+        self.fh, self.schema, self.params = fh, schema, params
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish the file (footer, end-of-archive); the writer then renames it."""
+
+
+class Sink:
+    """A registered output format: an extension, an :class:`Encoder`, and how much to buffer."""
+
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type[SinkParams]] = SinkParams
+    extension: ClassVar[str] = ""
+    encoder: ClassVar[type[Encoder]] = Encoder
+    #: Batches are gathered up to this many bytes before they are encoded (row-group size).
+    buffer_bytes: ClassVar[int] = 8 << 20
+
+    def __init__(self, params: SinkParams, output_root: str | Path):
+        self.params = params
+        # default <output>/<kind>; a relative path is taken inside the run directory
+        self.directory = Path(output_root) / (params.path or self.kind)
+
+    @property
+    def label(self) -> str:
+        """The stats label of this sink, ``sink:<folder name>``."""
+        return f"sink:{self.directory.name}"
+
+    def writer(self, shard_name: str) -> ShardWriter:
+        return ShardWriter(self, shard_name)
+
+
+class ShardWriter:
+    """Writes one input shard's output as one or more sized files; :meth:`close` returns their entries."""
+
+    def __init__(self, sink: Sink, shard_name: str):
+        self.sink, self.prefix = sink, shard_name
+        self.directory = sink.directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _remove_previous(self.directory, shard_name, sink.extension)
+        self.files: list[dict[str, Any]] = []
+        self.buffer: list[pa.RecordBatch] = []
+        self.buffered_bytes = 0
+        self.current: tuple[AtomicFile, Encoder] | None = None
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        limit = self.sink.params.shard_samples
+        while limit and self.rows + self._buffered_rows() + batch.num_rows > limit:
+            room = limit - self.rows - self._buffered_rows()
+            if room > 0:
+                self._buffer(batch.slice(0, room))
+                batch = batch.slice(room)
+            self._flush()
+            self._roll()
+        if batch.num_rows:
+            self._buffer(batch)
+        if self.buffered_bytes >= self.sink.buffer_bytes:
+            self._flush()
+            if self.current and self.current[0].size >= self.sink.params.shard_bytes:
+                self._roll()
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
+        self._roll()
+        return self.files
+
+    def abort(self) -> None:
+        if self.current:
+            self.current[0].abort()
+            self.current = None
+
+    # ------------------------------------------------------------------ internals
+    def _buffered_rows(self) -> int:
+        return sum(b.num_rows for b in self.buffer)
+
+    def _buffer(self, batch: pa.RecordBatch) -> None:
+        self.buffer.append(batch)
+        self.buffered_bytes += batch.nbytes
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        if self.current is None:
+            name = f"{self.prefix}-{len(self.files):04d}.{self.sink.extension}"
+            fh = AtomicFile(self.directory / name)
+            self.current = (fh, self.sink.encoder(fh, self.buffer[0].schema, self.sink.params))
+        encoder = self.current[1]
+        for batch in _unify(self.buffer, encoder.schema):
+            encoder.write(batch)
+        self.rows += self._buffered_rows()
+        self.buffer, self.buffered_bytes = [], 0
+
+    def _roll(self) -> None:
+        if self.current is None:
+            return
+        fh, encoder = self.current
+        encoder.close()
+        fh.commit()
+        self.files.append({"name": fh.path.name, "samples": self.rows, "bytes": fh.size, "sha256": fh.sha256})
+        self.current, self.rows = None, 0
+
+
+def _unify(batches: list[pa.RecordBatch], schema: pa.Schema) -> list[pa.RecordBatch]:
+    """Cast batches to the file's schema (a scores struct may gain fields batch to batch)."""
+    out = []
+    for b in batches:
+        if not b.schema.equals(schema):
+            b = pa.RecordBatch.from_arrays([b.column(n).cast(f.type) for n, f in zip(schema.names, schema)],
+                                           schema=schema)
+        out.append(b)
+    return out
+
+
+def _remove_previous(directory: Path, prefix: str, extension: str) -> None:
+    """Delete what an interrupted attempt at this shard left (finished parts and temporaries)."""
+    for p in directory.glob(f"{prefix}-*.{extension}"):
+        p.unlink()
+    for p in directory.glob(f"{TMP_PREFIX}{prefix}-*.{extension}"):
+        p.unlink()
+
+
+def write_index(sink: Sink, entries: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """Write ``index.json`` for ``sink`` (the commit point of the output) and return it."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    index = {
+        "format": sink.kind,
+        "shards": entries,
+        "total_samples": sum(e["samples"] for e in entries),
+        "total_bytes": sum(e["bytes"] for e in entries),
+        "columns": columns,
+    }
+    f = AtomicFile(sink.directory / "index.json")
+    f.write(orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
+    f.commit()
+    return index

@@ -1,0 +1,54 @@
+"""JSON Lines shards (optionally compressed); binary columns are written as base64 strings."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from typing import Literal
+
+import orjson
+import pyarrow as pa
+
+from curate.plugins import register_sink
+from curate.sinks.base import Encoder, Sink, SinkParams
+
+
+class JsonlParams(SinkParams):
+    compression: Literal["none", "gzip", "zstd"] = "none"
+
+
+def _default(obj):
+    if isinstance(obj, (bytes, bytearray)):
+        return base64.b64encode(obj).decode()
+    raise TypeError
+
+
+class JsonlEncoder(Encoder):
+    def __init__(self, fh, schema: pa.Schema, params: JsonlParams):
+        super().__init__(fh, schema, params)
+        if params.compression == "gzip":
+            self.out = gzip.GzipFile(fileobj=fh, mode="wb", mtime=0)
+        elif params.compression == "zstd":
+            import zstandard
+
+            self.out = zstandard.ZstdCompressor().stream_writer(fh, closefd=False)
+        else:
+            self.out = fh
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        lines = [orjson.dumps(row, default=_default) for row in batch.to_pylist()]
+        self.out.write(b"\n".join(lines) + b"\n")
+
+    def close(self) -> None:
+        if self.out is not self.fh:
+            self.out.close()
+
+
+@register_sink("jsonl")
+class JsonlSink(Sink):
+    Params = JsonlParams
+    encoder = JsonlEncoder
+
+    @property
+    def extension(self) -> str:  # type: ignore[override]
+        return {"none": "jsonl", "gzip": "jsonl.gz", "zstd": "jsonl.zst"}[self.params.compression]

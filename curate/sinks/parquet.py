@@ -1,0 +1,39 @@
+"""Parquet shards, readable by ``datasets.load_dataset("parquet", data_files=...)`` unchanged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate.plugins import register_sink
+from curate.sinks.base import Encoder, Sink, SinkParams
+
+
+class ParquetParams(SinkParams):
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    compression_level: int | None = Field(None, description="codec level (zstd: 1-22)")
+
+
+class ParquetEncoder(Encoder):
+    def __init__(self, fh, schema: pa.Schema, params: ParquetParams):
+        super().__init__(fh, schema, params)
+        codec = None if params.compression == "none" else params.compression
+        self.writer = pq.ParquetWriter(fh, schema, compression=codec, compression_level=params.compression_level)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.writer.write_batch(batch, row_group_size=1 << 30)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@register_sink("parquet")
+class ParquetSink(Sink):
+    Params = ParquetParams
+    extension = "parquet"
+    encoder = ParquetEncoder
+    buffer_bytes = 64 << 20
+

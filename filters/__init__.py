@@ -1,0 +1,1 @@
+"""Stages that score or drop samples: one stage per file, registered on import."""

@@ -1,0 +1,80 @@
+"""``heuristics``: cheap text statistics as scores, and drops outside the bounds you set.
+
+Scores (always written, under ``scores.<label>``): ``n_chars``, ``n_words`` (runs of non-space),
+``n_lines``, ``mean_word_length`` (non-space characters per word), and the ratios of letters
+(``alpha_ratio``), digits, upper-case letters among letters, whitespace and punctuation to all
+characters. Every bound is off (``null``) unless set; a row outside a bound is dropped with the
+reason ``<metric>_below_min`` or ``<metric>_above_max``. All work is vectorized in Polars.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+from pydantic import Field
+
+from curate.registry import register_stage
+from curate.stage import Filter
+
+METRICS = ("n_chars", "n_words", "n_lines", "mean_word_length", "alpha_ratio", "digit_ratio", "upper_ratio",
+           "whitespace_ratio", "punct_ratio")
+
+
+@register_stage("heuristics")
+class Heuristics(Filter):
+    class Params(Filter.Params):
+        text_column: str = "text"
+        min_chars: int | None = Field(None, ge=0)
+        max_chars: int | None = Field(None, ge=0)
+        min_words: int | None = Field(None, ge=0)
+        max_words: int | None = Field(None, ge=0)
+        min_mean_word_length: float | None = None
+        max_mean_word_length: float | None = None
+        min_alpha_ratio: float | None = Field(None, ge=0, le=1)
+        max_digit_ratio: float | None = Field(None, ge=0, le=1)
+        max_upper_ratio: float | None = Field(None, ge=0, le=1)
+        max_whitespace_ratio: float | None = Field(None, ge=0, le=1)
+        max_punct_ratio: float | None = Field(None, ge=0, le=1)
+
+    requires = ("text",)
+    provides = ("scores",)
+
+    def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
+        text = pl.col("t")
+        n_chars = text.str.len_chars()
+        letters = text.str.count_matches(r"\p{L}")
+        spaces = text.str.count_matches(r"\s")
+        n_words = text.str.count_matches(r"\S+")
+        denominator = pl.max_horizontal(n_chars, pl.lit(1)).cast(pl.Float64)
+        df = pl.from_arrow(pa.table({"t": batch.column(self.params.text_column)})).select(
+            n_chars.cast(pl.Int64).alias("n_chars"),
+            n_words.cast(pl.Int64).alias("n_words"),
+            (text.str.count_matches("\n") + 1).cast(pl.Int64).alias("n_lines"),
+            ((n_chars - spaces) / pl.max_horizontal(n_words, pl.lit(1))).cast(pl.Float64).alias("mean_word_length"),
+            (letters / denominator).alias("alpha_ratio"),
+            (text.str.count_matches(r"\p{N}") / denominator).alias("digit_ratio"),
+            (text.str.count_matches(r"\p{Lu}") / pl.max_horizontal(letters, pl.lit(1)).cast(pl.Float64))
+            .alias("upper_ratio"),
+            (spaces / denominator).alias("whitespace_ratio"),
+            (text.str.count_matches(r"\p{P}") / denominator).alias("punct_ratio"),
+        )
+        table = df.to_arrow()
+        return {m: table.column(m).combine_chunks() for m in METRICS}
+
+    def decide(self, batch: pa.RecordBatch, scores: dict[str, pa.Array], ctx) -> pa.Array:
+        p = self.params
+        bounds = [
+            ("n_chars", p.min_chars, p.max_chars), ("n_words", p.min_words, p.max_words),
+            ("mean_word_length", p.min_mean_word_length, p.max_mean_word_length),
+            ("alpha_ratio", p.min_alpha_ratio, None), ("digit_ratio", None, p.max_digit_ratio),
+            ("upper_ratio", None, p.max_upper_ratio), ("whitespace_ratio", None, p.max_whitespace_ratio),
+            ("punct_ratio", None, p.max_punct_ratio),
+        ]
+        df = pl.from_arrow(pa.table(scores))
+        reason = pl.lit(None, pl.String)
+        for metric, lo, hi in reversed(bounds):  # the first failing bound in this order names the drop
+            if hi is not None:
+                reason = pl.when(pl.col(metric) > hi).then(pl.lit(f"{metric}_above_max")).otherwise(reason)
+            if lo is not None:
+                reason = pl.when(pl.col(metric) < lo).then(pl.lit(f"{metric}_below_min")).otherwise(reason)
+        return df.select(reason.alias("r")).to_arrow().column("r").combine_chunks().cast(pa.string())

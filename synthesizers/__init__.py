@@ -1,0 +1,1 @@
+"""Stages that create new samples: one stage per file, registered on import."""
