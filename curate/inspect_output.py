@@ -69,10 +69,11 @@ def samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
     import numpy as np
-    import webdataset as wds
+
+    from curate.readers.webdataset import iter_samples
 
     with open(path, "rb") as fh:
-        for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_iterator(fh)):
+        for sample in iter_samples(fh, str(path)):
             row: dict[str, Any] = {"__key__": sample["__key__"]}
             if "json" in sample:
                 row.update(orjson.loads(sample["json"]))

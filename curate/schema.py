@@ -141,14 +141,15 @@ def with_scores(batch: pa.RecordBatch, stage: str, metrics: dict[str, pa.Array])
 def score_column(batch: pa.RecordBatch | pa.Table, path: str) -> pa.Array:
     """Fetch a dotted column path such as ``scores.heuristics.word_count`` or ``n_tokens``."""
     parts = path.split(".")
+    missing = KeyError(f"no column {path!r}; the batch has {column_paths(batch.schema)}")
     if parts[0] not in batch.schema.names:
-        raise KeyError(path)
+        raise missing
     col = batch.column(parts[0])
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     for part in parts[1:]:
         if not pa.types.is_struct(col.type) or col.type.get_field_index(part) < 0:
-            raise KeyError(path)
+            raise missing
         col = col.field(part)
     return col
 

@@ -43,15 +43,12 @@ class WebDatasetReader(Reader):
                 for i, (uri, info, rel) in enumerate(list_files(self.params.paths, (".tar",)))]
 
     def read(self, shard: Shard, ctx) -> Iterator[pa.RecordBatch]:
-        import webdataset as wds
-
         p = self.params
         interleaved = p.schema_ == "interleaved"
         builder = DocumentBuilder(p.batch_rows, int(p.batch_bytes))
         rows: list[dict] = []
         with fsspec.open(shard.uri, "rb") as fh:
-            samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_iterator(fh))
-            for n, sample in enumerate(samples):
+            for n, sample in enumerate(iter_samples(fh, shard.uri)):
                 doc = self._sample(sample, n, shard, ctx)
                 if doc is None:
                     continue
@@ -90,6 +87,14 @@ class WebDatasetReader(Reader):
             ctx.stats[READ_LABEL].metric("image_members_ignored").add_many(len(images), len(images), 1, 1)
         meta_str = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode() if meta else None
         return {"id": doc_id, "text": text, "meta": meta_str, "source": shard.rel, "images": images}
+
+
+def iter_samples(fh, url: str) -> Iterator[dict]:
+    """The samples of an open tar stream, grouped by key with webdataset's own iterators."""
+    import webdataset as wds
+
+    members = ({**m, "__url__": url} for m in wds.tariterators.tar_file_iterator(fh))
+    return wds.tariterators.group_by_keys(members)
 
 
 def _image(ext: str, data: bytes) -> dict:

@@ -90,7 +90,7 @@ class ShardWriter:
             self._roll()
         if batch.num_rows:
             self._buffer(batch)
-        if self.buffered_bytes >= self.sink.buffer_bytes:
+        if self.buffered_bytes >= min(self.sink.buffer_bytes, max(1, self.sink.params.shard_bytes // 8)):
             self._flush()
             if self.current and self.current[0].size >= self.sink.params.shard_bytes:
                 self._roll()

@@ -1,0 +1,64 @@
+"""Shared fixtures: small real inputs made in the test, manifests written to tmp, the real CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ("long context models read whole books and code bases so the corpus must hold documents whose "
+         "parts depend on each other across many thousands of tokens while staying clean and deduplicated").split()
+
+
+def make_text(i: int, n_words: int = 80) -> str:
+    """A deterministic pseudo-sentence text (no copied prose): words cycle with a per-doc stride."""
+    stride = 1 + (i % 7)
+    words = [WORDS[(i + k * stride) % len(WORDS)] for k in range(n_words)]
+    return " ".join(words).capitalize() + "."
+
+
+def write_jsonl(path: Path, rows: list, compress: str | None = None) -> Path:
+    data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+    if compress == "gz":
+        data = gzip.compress(data, mtime=0)
+    elif compress == "zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Four JSONL files of 50 documents each, with an id and a domain field."""
+    folder = tmp_path / "corpus"
+    for f in range(4):
+        rows = [{"id": f"d{f}-{i}", "text": make_text(f * 50 + i, 40 + (i * 13) % 120), "domain": f"dom{f % 2}"}
+                for i in range(50)]
+        write_jsonl(folder / f"part-{f}.jsonl", rows)
+    return folder
+
+
+def write_manifest(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None):
+    """Run the real ``curate`` command in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "curate", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"curate {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

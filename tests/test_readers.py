@@ -1,0 +1,181 @@
+"""Readers: every format, field mapping, byte-range shards, and bad records sent to failures/."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.context import RunContext
+from curate.plugins import kinds_of
+from curate.rundir import RunDir
+from tests.conftest import make_text, write_jsonl
+
+
+def read_all(kind: str, tmp_path: Path, **params):
+    """List the shards of a source and read them all, as a worker would."""
+    reader_cls = kinds_of("source")[kind]
+    reader = reader_cls(reader_cls.Params(**params))
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rows, contexts = [], []
+    for shard in reader.shards():
+        ctx = RunContext(0, shard, rd)
+        for batch in reader.read(shard, ctx):
+            assert batch.schema.names[:2] == (["id", "texts"] if reader.output_kind() == "interleaved" else ["id", "text"])
+            rows += batch.to_pylist()
+        ctx.close()
+        contexts.append(ctx)
+    return rows, contexts, rd
+
+
+def failures(rd: RunDir) -> list[dict]:
+    return [orjson.loads(line) for p in sorted(rd.failures.glob("*.jsonl")) for line in p.read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize("compress", [None, "gz", "zst"])
+def test_jsonl_plain_and_compressed(tmp_path, compress):
+    rows = [{"id": i, "text": make_text(i), "lang": "en"} for i in range(30)]
+    suffix = {"gz": ".jsonl.gz", "zst": ".jsonl.zst", None: ".jsonl"}[compress]
+    write_jsonl(tmp_path / f"a{suffix}", rows, compress)
+    got, _, _ = read_all("jsonl", tmp_path, paths=[str(tmp_path / f"*{suffix}")], id_field="id")
+    assert [r["id"] for r in got] == [str(i) for i in range(30)]
+    assert got[3]["text"] == make_text(3)
+    assert json.loads(got[0]["meta"]) == {"lang": "en"}
+    assert got[0]["source"] == f"a{suffix}"
+
+
+def test_bad_records_go_to_failures_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"text": "a good document here"}).encode(),  # 1
+        b'{"text": "unterminated',  # 2 invalid JSON
+        b'{"text": "caf\xe9 latin-1 bytes"}',  # 3 not UTF-8
+        json.dumps({"body": "no text field"}).encode(),  # 4
+        json.dumps({"text": "   "}).encode(),  # 5 empty
+        b"",  # 6 blank line: not a record
+        json.dumps([1, 2]).encode(),  # 7 not an object
+        json.dumps({"text": 42}).encode(),  # 8
+        json.dumps({"text": "another good one"}).encode(),  # 9
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    got, contexts, rd = read_all("jsonl", tmp_path, paths=[str(path)])
+    assert [r["id"] for r in got] == ["bad.jsonl:1", "bad.jsonl:9"]
+    fails = failures(rd)
+    assert [(f["line"], f["reason"]) for f in fails] == [
+        (2, "invalid_json"), (3, "invalid_utf8"), (4, "missing_text_field"), (5, "empty_text"),
+        (7, "not_an_object"), (8, "text_not_a_string")]
+    assert all(f["file"] == str(path) for f in fails)
+    drops = contexts[0].stats["read"].drops
+    assert sum(drops.values()) == 6 and drops["invalid_json"] == 1
+
+
+def test_byte_range_shards_match_whole_file(tmp_path):
+    rows = [{"text": make_text(i, 5 + i % 50)} for i in range(2000)]
+    rows[777] = "{broken"
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    whole, _, rd1 = read_all("jsonl", tmp_path / "w", paths=[str(tmp_path / "big.jsonl")])
+    split, ctxs, rd2 = read_all("jsonl", tmp_path / "s", paths=[str(tmp_path / "big.jsonl")], shard_bytes=4096)
+    assert len(ctxs) > 20
+    assert whole == split  # same ids (file:line), texts and order
+    assert [f["line"] for f in failures(rd2)] == [778] == [f["line"] for f in failures(rd1)]
+
+
+def test_batches_are_bounded_by_bytes(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x" * 10_000} for _ in range(50)])
+    reader_cls = kinds_of("source")["jsonl"]
+    reader = reader_cls(reader_cls.Params(paths=[str(tmp_path / "a.jsonl")], batch_bytes=30_000))
+    rd = RunDir(tmp_path / "run")
+    shard = reader.shards()[0]
+    sizes = [b.num_rows for b in reader.read(shard, RunContext(0, shard, rd))]
+    assert max(sizes) == 3 and sum(sizes) == 50
+
+
+def test_parquet_row_group_shards_and_null_text(tmp_path):
+    texts = [make_text(i) for i in range(100)]
+    texts[10] = None
+    texts[20] = ""
+    table = pa.table({"text": texts, "url": [f"u{i}" for i in range(100)], "n": list(range(100))})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=25)
+    got, ctxs, rd = read_all("parquet", tmp_path, paths=[str(tmp_path / "a.parquet")], shard_rows=25)
+    assert len(ctxs) == 4
+    assert len(got) == 98 and got[0]["id"] == "a.parquet:0" and got[-1]["id"] == "a.parquet:99"
+    assert json.loads(got[1]["meta"]) == {"n": 1, "url": "u1"}
+    assert [(f["line"], f["reason"]) for f in failures(rd)] == [(10, "missing_text_field"), (20, "empty_text")]
+
+
+def test_arrow_and_hf_disk_and_load_dataset(tmp_path):
+    import datasets
+
+    rows = {"content": [make_text(i) for i in range(40)], "doc": [f"x{i}" for i in range(40)]}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    got, ctxs, _ = read_all("hf_disk", tmp_path / "r1", paths=[str(tmp_path / "saved")], text_field="content",
+                            id_field="doc", meta_fields=[])
+    assert len(ctxs) == 2 and [r["id"] for r in got] == rows["doc"] and got[0]["meta"] is None
+
+    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink, pa.ipc.new_file(sink, ds.data.schema) as w:
+        w.write_table(ds.data.table)
+    got, _, _ = read_all("arrow", tmp_path / "r2", paths=[str(tmp_path / "t.arrow")], text_field="content")
+    assert [r["text"] for r in got] == rows["content"]
+
+    write_jsonl(tmp_path / "local" / "data.jsonl", [{"text": t} for t in rows["content"]])
+    got, _, _ = read_all("hf", tmp_path / "r3", path="json", data_files=[str(tmp_path / "local" / "data.jsonl")])
+    assert [r["text"] for r in got] == rows["content"]
+
+
+def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A real PNG written by hand (zlib + CRC), so the test needs no imaging library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _tar(path: Path, samples: list[dict]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_documents_and_interleaved(tmp_path):
+    png = _png(4, 3, (200, 10, 10))
+    _tar(tmp_path / "a.tar", [
+        {"__key__": "s0", "txt": b"a caption about a red square", "json": b'{"url": "x"}', "png": png},
+        {"__key__": "s1", "json": b"{}"},  # no text
+        {"__key__": "s2", "txt": b"second caption"},
+    ])
+    got, ctxs, rd = read_all("webdataset", tmp_path / "d", paths=[str(tmp_path / "a.tar")])
+    assert [r["text"] for r in got] == ["a caption about a red square", "second caption"]
+    assert json.loads(got[0]["meta"]) == {"url": "x"}
+    assert [f["reason"] for f in failures(rd)] == ["missing_text_field"]
+    assert ctxs[0].stats["read"].metrics["image_members_ignored"].count == 1
+
+    got, _, _ = read_all("webdataset", tmp_path / "i", paths=[str(tmp_path / "a.tar")], schema="interleaved")
+    assert got[0]["texts"] == [None, "a caption about a red square"]
+    image = got[0]["images"][0]
+    assert image["bytes"] == png and image["mime"] == "image/png" and got[0]["images"][1] is None
+    assert got[1]["images"] == [None]
+
+
+def test_stdlib_docs_source_is_real_and_stable(tmp_path):
+    got, ctxs, _ = read_all("stdlib_docs", tmp_path, shards=3)
+    again, _, _ = read_all("stdlib_docs", tmp_path / "again", shards=3)
+    assert len(ctxs) == 3 and len(got) > 100 and got == again
+    by_id = {r["id"]: r for r in got}
+    assert "stdlib:json/__init__.py" in by_id and "JSON" in by_id["stdlib:json/__init__.py"]["text"]
