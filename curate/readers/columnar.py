@@ -1,14 +1,17 @@
 """Shared by the column-oriented readers (Parquet, Arrow IPC, Hugging Face datasets).
 
 Maps ``text_field``/``id_field`` onto the documents schema with vectorized Arrow/Polars work; the
-remaining (or the listed ``meta_fields``) columns become the JSON ``meta``. Rows whose text is null
-or blank are sent to ``failures/`` with the file and row number (0-based) as ``line``.
+remaining (or the listed ``meta_fields``) columns become the JSON ``meta``. Columns curate itself
+writes pass through unchanged, so an output reads back as it was written: a struct ``scores``, a
+string ``source``, and a string ``meta`` (other columns are merged into its object). Rows whose
+text is null or blank are sent to ``failures/`` with the file and row number (0-based) as ``line``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,16 +56,39 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     else:
         ids = pc.binary_join_element_wise(pa.scalar(shard.rel), rows.cast(pa.string()), ":")
     meta = _meta(batch, p)
-    source = pa.array([shard.rel] * batch.num_rows, pa.string())
-    return pa.RecordBatch.from_arrays([ids, text, source, meta], schema=DOCUMENTS)
+    names = batch.schema.names
+    if "source" in names and pa.types.is_string(batch.schema.field("source").type):
+        source = batch.column("source")
+    else:
+        source = pa.array([shard.rel] * batch.num_rows, pa.string())
+    out = pa.RecordBatch.from_arrays([ids, text, source, meta], schema=DOCUMENTS)
+    if "scores" in names and pa.types.is_struct(batch.schema.field("scores").type):
+        out = out.append_column("scores", batch.column("scores"))
+    return out
+
+
+_OWN = ("source", "meta", "scores")
 
 
 def _meta(batch: pa.RecordBatch, p) -> pa.Array:
-    exclude = {p.text_field, p.id_field}
-    cols = list(p.meta_fields) if p.meta_fields is not None else [c for c in batch.schema.names if c not in exclude]
-    cols = [c for c in cols if c in batch.schema.names]
-    if not cols:
-        return pa.nulls(batch.num_rows, pa.string())
+    names = batch.schema.names
+    exclude = {p.text_field, p.id_field, *_OWN}
+    cols = list(p.meta_fields) if p.meta_fields is not None else [c for c in names if c not in exclude]
+    cols = [c for c in cols if c in names]
+    own_meta = "meta" in names and pa.types.is_string(batch.schema.field("meta").type) and p.meta_fields is None
+    encoded = _encode(batch, cols) if cols else None
+    if not own_meta:
+        return encoded if encoded is not None else pa.nulls(batch.num_rows, pa.string())
+    if encoded is None:
+        return batch.column("meta")
+    merged = []
+    for own, extra in zip(batch.column("meta").to_pylist(), encoded.to_pylist()):
+        obj = {**(orjson.loads(own) if own else {}), **orjson.loads(extra)}
+        merged.append(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode())
+    return pa.array(merged, pa.string())
+
+
+def _encode(batch: pa.RecordBatch, cols: list[str]) -> pa.Array:
     df = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
     encoded = df.select(pl.struct(sorted(cols)).struct.json_encode().alias("m")).to_arrow().column("m")
     return encoded.combine_chunks().cast(pa.string())

@@ -1,0 +1,106 @@
+"""Writers: sizing by samples and bytes, atomic names, real sha256, formats read back unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.inspect_output import samples
+from curate.plugins import kinds_of
+from curate.schema import documents_batch, with_scores
+from curate.sinks.base import write_index
+from tests.conftest import make_text
+
+
+def _batches(n: int, size: int = 50):
+    for start in range(0, n, size):
+        ids = [f"d{i}" for i in range(start, min(n, start + size))]
+        b = documents_batch(ids, [make_text(i) for i in range(start, start + len(ids))], ["src"] * len(ids),
+                            [{"i": i} for i in range(start, start + len(ids))])
+        yield with_scores(b, "h", {"n": pa.array(range(len(ids)), pa.int64())})
+
+
+def _sink(kind: str, tmp_path, **params):
+    cls = kinds_of("sink")[kind]
+    return cls(cls.Params(**params), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "jsonl", "webdataset"])
+def test_sizing_by_samples_and_roundtrip(tmp_path, kind):
+    sink = _sink(kind, tmp_path, shard_samples=120)
+    w = sink.writer("00007")
+    for b in _batches(500):
+        w.write(b)
+    files = w.close()
+    assert [f["samples"] for f in files] == [120, 120, 120, 120, 20]
+    assert [f["name"] for f in files][:2] == [f"00007-0000.{sink.extension}", f"00007-0001.{sink.extension}"]
+    for f in files:
+        assert hashlib.sha256((sink.directory / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+        assert (sink.directory / f["name"]).stat().st_size == f["bytes"]
+    assert not list(sink.directory.glob(".tmp-*"))
+    index = write_index(sink, files, ["id", "text"])
+    assert index["total_samples"] == 500
+    rows = list(samples(sink.directory))
+    assert [r["id"] for r in rows] == [f"d{i}" for i in range(500)]
+    assert rows[7]["text"] == make_text(7)
+    meta = rows[3]["meta"]
+    assert (json.loads(meta) if isinstance(meta, str) else meta) == {"i": 3}
+
+
+def test_sizing_by_bytes(tmp_path):
+    sink = _sink("webdataset", tmp_path, shard_bytes="200KB")
+    w = sink.writer("00000")
+    for b in _batches(2000, 20):
+        w.write(b)
+    files = w.close()
+    assert len(files) > 3 and sum(f["samples"] for f in files) == 2000
+    assert all(f["bytes"] < 300_000 for f in files)
+
+
+def test_rerun_of_a_shard_replaces_its_old_files(tmp_path):
+    sink = _sink("parquet", tmp_path, shard_samples=100)
+    w = sink.writer("00001")
+    for b in _batches(450):
+        w.write(b)
+    w.close()
+    (sink.directory / ".tmp-00001-0009.parquet").write_bytes(b"partial")  # as a kill leaves it
+    w = sink.writer("00001")
+    for b in _batches(150):
+        w.write(b)
+    files = w.close()
+    assert sorted(p.name for p in sink.directory.iterdir()) == [f["name"] for f in files]
+
+
+def test_parquet_keeps_nested_scores_and_loads_with_datasets(tmp_path):
+    import datasets
+
+    sink = _sink("parquet", tmp_path)
+    w = sink.writer("00000")
+    for b in _batches(100):
+        w.write(b)
+    files = w.close()
+    table = pq.read_table(sink.directory / files[0]["name"])
+    assert table.schema.field("scores").type == pa.struct([("h", pa.struct([("n", pa.int64())]))])
+    ds = datasets.load_dataset("parquet", data_files=str(sink.directory / "*.parquet"), split="train")
+    assert ds[5]["scores"] == {"h": {"n": 5}}
+
+
+def test_webdataset_members(tmp_path):
+    import webdataset as wds
+
+    from curate.schema import SEQUENCES
+
+    sink = _sink("webdataset", tmp_path)
+    w = sink.writer("00000")
+    seq = pa.RecordBatch.from_pylist([{"id": "s0", "input_ids": [5, 6, 7], "loss_mask": [1, 1, 0],
+                                       "doc_offsets": [0, 3], "n_tokens": 3, "n_image_tokens": 0,
+                                       "lineage": ["d1"]}], schema=SEQUENCES)
+    w.write(seq)
+    files = w.close()
+    sample = next(iter(wds.WebDataset(str(sink.directory / files[0]["name"]), shardshuffle=False).decode()))
+    assert sample["input_ids.npy"].tolist() == [5, 6, 7]
+    assert sample["json"]["lineage"] == ["d1"] and sample["json"]["n_tokens"] == 3
