@@ -35,6 +35,11 @@ class Encoder:
     def write(self, batch: pa.RecordBatch) -> None:
         raise NotImplementedError
 
+    def write_many(self, batches: list[pa.RecordBatch]) -> None:
+        """Encode one flush of buffered batches (Parquet makes them one row group)."""
+        for batch in batches:
+            self.write(batch)
+
     def close(self) -> None:
         """Finish the file (footer, end-of-archive); the writer then renames it."""
 
@@ -121,8 +126,7 @@ class ShardWriter:
             fh = AtomicFile(self.directory / name)
             self.current = (fh, self.sink.encoder(fh, self.buffer[0].schema, self.sink.params))
         encoder = self.current[1]
-        for batch in _unify(self.buffer, encoder.schema):
-            encoder.write(batch)
+        encoder.write_many(_unify(self.buffer, encoder.schema))
         self.rows += self._buffered_rows()
         self.buffer, self.buffered_bytes = [], 0
 

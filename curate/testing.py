@@ -1,0 +1,91 @@
+"""Helpers for tests and benchmarks: synthetic JSONL corpora of a given size, process-tree memory.
+
+The text is drawn at run time from what the machine has (its Python's docstrings), never committed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+def _paragraphs() -> list[str]:
+    """Real paragraphs from the running Python's standard-library docstrings (see stdlib_docs)."""
+    import os
+
+    from curate.readers.stdlib_docs import _root, module_text, stdlib_files
+
+    out: list[str] = []
+    for rel in stdlib_files():
+        out += [p.strip() for p in module_text(os.path.join(_root(), rel)).split("\n\n") if len(p.strip()) > 40]
+    return out
+
+
+def write_jsonl_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: tuple[int, int] = (4, 60),
+                       seed: int = 0) -> int:
+    """Write about ``target_bytes`` of JSONL documents to ``path``; returns the document count.
+
+    Each document is a random draw of real paragraphs (from the machine's own standard-library
+    docstrings), so the text compresses like prose rather than like a repeated block.
+    """
+    import numpy as np
+
+    pool = _paragraphs()
+    rng = np.random.default_rng(seed)
+    lo, hi = paragraphs_per_doc
+    written, n = 0, 0
+    with open(path, "wb") as fh:
+        while written < target_bytes:
+            lines = []
+            for _ in range(256):
+                picks = rng.integers(0, len(pool), rng.integers(lo, hi))
+                text = "\n\n".join(pool[i] for i in picks)
+                lines.append(orjson.dumps({"id": f"doc-{n}", "text": text, "domain": f"d{n % 5}"}))
+                n += 1
+            chunk = b"\n".join(lines) + b"\n"
+            fh.write(chunk)
+            written += len(chunk)
+    return n
+
+
+class TreeMemory:
+    """Samples the summed RSS of a process and all its descendants; ``peak`` is the maximum (bytes)."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.05):
+        import psutil
+
+        self.proc = psutil.Process(pid or os.getpid())
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        try:
+            procs = [self.proc] + self.proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
