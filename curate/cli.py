@@ -146,8 +146,9 @@ def stats(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
 
 def _print_stats(merged: dict) -> None:
     table = Table("stage", "rows in", "rows out", "dropped (reason: n)", "tokens", "seconds", title="stats")
+    table.columns[3].overflow = "fold"
     for label, s in merged["stages"].items():
-        drops = ", ".join(f"{k}: {v:,}" for k, v in s["drops"].items())
+        drops = "\n".join(f"{k}: {v:,}" for k, v in s["drops"].items())
         table.add_row(label, f"{s['rows_in']:,}", f"{s['rows_out']:,}", drops, f"{s['tokens_out']:,}",
                       f"{s['seconds']:.2f}")
     out.print(table)

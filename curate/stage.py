@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from curate.context import RunContext
@@ -82,7 +82,7 @@ class Filter(Stage):
     """
 
     class Params(StageParams):
-        quarantine: bool = False
+        quarantine: bool = Field(False, description="also write dropped rows to quarantine/<stage>/ with their reason")
 
     def score(self, batch: pa.RecordBatch, ctx: RunContext) -> dict[str, pa.Array]:
         """Per-row metrics to store under ``scores.<label>``; empty when the filter keeps none."""

@@ -22,19 +22,21 @@ METRICS = ("n_chars", "n_words", "n_lines", "mean_word_length", "alpha_ratio", "
 
 @register_stage("heuristics")
 class Heuristics(Filter):
+    """Length, word count and character-ratio scores; drops outside the bounds you set."""
+
     class Params(Filter.Params):
-        text_column: str = "text"
-        min_chars: int | None = Field(None, ge=0)
-        max_chars: int | None = Field(None, ge=0)
-        min_words: int | None = Field(None, ge=0)
-        max_words: int | None = Field(None, ge=0)
-        min_mean_word_length: float | None = None
-        max_mean_word_length: float | None = None
-        min_alpha_ratio: float | None = Field(None, ge=0, le=1)
-        max_digit_ratio: float | None = Field(None, ge=0, le=1)
-        max_upper_ratio: float | None = Field(None, ge=0, le=1)
-        max_whitespace_ratio: float | None = Field(None, ge=0, le=1)
-        max_punct_ratio: float | None = Field(None, ge=0, le=1)
+        text_column: str = Field("text", description="the column to measure")
+        min_chars: int | None = Field(None, ge=0, description="drop below this many characters")
+        max_chars: int | None = Field(None, ge=0, description="drop above this many characters")
+        min_words: int | None = Field(None, ge=0, description="drop below this many words")
+        max_words: int | None = Field(None, ge=0, description="drop above this many words")
+        min_mean_word_length: float | None = Field(None, description="drop below this mean word length")
+        max_mean_word_length: float | None = Field(None, description="drop above this mean word length")
+        min_alpha_ratio: float | None = Field(None, ge=0, le=1, description="drop below this share of letters")
+        max_digit_ratio: float | None = Field(None, ge=0, le=1, description="drop above this share of digits")
+        max_upper_ratio: float | None = Field(None, ge=0, le=1, description="drop above this share of upper-case letters")
+        max_whitespace_ratio: float | None = Field(None, ge=0, le=1, description="drop above this share of whitespace")
+        max_punct_ratio: float | None = Field(None, ge=0, le=1, description="drop above this share of punctuation")
 
     requires = ("text",)
     provides = ("scores",)

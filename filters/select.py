@@ -28,8 +28,8 @@ from curate.stage import Filter
 class Bound(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     column: str = Field(description="a column path, e.g. scores.heuristics.n_words")
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(None, description="drop rows below this value (inclusive bound)")
+    max: float | None = Field(None, description="drop rows above this value (inclusive bound)")
 
     @model_validator(mode="after")
     def _some_bound(self) -> Bound:
@@ -40,16 +40,18 @@ class Bound(BaseModel):
 
 class Top(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    column: str
-    fraction: float = Field(gt=0, le=1)
+    column: str = Field(description="the column path to rank by")
+    fraction: float = Field(gt=0, le=1, description="share of the rows (after `where`) to keep")
     largest: bool = Field(True, description="keep the largest values (false: the smallest)")
 
 
 @register_stage("select")
 class Select(Filter):
+    """Keep rows by score bounds and/or an exact top fraction, without re-running any model."""
+
     class Params(Filter.Params):
-        where: list[Bound] = Field(default_factory=list)
-        top: Top | None = None
+        where: list[Bound] = Field(default_factory=list, description="bounds every kept row must meet")
+        top: Top | None = Field(None, description="keep only this top fraction (a global step)")
 
         @model_validator(mode="after")
         def _something(self):

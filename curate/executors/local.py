@@ -27,11 +27,10 @@ _worker: dict[str, Any] = {}
 @register_executor("local")
 class LocalExecutor(Executor):
     class Params(StageParams):
-        workers: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0,
-                             description="worker processes (default: all cores)")
+        workers: int | None = Field(None, gt=0, description="worker processes (null: one per core)")
 
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
-        workers = min(self.params.workers, len(shards))
+        workers = min(self.params.workers or os.cpu_count() or 1, len(shards))
         if workers <= 1:
             for shard in shards:
                 try:

@@ -58,7 +58,7 @@ class BatchParams(StageParams):
 class FieldParams(BatchParams):
     """Field mapping onto the documents schema."""
 
-    text_field: str = "text"
+    text_field: str = Field("text", description="field holding the document text")
     id_field: str | None = Field(None, description="field holding a unique id; default file:line")
     meta_fields: list[str] | None = Field(None, description="fields kept in `meta`; default all others")
 

@@ -25,6 +25,8 @@ from curate.seeds import digest
 
 @register_source("hf_disk")
 class HfDiskReader(Reader):
+    """A folder written by `Dataset.save_to_disk`; each of its Arrow files is a shard."""
+
     class Params(ReaderParams):
         paths: list[str] = Field(description="directories written by Dataset.save_to_disk")
         split: str | None = Field(None, description="split to read when the directory is a DatasetDict")
@@ -51,12 +53,14 @@ class HfDiskReader(Reader):
 
 @register_source("hf")
 class HfLoadReader(Reader):
+    """Anything `datasets.load_dataset(..., streaming=True)` opens; its own shards are the shards."""
+
     class Params(FieldParams):
         path: str = Field(description="a Hub dataset id, a builder name (json, parquet…) or a local folder")
-        name: str | None = None
-        split: str = "train"
-        data_files: list[str] | None = None
-        revision: str | None = None
+        name: str | None = Field(None, description="dataset configuration name")
+        split: str = Field("train", description="split to read")
+        data_files: list[str] | None = Field(None, description="data files for builder names like json/parquet")
+        revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
 
     def _dataset(self):
         import datasets

@@ -32,8 +32,9 @@ IMAGE_EXTENSIONS = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png
 @register_source("webdataset")
 class WebDatasetReader(Reader):
     class Params(ReaderParams):
-        text_field: str = "txt"
-        schema_: Literal["documents", "interleaved"] = Field("documents", alias="schema")
+        text_field: str = Field("txt", description="extension of the text member")
+        schema_: Literal["documents", "interleaved"] = Field(
+            "documents", alias="schema", description="interleaved: image members become images of the row")
 
     def output_kind(self) -> str:
         return self.params.schema_

@@ -6,12 +6,14 @@ from typing import Literal
 
 import pyarrow as pa
 
+from pydantic import Field
+
 from curate.plugins import register_sink
 from curate.sinks.base import Encoder, Sink, SinkParams
 
 
 class ArrowParams(SinkParams):
-    compression: Literal["none", "lz4", "zstd"] = "none"
+    compression: Literal["none", "lz4", "zstd"] = Field("none", description="IPC buffer codec (none keeps files memory-mappable)")
 
 
 class ArrowEncoder(Encoder):

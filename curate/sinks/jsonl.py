@@ -9,12 +9,14 @@ from typing import Literal
 import orjson
 import pyarrow as pa
 
+from pydantic import Field
+
 from curate.plugins import register_sink
 from curate.sinks.base import Encoder, Sink, SinkParams
 
 
 class JsonlParams(SinkParams):
-    compression: Literal["none", "gzip", "zstd"] = "none"
+    compression: Literal["none", "gzip", "zstd"] = Field("none", description="whole-file codec")
 
 
 def _default(obj):

@@ -16,7 +16,7 @@ from curate.sinks.base import Encoder, Sink, SinkParams
 
 
 class ParquetParams(SinkParams):
-    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = Field("zstd", description="page codec")
     compression_level: int | None = Field(None, description="codec level (zstd: 1-22)")
 
 
