@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import ByteSize, Field, field_validator
 
 from curate.errors import ConfigError
-from curate.schema import DOCUMENTS
+from curate.schema import DOCUMENTS, string_array
 from curate.seeds import digest
 from curate.stage import StageParams
 
@@ -52,7 +52,7 @@ class BatchParams(StageParams):
     """Batch bounds, shared by every reader: memory stays bounded whatever the document sizes."""
 
     batch_rows: int = Field(2048, gt=0, description="most rows per batch")
-    batch_bytes: ByteSize = Field(ByteSize(32_000_000), description="most text bytes per batch")
+    batch_bytes: ByteSize = Field(ByteSize(16_000_000), description="most text bytes per batch")
 
 
 class FieldParams(BatchParams):
@@ -148,8 +148,7 @@ class DocumentBuilder:
         if not self.ids:
             return None
         batch = pa.RecordBatch.from_arrays(
-            [pa.array(self.ids, pa.string()), pa.array(self.texts, pa.string()),
-             pa.array(self.sources, pa.string()), pa.array(self.metas, pa.string())],
+            [string_array(self.ids), string_array(self.texts), string_array(self.sources), string_array(self.metas)],
             schema=DOCUMENTS,
         )
         self.ids, self.texts, self.sources, self.metas, self.nbytes = [], [], [], [], 0

@@ -20,7 +20,7 @@ from pydantic import ByteSize, Field
 from curate.plugins import register_source
 from curate.readers.base import DocumentBuilder, Reader, ReaderParams, Shard, content_key, list_files, meta_json
 
-_BLOCK = 8 << 20
+_BLOCK = 4 << 20
 
 
 @register_source("jsonl")

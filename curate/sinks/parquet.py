@@ -41,5 +41,5 @@ class ParquetSink(Sink):
     Params = ParquetParams
     extension = "parquet"
     encoder = ParquetEncoder
-    buffer_bytes = 64 << 20
+    buffer_bytes = 32 << 20
 
