@@ -150,3 +150,25 @@ def test_failing_shard_is_reported_and_others_complete(tmp_path, workers):
     assert "3 shard(s) failed in phase 0" in proc.stderr
     log = (tmp_path / "f" / "logs" / "p0-00000.log").read_text()
     assert "KeyError" in log and "no column 'scores.heuristics.nope'" in log and "scores.heuristics.n_words" in log
+
+
+def test_bad_records_are_counted_in_stats_and_kept_in_failures(tmp_path):
+    good = [json.dumps({"text": make_text(i, 60)}) for i in range(10)]
+    lines = good[:3] + ['{"text": broken'] + good[3:6] + ['{"body": "no text"}', '{"text": ""}'] + good[6:]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + b'{"text": "\xff\xfe"}\n')
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: bad
+        source: {{kind: jsonl, paths: ["{tmp_path}/in/*.jsonl"]}}
+        sink: {{kind: parquet}}
+        executor: {{kind: local, workers: 1}}
+        """)
+    cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["stages"]["read"]["drops"] == {"empty_text": 1, "invalid_json": 1, "invalid_utf8": 1,
+                                                "missing_text_field": 1}
+    assert stats["stages"]["read"]["rows_in"] == 14 and stats["outputs"]["sink:parquet"]["samples"] == 10
+    failures = [json.loads(line) for line in (tmp_path / "run" / "failures" / "p0-00000.jsonl").read_text().splitlines()]
+    assert [(f["line"], f["reason"]) for f in failures] == [
+        (4, "invalid_json"), (8, "missing_text_field"), (9, "empty_text"), (14, "invalid_utf8")]
+    assert all(f["file"].endswith("a.jsonl") and f["record"] for f in failures)

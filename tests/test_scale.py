@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_one_gigabyte_jsonl_runs_in_bounded_memory(tmp_path):
+def test_one_gigabyte_jsonl_runs_in_bounded_memory(tmp_path, capsys):
     corpus = tmp_path / "big.jsonl"
     n_docs = write_jsonl_corpus(corpus, 1_000_000_000)
     m = write_manifest(tmp_path / "m.yaml", f"""
@@ -37,16 +37,19 @@ def test_one_gigabyte_jsonl_runs_in_bounded_memory(tmp_path):
     assert read["rows_in"] == n_docs
     kept = stats["stages"]["heuristics"]["rows_out"]
     assert stats["outputs"]["sink:parquet"]["samples"] == kept == stats["outputs"]["sink:webdataset"]["samples"]
-    print(f"\n1 GB JSONL ({n_docs} docs): peak RSS of the whole process tree {mem.peak / 1e6:.0f} MB")
+    with capsys.disabled():
+        print(f"\n1 GB JSONL ({n_docs} docs): peak RSS of the whole process tree {mem.peak / 1e6:.0f} MB")
     assert mem.peak <= 1_000_000_000
 
 
 @pytest.mark.slow
-def test_io_benchmark_runs_and_writers_stay_near_the_libraries(tmp_path):
+def test_io_benchmark_runs_and_writers_stay_near_the_libraries(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import io_throughput
 
     report = io_throughput.main(["--mb", "40", "--repeat", "3", "--skip-e2e"])
+    with capsys.disabled():
+        print("\nwriter-only overhead:", {k: v["overhead_pct"] for k, v in report["writer_only"].items()})
     for fmt in ("parquet", "webdataset"):
         figures = report["writer_only"][fmt]
         assert figures["ours_MBps"] > 0 and figures["baseline_MBps"] > 0

@@ -12,15 +12,29 @@ from curate.readers.columnar import rebatch, to_documents
 
 
 def open_ipc(path: str) -> Iterator[pa.RecordBatch]:
-    """Stream the record batches of an Arrow IPC file or stream at ``path`` (memory-mapped)."""
-    source = pa.memory_map(path, "r")
+    """Stream the record batches of an Arrow IPC file or stream at ``path``.
+
+    Local files are memory-mapped; fsspec URLs (``s3://``, ``memory://`` …) are opened through fsspec.
+    """
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(path, "rb") as fh:
+            yield from _batches(pa.PythonFile(fh, mode="r"))
+    else:
+        with pa.memory_map(path.removeprefix("file://"), "r") as source:
+            yield from _batches(source)
+
+
+def _batches(source) -> Iterator[pa.RecordBatch]:
     try:
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
     except pa.ArrowInvalid:
         source.seek(0)
         yield from pa.ipc.open_stream(source)
+        return
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)
 
 
 def read_ipc_shard(shard: Shard, p, ctx) -> Iterator[pa.RecordBatch]:
