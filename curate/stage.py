@@ -11,6 +11,7 @@ they can act. They say so with ``is_global`` and implement the three-step protoc
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +28,7 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Stage:
+class Stage(ABC):
     """Base class of all stages. Subclasses set ``Params``, ``requires``, ``provides`` and ``run``."""
 
     name: ClassVar[str] = ""
@@ -53,8 +54,9 @@ class Stage:
         """The columns after this stage, given those before it (used by ``curate plan``)."""
         return columns_in + [c for c in self.provides if c not in columns_in]
 
+    @abstractmethod
     def run(self, batches: Iterator[pa.RecordBatch], ctx: RunContext) -> Iterator[pa.RecordBatch]:
-        raise NotImplementedError(f"stage {self.name!r} does not implement run()")
+        """Consume batches and yield batches; the only method every stage must write."""
 
     # ---- the global protocol (only for stages whose is_global is True) ----
     def observe(self, batch: pa.RecordBatch, ctx: RunContext) -> None:

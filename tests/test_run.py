@@ -172,3 +172,23 @@ def test_bad_records_are_counted_in_stats_and_kept_in_failures(tmp_path):
     assert [(f["line"], f["reason"]) for f in failures] == [
         (4, "invalid_json"), (8, "missing_text_field"), (9, "empty_text"), (14, "invalid_utf8")]
     assert all(f["file"].endswith("a.jsonl") and f["record"] for f in failures)
+
+
+def test_run_shard_redoes_one_shard_identically(tmp_path):
+    """`curate run-shard` (what cluster launchers call) rewrites one shard's files byte for byte."""
+    m = _corpus_manifest(tmp_path, files=3, docs=60, workers=1)
+    m.write_text(m.read_text().replace("  - select: {top: {column: scores.heuristics.n_words, fraction: 0.5}}\n", ""))
+    run = tmp_path / "r"
+    cli("run", str(m), "-o", str(run), "--no-progress")
+    before = _shas(run)
+    for p in list((run / "parquet").glob("00001-*")) + [run / "completions" / "p0-00001.json"]:
+        p.unlink()
+    cli("run-shard", str(m), "-o", str(run), "--phase", "0", "--shard", "00001")
+    assert (run / "completions" / "p0-00001.json").exists()
+    names = sorted(p.name for p in (run / "parquet").glob("*.parquet"))
+    assert names == [n for n, _ in before["parquet"]]
+    cli("run", str(m), "-o", str(run), "--no-progress")
+    assert _shas(run) == before
+    refused = cli("run-shard", str(m), "-o", str(tmp_path / "elsewhere"), "--phase", "0", "--shard", "00001",
+                  check=False)
+    assert refused.returncode == 2 and "not claimed by this manifest" in refused.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ Done = Callable[[Shard, dict[str, Any] | None, BaseException | None], None]
 Progress = Callable[[int, int], None]
 
 
-class Executor:
+class Executor(ABC):
     """Base executor. ``map_shards`` calls ``done(shard, stats, error)`` as each shard finishes."""
 
     kind: ClassVar[str] = ""
@@ -22,5 +23,6 @@ class Executor:
     def __init__(self, params: StageParams):
         self.params = params
 
+    @abstractmethod
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
-        raise NotImplementedError
+        """Run every shard of ``shards`` for ``phase``; report each through ``done``."""

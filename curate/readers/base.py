@@ -9,6 +9,7 @@ byte/row-group range of a large one), and reads one shard as a stream of bounded
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -74,7 +75,7 @@ class ReaderParams(FieldParams):
         return [v] if isinstance(v, str) else v
 
 
-class Reader:
+class Reader(ABC):
     """Base reader. Subclasses implement :meth:`shards` and :meth:`read`."""
 
     kind: ClassVar[str] = ""
@@ -86,11 +87,13 @@ class Reader:
         """Which schema (``documents`` or ``interleaved``) the batches have."""
         return "documents"
 
+    @abstractmethod
     def shards(self) -> list[Shard]:
-        raise NotImplementedError
+        """The input shards, in a stable order, each with a content key."""
 
+    @abstractmethod
     def read(self, shard: Shard, ctx: RunContext) -> Iterator[pa.RecordBatch]:
-        raise NotImplementedError
+        """Stream one shard as bounded batches; bad records go to ``ctx.failure``."""
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -9,6 +9,7 @@ sample counts, bytes, sha256) is written last, by :func:`write_index`, when ever
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,14 +27,15 @@ class SinkParams(StageParams):
     shard_samples: int | None = Field(None, gt=0, description="close a file at this many samples")
 
 
-class Encoder:
+class Encoder(ABC):
     """Encodes batches into one open file. Subclasses implement ``write`` and ``close``."""
 
     def __init__(self, fh: AtomicFile, schema: pa.Schema, params: SinkParams):
         self.fh, self.schema, self.params = fh, schema, params
 
+    @abstractmethod
     def write(self, batch: pa.RecordBatch) -> None:
-        raise NotImplementedError
+        """Encode one batch into the open file."""
 
     def write_many(self, batches: list[pa.RecordBatch]) -> None:
         """Encode one flush of buffered batches (Parquet makes them one row group)."""
