@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 #: Stats label under which readers count their bad records.
 READ_LABEL = "read"
+_TOKENIZERS: dict = {}
 
 
 @dataclass
@@ -76,6 +77,17 @@ class RunContext:
         if label not in self._global:
             self._global[label] = self.run_dir.read_global_state(label)
         return self._global[label]
+
+    @property
+    def tokenizer(self):
+        """The run tokenizer (prepared by the driver in ``RUN/tokenizer/``), loaded once per process."""
+        from curate.tokenizer import CurateTokenizer
+
+        folder = self.run_dir.root / "tokenizer"
+        key = (str(folder), (folder / "tokenizer.json").stat().st_mtime_ns)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = CurateTokenizer.load_run(folder)
+        return _TOKENIZERS[key]
 
     def report(self, rows: int, tokens: int = 0) -> None:
         """Tell the progress display about rows (and tokens) written."""

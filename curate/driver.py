@@ -22,6 +22,7 @@ from curate import stats as stats_mod
 from curate.errors import CurateError
 from curate.manifest import Manifest
 from curate.planner import Phase, Plan
+from curate.context import RunContext
 from curate.plugins import kinds_of
 from curate.readers.base import Shard
 from curate.sinks.base import write_index
@@ -52,6 +53,8 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
     resumed = rd.check_fingerprint(plan.fingerprint(), restart)
     rd.write_atomic(rd.manifest, manifest.resolved_yaml().encode())
     executor = kinds_of("executor")[manifest.executor.kind](manifest.executor.params)
+    if manifest.tokenizer is not None:
+        _prepare_tokenizer(plan, console)
     skipped = 0
     for phase in plan.phases:
         if phase.global_stage is not None:
@@ -96,6 +99,36 @@ def _run_phase(plan: Plan, phase: Phase, shards: list[Shard], executor, console,
 
         executor.map_shards(plan, phase, shards, on_done, on_progress)
     return failed
+
+
+def _prepare_tokenizer(plan: Plan, console: Console) -> None:
+    """Resolve the run tokenizer once into RUN/tokenizer/ (training it on the source if asked)."""
+    from curate import tokenizer as tk
+
+    spec = plan.manifest.tokenizer
+
+    def training_texts():
+        limit = spec.train.max_docs
+        count = 0
+        for shard in plan.shards:
+            ctx = _SampleContext(plan.manifest.seed, shard, plan.run_dir)
+            for batch in plan.reader.read(shard, ctx):
+                for text in batch.column("text").to_pylist():
+                    yield text
+                    count += 1
+                    if count >= limit:
+                        return
+
+    if spec.train and not (plan.run_dir.root / "tokenizer" / "specials.json").exists():
+        console.print(f"training a {spec.train.vocab_size}-token BPE on the source …")
+    tk.prepare(spec, plan.run_dir.root / "tokenizer", plan.special_tokens(), training_texts)
+
+
+class _SampleContext(RunContext):
+    """A context for reading the source outside a phase: bad records are left to phase 0 to count."""
+
+    def failure(self, reason, detail="", *, file=None, line=None, record=None) -> None:
+        return None
 
 
 def _combine(plan: Plan, phase: Phase) -> None:

@@ -42,6 +42,7 @@ class _Envelope(BaseModel):
     stages: list[Any] = []
     sink: dict[str, Any] | list[dict[str, Any]]
     executor: dict[str, Any] = {"kind": "local"}
+    tokenizer: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Manifest:
     sinks: list[Part]
     executor: Part
     description: str | None = None
+    tokenizer: BaseModel | None = None
     lines: dict[Loc, int] = field(default_factory=dict, repr=False)
     secrets: dict[Loc, str] = field(default_factory=dict, repr=False)
 
@@ -99,10 +101,11 @@ class Manifest:
                  for i, s in enumerate(sink_items)]
         executor = _part(env.executor, ("executor",), "executor", errors)
         stages = _stages(env.stages, errors)
+        tokenizer = _tokenizer(env.tokenizer, errors) if env.tokenizer is not None else None
         errors.raise_if_any()
         return cls(path=path, name=env.name, seed=env.seed, output=env.output or f"runs/{env.name}",
                    source=source, stages=stages, sinks=[s for s in sinks if s], executor=executor,  # type: ignore[misc]
-                   description=env.description, lines=lines, secrets=secrets)
+                   description=env.description, tokenizer=tokenizer, lines=lines, secrets=secrets)
 
     # ---------------------------------------------------------------- use
     def error(self, loc: Loc, message: str) -> ConfigError:
@@ -123,6 +126,8 @@ class Manifest:
         out["seed"] = self.seed
         out["output"] = self.output
         out["source"] = _dump_part(self.source)
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.model_dump(mode="json")
         out["stages"] = [{s.name: s.params.model_dump(mode="json")} for s in self.stages]
         sinks = [_dump_part(s) for s in self.sinks]
         out["sink"] = sinks[0] if len(sinks) == 1 else sinks
@@ -296,6 +301,16 @@ def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part
         errors.pydantic(e, loc, f"{_field_name(loc)} ({kind})", list(params_cls.model_fields))
         return None
     return Part(kind, params, loc)
+
+
+def _tokenizer(section: dict[str, Any], errors: _Errors) -> BaseModel | None:
+    from curate.tokenizer import TokenizerSpec
+
+    try:
+        return TokenizerSpec.model_validate(section)
+    except ValidationError as e:
+        errors.pydantic(e, ("tokenizer",), "tokenizer", list(TokenizerSpec.model_fields))
+        return None
 
 
 def _stages(items: list[Any], errors: _Errors) -> list[StageSpec]:

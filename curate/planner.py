@@ -54,6 +54,10 @@ class Plan:
             raise manifest.error(("source", "paths"), str(e)) from None
         plan = cls(manifest, shards)
         plan.column_flow()  # raises on a stage whose required columns are missing
+        for spec, stage in zip(manifest.stages, plan.stages):
+            if stage.needs_tokenizer and manifest.tokenizer is None:
+                raise manifest.error(spec.loc, "needs a tokenizer: add a top-level `tokenizer:` section "
+                                     "(`path:` to a tokenizer folder, or `train: {}` to train one on the source)")
         seen: dict[str, int] = {}
         for i, sink in enumerate(plan.sinks):
             if str(sink.directory) in seen:
@@ -112,8 +116,17 @@ class Plan:
         packages = {p: _version(p) for p in FINGERPRINT_PACKAGES}
         packages["python"] = ".".join(map(str, sys.version_info[:2]))
         inputs = _sha("\n".join(f"{s.name} {s.key}" for s in self.shards))
+        tok = self.manifest.tokenizer
+        if tok is not None and tok.path:
+            from curate.tokenizer import file_digest
+
+            inputs = _sha(f"{inputs}\ntokenizer {file_digest(tok.path) or tok.path}")
         digest = _sha(f"{manifest_digest}\n{sorted(packages.items())}\n{inputs}")
         return {"digest": digest, "manifest": manifest_digest, "packages": packages, "inputs": inputs}
+
+    def special_tokens(self) -> list[str]:
+        """Every special token the stages insert, in pipeline order."""
+        return list(dict.fromkeys(t for s in self.stages for t in s.special_tokens()))
 
     def to_dict(self) -> dict[str, Any]:
         """What a worker needs to rebuild the plan: the resolved manifest and the shard list."""

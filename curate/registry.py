@@ -1,7 +1,7 @@
 """The stage registry: ``@register_stage("name")``, built-ins, and the ``curate.stages`` entry points.
 
-Built-in stages live one per file in the ``filters`` and ``synthesizers`` packages; importing
-those packages registers them. Third-party packages declare
+Built-in stages live one per file in ``curate.stages`` (engine stages: tokenize, pack), ``filters``
+and ``synthesizers``; importing those packages registers them. Third-party packages declare
 ``[project.entry-points."curate.stages"] name = "pkg.module:Class"`` and are loaded on first use.
 """
 
@@ -16,7 +16,7 @@ from curate.errors import ConfigError
 from curate.stage import Stage
 
 _REGISTRY: dict[str, type[Stage]] = {}
-_BUILTIN_PACKAGES = ("filters", "synthesizers")
+_BUILTIN_PACKAGES = ("curate.stages", "filters", "synthesizers")
 _loaded = False
 
 

@@ -37,6 +37,8 @@ class Stage(ABC):
     provides: ClassVar[tuple[str, ...]] = ()
     #: Optional modules and the extra that installs them, checked at validation time.
     needs: ClassVar[dict[str, str]] = {}
+    #: True when the stage uses the run tokenizer (the manifest must then have `tokenizer:`).
+    needs_tokenizer: ClassVar[bool] = False
 
     def __init__(self, params: StageParams, label: str | None = None):
         self.params = params
@@ -49,6 +51,10 @@ class Stage(ABC):
 
     def setup(self, ctx: RunContext) -> None:
         """Heavy imports and model loading go here, called once per worker process and shard."""
+
+    def special_tokens(self) -> list[str]:
+        """Special-token strings this stage inserts; the run tokenizer gets an id for each."""
+        return []
 
     def columns_out(self, columns_in: list[str]) -> list[str]:
         """The columns after this stage, given those before it (used by ``curate plan``)."""

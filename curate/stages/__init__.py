@@ -1,0 +1,1 @@
+"""Engine stages (tokenize, pack): one stage per file, registered on import."""

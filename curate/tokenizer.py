@@ -1,0 +1,261 @@
+"""The tokenizer layer: one Hugging Face tokenizer per run, with the special tokens recipes need.
+
+The manifest's ``tokenizer:`` names a tokenizer folder or Hub name (``path``), or asks for a small
+byte-level BPE to be trained on the source at run time (``train``; what the offline quickstart uses).
+Before the first phase the driver resolves it once into ``RUN/tokenizer/``:
+
+- ``tokenizer.json`` — the exact tokenizer the corpus was made with, canonically serialized;
+- ``specials.json`` — the id of every special token the stages asked for (UtK knots, ``<D>`` …),
+  reusing the tokenizer's own reserved tokens where it has free ones, else added at the end of the
+  vocabulary;
+- ``vocab_sha256`` — a digest of the vocabulary and merges, recorded in ``stats.json``.
+
+Workers load that folder (``ctx.tokenizer``). Encoding is the Rust ``encode_batch`` (all cores).
+Very long documents are cut into pieces before encoding so one document does not hold one core while
+the others wait; a cut is only made where encoding the two sides separately gives the same ids as
+encoding them together (checked on a window around the cut), so the ids equal whole-document ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import Field, model_validator
+
+from curate.errors import ConfigError
+from curate.stage import StageParams
+
+#: Reserved-token spellings of common tokenizers, reused for new special tokens before growing the vocab.
+RESERVED_PATTERNS = (
+    r"<\|reserved_special_token_\d+\|>",  # Llama 3
+    r"<\|extra_\d+\|>",  # Qwen
+    r"\[unused\d+\]",  # BERT
+    r"<extra_id_\d+>",  # T5
+    r"<SPECIAL_\d+>",  # Mistral Tekken
+)
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
+
+
+class TrainSpec(StageParams):
+    vocab_size: int = Field(8192, ge=300, description="vocabulary size of the BPE trained on the source")
+    min_frequency: int = Field(2, ge=1, description="merges seen fewer times are not learned")
+    max_docs: int = Field(200_000, gt=0, description="train on at most this many source documents")
+
+
+class TokenizerSpec(StageParams):
+    """The manifest's ``tokenizer:`` section."""
+
+    path: str | None = Field(None, description="tokenizer folder (tokenizer.json, or anything AutoTokenizer loads) or Hub name")
+    train: TrainSpec | None = Field(None, description="train a byte-level BPE on the source instead")
+    special_tokens: dict[str, str] = Field(default_factory=dict, description="rename special tokens: name → string")
+    reuse_reserved: bool = Field(True, description="map new special tokens onto the tokenizer's unused reserved tokens")
+    split_chars: int = Field(100_000, ge=1000, description="cut documents longer than this before encoding")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerSpec:
+        if (self.path is None) == (self.train is None):
+            raise ValueError("give either `path` or `train`")
+        return self
+
+
+class CurateTokenizer:
+    """A loaded run tokenizer: ``encode_batch``, ``decode``, special ids, and the vocab digest."""
+
+    def __init__(self, tokenizer, specials: dict[str, int], split_chars: int = 100_000):
+        self.tk = tokenizer  # a tokenizers.Tokenizer
+        self.specials = specials  # string -> id
+        self.split_chars = split_chars
+        self._names = {i: s for s, i in specials.items()}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_run(cls, folder: str | os.PathLike) -> CurateTokenizer:
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        meta = orjson.loads((folder / "specials.json").read_bytes())
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), meta["ids"], meta["split_chars"])
+
+    # ------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def special_id(self, token: str) -> int:
+        try:
+            return self.specials[token]
+        except KeyError:
+            raise KeyError(f"special token {token!r} was not prepared for this run") from None
+
+    @cached_property
+    def eos_id(self) -> int | None:
+        for cand in EOS_CANDIDATES:
+            i = self.tk.token_to_id(cand)
+            if i is not None:
+                return i
+        return None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added), long texts cut at verified points."""
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            cut = self.split(text) if len(text) > self.split_chars else [text]
+            pieces += cut
+            owners += [i] * len(cut)
+        encoded = self.tk.encode_batch_fast(pieces, add_special_tokens=False) if hasattr(
+            self.tk, "encode_batch_fast") else self.tk.encode_batch(pieces, add_special_tokens=False)
+        out: list[list[int]] = [[] for _ in texts]
+        for owner, enc in zip(owners, encoded):
+            out[owner].extend(enc.ids)
+        return out
+
+    def split(self, text: str) -> list[str]:
+        """Cut ``text`` into pieces of about ``split_chars`` at points that keep the ids unchanged."""
+        pieces, start = [], 0
+        while len(text) - start > self.split_chars:
+            cut = self._safe_cut(text, start + self.split_chars, start)
+            if cut is None:
+                break
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:])
+        return pieces
+
+    def _safe_cut(self, text: str, near: int, floor: int, window: int = 512) -> int | None:
+        """A position near ``near`` where left and right encode as the whole does (window-checked)."""
+        limit = min(len(text), near + self.split_chars // 2)
+        for match in re.finditer(r"\n+(?=\S)|\s(?=\S)", text[near:limit]):
+            cut = near + match.end() if text[near + match.start()] == "\n" else near + match.start()
+            if cut <= floor:
+                continue
+            left, right = text[max(floor, cut - window):cut], text[cut:cut + window]
+            whole = self.tk.encode(left + right, add_special_tokens=False).ids
+            parts = (self.tk.encode(left, add_special_tokens=False).ids
+                     + self.tk.encode(right, add_special_tokens=False).ids)
+            if whole == parts:
+                return cut
+        return None
+
+    def decode(self, ids: Iterable[int], *, show_special: bool = True) -> str:
+        """Text of ``ids``; prepared special tokens are shown by their curate names."""
+        out, run = [], []
+        for i in ids:
+            if i in self._names:
+                if run:
+                    out.append(self.tk.decode(run, skip_special_tokens=False))
+                    run = []
+                if show_special:
+                    out.append(self._names[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self.tk.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+
+# ---------------------------------------------------------------------- preparation (driver side)
+def prepare(spec: TokenizerSpec, folder: Path, wanted: list[str], training_texts) -> dict[str, Any]:
+    """Resolve the run tokenizer into ``folder`` once; returns the metadata written there."""
+    meta_path = folder / "specials.json"
+    if meta_path.exists():
+        return orjson.loads(meta_path.read_bytes())
+    tk = train_bpe(spec.train, training_texts()) if spec.train else load_base(spec.path)
+    ids = _assign_specials(tk, [spec.special_tokens.get(w, w) for w in wanted], spec.reuse_reserved)
+    folder.mkdir(parents=True, exist_ok=True)
+    canonical = orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)
+    from curate.rundir import AtomicFile
+
+    f = AtomicFile(folder / "tokenizer.json")
+    f.write(canonical)
+    f.commit()
+    meta = {"ids": ids, "split_chars": spec.split_chars, "vocab_size": tk.get_vocab_size(with_added_tokens=True),
+            "vocab_sha256": vocab_digest(tk)}
+    f = AtomicFile(meta_path)
+    f.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    f.commit()
+    return meta
+
+
+def load_base(path: str):
+    """A ``tokenizers.Tokenizer`` from a folder/file with tokenizer.json, else via AutoTokenizer."""
+    from tokenizers import Tokenizer
+
+    p = Path(os.path.expanduser(path))
+    if p.is_file() and p.suffix == ".json":
+        return Tokenizer.from_file(str(p))
+    if (p / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(p / "tokenizer.json"))
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError(f"tokenizer.path: {path} has no tokenizer.json; loading it needs transformers: "
+                          "pip install 'curate-longctx[text]'") from None
+    try:
+        hf = AutoTokenizer.from_pretrained(str(p) if p.exists() else path, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer.path: cannot load {path!r}: {e}") from None
+    if not getattr(hf, "is_fast", False):
+        raise ConfigError(f"tokenizer.path: {path!r} has no fast (Rust) tokenizer; convert it first")
+    return hf.backend_tokenizer
+
+
+def train_bpe(spec: TrainSpec, texts: Iterable[str]):
+    """A byte-level BPE trained on ``texts`` (deterministic for the same texts and settings)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
+                                  special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    return tk
+
+
+def _assign_specials(tk, tokens: list[str], reuse_reserved: bool) -> dict[str, int]:
+    """Ids for ``tokens``: existing token, else a free reserved token, else a newly added one."""
+    from tokenizers import AddedToken
+
+    ids: dict[str, int] = {}
+    vocab = tk.get_vocab(with_added_tokens=True)
+    reserved = sorted((i for t, i in vocab.items() if any(re.fullmatch(p, t) for p in RESERVED_PATTERNS)))
+    new = []
+    for token in dict.fromkeys(tokens):
+        if token in vocab:
+            ids[token] = vocab[token]
+        elif reuse_reserved and reserved:
+            ids[token] = reserved.pop(0)
+        else:
+            new.append(token)
+    if new:
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        for token in new:
+            ids[token] = tk.token_to_id(token)
+    return ids
+
+
+def vocab_digest(tk) -> str:
+    """sha256 of the canonical tokenizer JSON (vocabulary, merges, added tokens, pipeline)."""
+    return hashlib.sha256(orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 of a local tokenizer's files (for the fingerprint); None for a Hub name."""
+    p = Path(os.path.expanduser(path))
+    files = [p] if p.is_file() else sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
