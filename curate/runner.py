@@ -41,10 +41,13 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
         # The first phase counts its input under "read"; later phases read the previous phase's
         # output, already counted, so their input counter is not kept.
         upstream = ctx.stats[READ_LABEL] if phase.index == 0 else StageStats()
-        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None)
+        clock = _Clock()
+        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None, clock)
         for stage in stages:
             st = ctx.stats[stage.label]
-            batches = _instrument(stage.run(batches, ctx), st, upstream)
+            inner = clock
+            clock = _Clock()
+            batches = _instrument(stage.run(batches, ctx), st, upstream, clock, inner)
             upstream = st
         outputs = _write_sinks(plan, shard, batches, ctx) if phase.last else _write_intermediate(
             plan, phase, shard, batches, ctx)
@@ -77,21 +80,30 @@ def intermediate_path(rd: RunDir, phase: int, shard: Shard):
     return rd.phases / f"p{phase}" / f"{shard.name}.arrow"
 
 
-def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: StageStats | None):
+class _Clock:
+    """Inclusive seconds spent pulling from one instrumented generator (it and all upstream)."""
+
+    seconds = 0.0
+
+
+def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: StageStats | None,
+                clock: _Clock, inner: _Clock | None = None):
     """Count rows in/out, tokens and Arrow bytes, and the seconds spent in this stage alone."""
     it = iter(batches)
 
-    def upstream_seconds() -> float:
-        return upstream.seconds if upstream is not None else 0.0
+    def spent(t0: float, up0: float) -> float:
+        total = time.perf_counter() - t0
+        clock.seconds += total
+        return total - ((inner.seconds - up0) if inner is not None else 0.0)
 
     while True:
-        t0, up0 = time.perf_counter(), upstream_seconds()
+        t0, up0 = time.perf_counter(), (inner.seconds if inner is not None else 0.0)
         try:
             batch = next(it)
         except StopIteration:
-            st.seconds += time.perf_counter() - t0 - (upstream_seconds() - up0)
+            st.seconds += spent(t0, up0)
             break
-        st.seconds += time.perf_counter() - t0 - (upstream_seconds() - up0)
+        st.seconds += spent(t0, up0)
         st.rows_out += batch.num_rows
         st.bytes_out += batch.nbytes
         st.tokens_out += _tokens(batch)

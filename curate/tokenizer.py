@@ -70,6 +70,9 @@ class CurateTokenizer:
 
     def __init__(self, tokenizer, specials: dict[str, int], split_chars: int = 100_000):
         self.tk = tokenizer  # a tokenizers.Tokenizer
+        # Document text never turns into special ids: a literal "<s>" or "<|endoftext|>" in the data
+        # is encoded as ordinary text, so only stages insert special tokens.
+        self.tk.encode_special_tokens = True
         self.specials = specials  # string -> id
         self.split_chars = split_chars
         self._names = {i: s for s, i in specials.items()}

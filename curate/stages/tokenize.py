@@ -26,6 +26,13 @@ def id_lists(ids: list[list[int]]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
+def list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, values)`` of a (possibly sliced) list array, offsets starting at 0."""
+    offsets = arr.offsets.to_numpy()
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values
+
+
 @register_stage("tokenize")
 class Tokenize(Stage):
     """Documents → ``input_ids`` and ``n_tokens`` with the run tokenizer."""

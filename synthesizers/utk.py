@@ -1,0 +1,313 @@
+"""``utk``: Untie the Knots chunk-shuffle augmentation (Tian et al., ACL 2025), on packed windows.
+
+Tokenized documents are grouped, in stream order, into windows of at most ``seq_len`` tokens
+*including* the tokens the augmentation adds, so no original token is ever truncated (the multiset of
+tokens is preserved). A document longer than one window is first cut into window-sized pieces.
+
+Per window, following the authors' ``denoise_text_multi_hop``:
+
+1. with probability ``augment_fraction`` the window is augmented (else its documents are concatenated
+   unchanged, with document boundaries in ``doc_offsets``);
+2. each document is split into ``n`` chunks, ``n`` drawn from ``chunks`` (weights ``chunk_weights``);
+   split points are random (``split: random``), equal, or fixed ``span``-token pieces; a document
+   shorter than ``n`` tokens stays whole;
+3. the boundary ``b`` between chunks ``b-1`` and ``b`` gets its own pair of knot tokens: chunk ``b-1``
+   ends with ``<|knot_b_tail|>`` and chunk ``b`` starts with ``<|knot_b_head|>`` (with fixed spans,
+   ``<|knot_head|> b <|knot_head_end|>`` / ``<|knot_tail|> b <|knot_tail_end|>`` carry the number);
+4. all chunks of all documents are shuffled jointly, except the last chunk of the last document, which
+   stays at the end; with ``preserve_order`` (default) each document keeps its own chunk order;
+5. with ``backtrace``, each chunk of a split document is prefixed ``<D> id </D>`` (a random 6-character
+   id per chunk) and the document's last-appearing chunk is followed by ``<S> id0 <s> id1 … </S>``, the
+   ids in original order;
+6. ``loss_mask`` (aligned with ``input_ids``: 1 where the token is a training target) is 0 exactly where
+   the reference masks: a target whose input (the token before) or itself is a knot, whose input lies
+   in a ``<D> … </D>`` span, that is ``<D>`` or ``<S>``, or whose input is ``</S>``.
+
+An augmented window is one attention unit (``doc_offsets = [0, n]``): its chunks must see each other.
+Randomness is derived from ``(seed, stage, first document id)`` per window and ``(seed, stage, id)``
+per document, so the output does not depend on batching or on the number of workers.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from curate import seeds
+from curate.registry import register_stage
+from curate.stage import StageParams, Synthesizer
+from curate.stages.tokenize import id_lists, list_parts
+
+D_OPEN, D_CLOSE, S_OPEN, S_SEP, S_CLOSE = "<D>", "</D>", "<S>", "<s>", "</S>"
+FIXED_KNOTS = ("<|knot_head|>", "<|knot_head_end|>", "<|knot_tail|>", "<|knot_tail_end|>")
+_ALPHABET = np.array(list(string.ascii_letters + string.digits))
+CHUNK = pa.struct([("doc", pa.int32()), ("part", pa.int32()), ("start", pa.int32()), ("end", pa.int32())])
+
+
+def knot_pair(boundary: int) -> tuple[str, str]:
+    """The (tail, head) knot strings of boundary ``boundary`` (1-based)."""
+    return f"<|knot_{boundary}_tail|>", f"<|knot_{boundary}_head|>"
+
+
+@dataclass
+class _Doc:
+    """One document (or piece) planned for a window: its chunks with knots, ids and overhead."""
+
+    id: str
+    blocks: list[list[int]]  # per chunk: [<D> id </D>] + [head] + tokens + [tail]
+    kinds: list[np.ndarray]  # per chunk, per position: 0 text, 1 knot, 2 inside <D> … </D>
+    trailer: list[int] = field(default_factory=list)  # <S> id0 <s> id1 … </S>
+    length: int = 0
+
+
+@register_stage("utk")
+class ChunkShuffle(Synthesizer):
+    """UtK: chunk, knot, shuffle and backtrace documents inside packed windows."""
+
+    class Params(StageParams):
+        seq_len: int = Field(32768, ge=64, description="window length, augmentation tokens included")
+        chunks: list[int] = Field([2, 3], description="chunk counts a document may be split into")
+        chunk_weights: list[float] | None = Field(None, description="probabilities of `chunks` (default uniform)")
+        augment_fraction: float = Field(0.8, ge=0, le=1, description="share of windows augmented")
+        split: Literal["random", "equal", "fixed"] = Field("random", description="where chunk boundaries fall")
+        span: int = Field(1024, ge=1, description="chunk length for split: fixed")
+        preserve_order: bool = Field(True, description="each document keeps its own chunk order")
+        backtrace: bool = Field(True, description="add <D> id </D> prefixes and the <S> … </S> order target")
+        id_chars: int = Field(6, ge=1, le=32, description="length of the random chunk ids")
+        id_max_tokens: int = Field(8, ge=1, description="redraw an id that encodes to more tokens")
+        render_text: bool = Field(False, description="add a `text` column with the window decoded")
+
+        @model_validator(mode="after")
+        def _check(self):
+            if not self.chunks or min(self.chunks) < 1:
+                raise ValueError("chunks must be positive counts")
+            if self.chunk_weights is not None and len(self.chunk_weights) != len(self.chunks):
+                raise ValueError("chunk_weights needs one weight per entry of chunks")
+            return self
+
+    requires = ("id", "input_ids")
+    provides = ("input_ids", "loss_mask", "doc_offsets", "n_tokens", "n_image_tokens", "lineage", "utk_chunks")
+    needs_tokenizer = True
+
+    def special_tokens(self) -> list[str]:
+        if self.params.split == "fixed":
+            knots = list(FIXED_KNOTS)
+        else:
+            knots = [k for b in range(1, max(self.params.chunks)) for k in knot_pair(b)]
+        return knots + ([D_OPEN, D_CLOSE, S_OPEN, S_SEP, S_CLOSE] if self.params.backtrace else [])
+
+    def columns_out(self, columns_in: list[str]) -> list[str]:
+        keep = [c for c in ("id",) if c in columns_in]
+        return keep + [c for c in self.provides if c != "id"] + (["text"] if self.params.render_text else [])
+
+    def setup(self, ctx) -> None:
+        tok = ctx.tokenizer
+        self.tok = tok
+        self.sp = {t: tok.special_id(t) for t in self.special_tokens()}
+        self._digits: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ stream → windows
+    def run(self, batches, ctx):
+        p = self.params
+        piece_size = self._piece_size(p.seq_len)
+        window: list[tuple[str, np.ndarray]] = []
+        planned: list[_Doc] = []
+        used, aug = 0, False
+        rows: list[dict] = []
+        for batch in batches:
+            ids = batch.column("id").to_pylist()
+            offsets, values = list_parts(batch.column("input_ids"))
+            for i, doc_id in enumerate(ids):
+                tokens = values[offsets[i]:offsets[i + 1]]
+                for piece_id, piece in self._pieces(doc_id, tokens, piece_size):
+                    if not window:
+                        aug = self._augmented(ctx.seed, piece_id)
+                    doc = self._plan(ctx.seed, piece_id, piece, aug)
+                    if window and used + doc.length > p.seq_len:
+                        rows.append(self._emit(ctx.seed, window, planned, aug))
+                        window, planned, used = [], [], 0
+                        aug = self._augmented(ctx.seed, piece_id)
+                        doc = self._plan(ctx.seed, piece_id, piece, aug)
+                    window.append((piece_id, piece))
+                    planned.append(doc)
+                    used += doc.length
+            if rows:
+                yield self._batch(rows)
+                rows = []
+        if window:
+            rows.append(self._emit(ctx.seed, window, planned, aug))
+        if rows:
+            yield self._batch(rows)
+
+    def _pieces(self, doc_id: str, tokens: np.ndarray, size: int):
+        if len(tokens) <= size:
+            yield doc_id, tokens
+            return
+        for k, start in enumerate(range(0, len(tokens), size)):
+            yield f"{doc_id}#{k}", tokens[start:start + size]
+
+    def _augmented(self, seed: int, first_id: str) -> bool:
+        return bool(seeds.doc_uniform(seed, f"{self.label}/window", [first_id])[0] < self.params.augment_fraction)
+
+    # ------------------------------------------------------------------ one document
+    def _plan(self, seed: int, doc_id: str, tokens: np.ndarray, aug: bool) -> _Doc:
+        p = self.params
+        rng = seeds.rng(seed, self.label, doc_id)
+        cuts = self._cuts(rng, len(tokens)) if aug else []
+        bounds = [0, *cuts, len(tokens)]
+        n = len(bounds) - 1
+        blocks, kinds = [], []
+        chunk_ids = [self._chunk_id(rng) for _ in range(n)] if (aug and p.backtrace and n >= 2) else None
+        for j in range(n):
+            pre = [self.sp[D_OPEN], *chunk_ids[j], self.sp[D_CLOSE]] if chunk_ids is not None else []
+            head = self._knot(j, head=True) if j > 0 else []
+            tail = self._knot(j + 1, head=False) if j < n - 1 else []
+            body = tokens[bounds[j]:bounds[j + 1]].tolist()
+            blocks.append(pre + head + body + tail)
+            kinds.append(np.array([2] * len(pre) + [1] * len(head) + [0] * len(body) + [1] * len(tail), np.int8))
+        trailer: list[int] = []
+        if chunk_ids is not None:
+            trailer = [self.sp[S_OPEN]]
+            for j, cid in enumerate(chunk_ids):
+                trailer += ([self.sp[S_SEP]] if j else []) + cid
+            trailer.append(self.sp[S_CLOSE])
+        return _Doc(doc_id, blocks, kinds, trailer, sum(map(len, blocks)) + len(trailer))
+
+    def _cuts(self, rng: np.random.Generator, length: int) -> list[int]:
+        p = self.params
+        if p.split == "fixed":
+            return list(range(p.span, length, p.span))
+        n = int(rng.choice(p.chunks, p=_weights(p)))
+        if n < 2 or length < n:
+            return []
+        if p.split == "equal":
+            return [length // n * k for k in range(1, n)]
+        return sorted(int(c) + 1 for c in rng.choice(length - 1, n - 1, replace=False))
+
+    def _chunk_id(self, rng: np.random.Generator) -> list[int]:
+        while True:
+            text = "".join(rng.choice(_ALPHABET, self.params.id_chars))
+            ids = self.tok.encode_batch([text])[0]
+            if len(ids) <= self.params.id_max_tokens:
+                return ids
+
+    def _knot(self, boundary: int, head: bool) -> list[int]:
+        if self.params.split != "fixed":
+            tail_tok, head_tok = knot_pair(boundary)
+            return [self.sp[head_tok if head else tail_tok]]
+        if boundary not in self._digits:
+            self._digits[boundary] = self.tok.encode_batch([str(boundary)])[0]
+        open_, close = (FIXED_KNOTS[0], FIXED_KNOTS[1]) if head else (FIXED_KNOTS[2], FIXED_KNOTS[3])
+        return [self.sp[open_], *self._digits[boundary], self.sp[close]]
+
+    def _piece_size(self, seq_len: int) -> int:
+        """The longest piece that still fits a window alone once augmented (binary search)."""
+        lo, hi = 0, seq_len
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if mid + self._overhead_bound(mid) <= seq_len:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            raise ValueError(f"seq_len {seq_len} leaves no room for any token once augmented")
+        return lo
+
+    def _overhead_bound(self, length: int) -> int:
+        """Most tokens augmentation can add to a document of ``length`` tokens."""
+        p = self.params
+        n = -(-length // p.span) if p.split == "fixed" else min(max(p.chunks), length)
+        if n < 2:
+            return 0
+        knots = sum(len(self._knot(b, True)) + len(self._knot(b, False)) for b in range(1, n))
+        back = (n * (2 + p.id_max_tokens) + 2 + n * p.id_max_tokens + (n - 1)) if p.backtrace else 0
+        return knots + back
+
+    # ------------------------------------------------------------------ one window
+    def _emit(self, seed: int, window, planned: list[_Doc], aug: bool) -> dict:
+        p = self.params
+        parts = [(d, j) for d, doc in enumerate(planned) for j in range(len(doc.blocks))]
+        if aug and len(parts) > 1:
+            rng = seeds.rng(seed, f"{self.label}/shuffle", planned[0].id)
+            head, last = parts[:-1], parts[-1]
+            order = [head[i] for i in rng.permutation(len(head))]
+            if p.preserve_order:
+                order = _keep_document_order(order)
+            parts = order + [last]
+        last_seen = {d: k for k, (d, _) in enumerate(parts)}
+        ids: list[int] = []
+        kinds: list[np.ndarray] = []
+        chunks = []
+        for k, (d, j) in enumerate(parts):
+            doc = planned[d]
+            start = len(ids)
+            ids += doc.blocks[j]
+            kinds.append(doc.kinds[j])
+            if doc.trailer and last_seen[d] == k:
+                ids += doc.trailer
+                kinds.append(np.zeros(len(doc.trailer), np.int8))
+            chunks.append({"doc": d, "part": j, "start": start, "end": len(ids)})
+        tokens = np.array(ids, dtype=np.int64)
+        loss = self._loss_mask(tokens, np.concatenate(kinds) if kinds else np.zeros(0, np.int8))
+        if aug:
+            offsets = [0, len(ids)]
+        else:
+            offsets = [0, *np.cumsum([planned[d].length for d in range(len(planned))]).tolist()]
+        lineage = [doc.id for doc in planned]
+        return {"id": "utk:" + seeds.digest(*lineage, size=8).hex(), "input_ids": ids, "loss_mask": loss,
+                "doc_offsets": offsets, "lineage": lineage, "chunks": chunks}
+
+    def _loss_mask(self, tokens: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+        """1 where token t is a target; 0 where the reference masks the (input t-1, label t) pair."""
+        knot, d_span = kinds == 1, kinds == 2
+        masked = knot.copy()  # the label is a knot
+        masked[1:] |= knot[:-1] | d_span[:-1]  # the input is a knot or inside <D> … </D>
+        if self.params.backtrace:
+            masked |= (tokens == self.sp[D_OPEN]) | (tokens == self.sp[S_OPEN])  # label <D> or <S>
+            masked[1:] |= tokens[:-1] == self.sp[S_CLOSE]  # input </S>
+        return (~masked).astype(np.uint8)
+
+    def _batch(self, rows: list[dict]) -> pa.RecordBatch:
+        ids = id_lists([r["input_ids"] for r in rows])
+        n = pc.list_value_length(ids).cast(pa.int32())
+        arrays = {
+            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "input_ids": ids,
+            "loss_mask": pa.ListArray.from_arrays(ids.offsets, pa.array(np.concatenate([r["loss_mask"] for r in rows]))),
+            "doc_offsets": pa.array([r["doc_offsets"] for r in rows], pa.list_(pa.int32())),
+            "n_tokens": n,
+            "n_image_tokens": pa.array(np.zeros(len(rows), np.int32)),
+            "lineage": pa.array([r["lineage"] for r in rows], pa.list_(pa.string())),
+            "utk_chunks": pa.array([r["chunks"] for r in rows], pa.list_(CHUNK)),
+        }
+        if self.params.render_text:
+            arrays["text"] = pa.array([self.tok.decode(r["input_ids"]) for r in rows], pa.string())
+        return pa.RecordBatch.from_pydict(arrays)
+
+
+def _weights(p) -> list[float] | None:
+    if p.chunk_weights is None:
+        return None
+    total = sum(p.chunk_weights)
+    return [w / total for w in p.chunk_weights]
+
+
+def _keep_document_order(order: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Give each document's slots in ``order`` to its chunks in their original order."""
+    by_doc: dict[int, list[int]] = {}
+    for d, j in order:
+        by_doc.setdefault(d, []).append(j)
+    for js in by_doc.values():
+        js.sort()
+    cursor = {d: 0 for d in by_doc}
+    out = []
+    for d, _ in order:
+        out.append((d, by_doc[d][cursor[d]]))
+        cursor[d] += 1
+    return out
