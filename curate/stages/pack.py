@@ -1,0 +1,255 @@
+"""``pack``: token rows → training sequences of ``seq_len``, with document offsets for masked attention.
+
+Each input row is a *unit* (a tokenized document, or a UtK window whose chunks must stay together);
+its ``loss_mask``, internal ``doc_offsets`` and ``lineage`` are carried into the packed row.
+
+- ``best_fit``: best-fit decreasing over a bounded buffer (``buffer_tokens``). A unit is never split
+  unless it is longer than ``seq_len`` (then it is cut into ``seq_len`` pieces). Rows that are not yet
+  ``fill_target`` full stay open into the next buffer; everything is flushed at the end of the shard.
+- ``concat_chunk``: the classic baseline: concatenate units and cut every ``seq_len`` tokens (units
+  cross row boundaries; the last row of a shard may be short).
+- ``decompose``: Dataset Decomposition (Pouransari et al., 2024): each unit is cut into pieces of
+  ``2^k (+1)`` tokens, largest first; when ``k > max_log2`` a smaller ``k`` is drawn with odds
+  ``1 : 2 : 4 …`` from ``max_log2`` down to ``min_log2`` (``randomize``); a remainder shorter than
+  ``2^min_log2 (+1)`` is dropped and counted (``tokens_dropped`` metric). Rows carry ``bucket = k``; a
+  sink with ``partition_by: bucket`` writes one folder per bucket.
+
+Every row has ``doc_offsets`` (cu_seqlens: 0, end of unit 1, …, n_tokens), ``n_tokens`` and ``lineage``.
+``repeat`` upsamples long units (ProLong-style length mixing): a unit with at least ``min_tokens`` tokens
+is packed ``times`` times.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from curate import seeds
+from curate.registry import register_stage
+from curate.stage import Stage, StageParams
+from curate.stages.tokenize import list_parts
+
+
+class Repeat(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_tokens: int = Field(gt=0, description="units with at least this many tokens …")
+    times: int = Field(ge=1, description="… are packed this many times")
+
+
+@dataclass
+class Unit:
+    tokens: np.ndarray
+    loss: np.ndarray
+    offsets: list[int]  # internal boundaries, 0 … len
+    lineage: list[str]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def slice(self, a: int, b: int) -> Unit:
+        inner = [o - a for o in self.offsets if a < o < b]
+        return Unit(self.tokens[a:b], self.loss[a:b], [0, *inner, b - a], self.lineage)
+
+
+@register_stage("pack")
+class Pack(Stage):
+    """Pack token rows into `seq_len` sequences (best fit, concat-and-chunk, or decomposition)."""
+
+    class Params(StageParams):
+        seq_len: int = Field(32768, ge=2, description="tokens per packed row")
+        strategy: Literal["best_fit", "concat_chunk", "decompose"] = Field("best_fit", description="how units are packed")
+        buffer_tokens: int | None = Field(None, description="best_fit buffer (default 32 × seq_len)")
+        fill_target: float = Field(0.99, gt=0, le=1, description="best_fit keeps rows below this fill open")
+        min_log2: int = Field(8, ge=1, description="decompose: smallest bucket 2^k")
+        max_log2: int = Field(13, ge=1, description="decompose: largest bucket 2^k")
+        plus_one: bool = Field(True, description="decompose: pieces of 2^k + 1 tokens (the +1 is the last label)")
+        randomize: bool = Field(True, description="decompose: draw k below max_log2 with odds 1:2:4…")
+        repeat: list[Repeat] = Field(default_factory=list, description="upsample long units")
+
+        @model_validator(mode="after")
+        def _check(self):
+            if self.min_log2 > self.max_log2:
+                raise ValueError("min_log2 must not exceed max_log2")
+            return self
+
+    requires = ("input_ids",)
+    provides = ("id", "input_ids", "loss_mask", "doc_offsets", "n_tokens", "n_image_tokens", "lineage")
+
+    def columns_out(self, columns_in: list[str]) -> list[str]:
+        return list(self.provides) + (["bucket"] if self.params.strategy == "decompose" else [])
+
+    def run(self, batches, ctx):
+        packer = {"best_fit": self._best_fit, "concat_chunk": self._concat_chunk,
+                  "decompose": self._decompose}[self.params.strategy]
+        rows: list[tuple[Unit, int | None]] = []
+        emitted = 0  # row numbers name the rows; no state outlives the shard
+        for unit_rows in packer(self._units(batches), ctx):
+            rows += unit_rows
+            if len(rows) >= 64:
+                yield self._batch(rows, ctx, emitted)
+                emitted += len(rows)
+                rows = []
+        if rows:
+            yield self._batch(rows, ctx, emitted)
+
+    # ------------------------------------------------------------------ input units
+    def _units(self, batches):
+        for batch in batches:
+            names = batch.schema.names
+            offs, values = list_parts(batch.column("input_ids"))
+            loss = list_parts(batch.column("loss_mask"))[1] if "loss_mask" in names else None
+            inner = batch.column("doc_offsets").to_pylist() if "doc_offsets" in names else None
+            lineage = batch.column("lineage").to_pylist() if "lineage" in names else None
+            ids = batch.column("id").to_pylist() if "id" in names else [None] * batch.num_rows
+            for i in range(batch.num_rows):
+                a, b = offs[i], offs[i + 1]
+                n = b - a
+                unit = Unit(values[a:b], loss[a:b] if loss is not None else np.ones(n, np.uint8),
+                            inner[i] if inner is not None and inner[i] else [0, n],
+                            lineage[i] if lineage is not None else [ids[i] or f"row{i}"])
+                for _ in range(self._times(n)):
+                    yield unit
+
+    def _times(self, n: int) -> int:
+        times = 1
+        for rule in self.params.repeat:
+            if n >= rule.min_tokens:
+                times = max(times, rule.times)
+        return times
+
+    # ------------------------------------------------------------------ strategies
+    def _best_fit(self, units, ctx):
+        seq_len = self.params.seq_len
+        budget = self.params.buffer_tokens or 32 * seq_len
+        open_bins: list[list[Unit]] = []
+        buffer: list[Unit] = []
+        held = 0
+        for unit in units:
+            for a in range(0, len(unit), seq_len):
+                piece = unit if len(unit) <= seq_len else unit.slice(a, min(a + seq_len, len(unit)))
+                buffer.append(piece)
+                held += len(piece)
+            if held >= budget:
+                open_bins, full = self._fit(buffer, open_bins)
+                yield [(_join(b), None) for b in full]
+                buffer, held = [], 0
+        open_bins, full = self._fit(buffer, open_bins)
+        yield [(_join(b), None) for b in full + open_bins]
+
+    def _fit(self, units: list[Unit], bins: list[list[Unit]]) -> tuple[list[list[Unit]], list[list[Unit]]]:
+        """Best-fit decreasing of ``units`` into ``bins`` (kept in order); return (open, full) bins."""
+        seq_len = self.params.seq_len
+        space = [(seq_len - sum(map(len, b)), i) for i, b in enumerate(bins)]
+        space.sort()
+        order = sorted(range(len(units)), key=lambda i: (-len(units[i]), i))
+        for i in order:
+            unit = units[i]
+            k = bisect.bisect_left(space, (len(unit), -1))
+            if k < len(space):
+                room, b = space.pop(k)
+            else:
+                bins.append([])
+                room, b = seq_len, len(bins) - 1
+            bins[b].append(unit)
+            bisect.insort(space, (room - len(unit), b))
+        limit = seq_len * (1 - self.params.fill_target)
+        left = {b: room for room, b in space}
+        full = [b for i, b in enumerate(bins) if left.get(i, 0) <= limit]
+        still = [b for i, b in enumerate(bins) if left.get(i, 0) > limit]
+        return still, full
+
+    def _concat_chunk(self, units, ctx):
+        seq_len = self.params.seq_len
+        pending: list[Unit] = []
+        held = 0
+        for unit in units:
+            pending.append(unit)
+            held += len(unit)
+            out = []
+            while held >= seq_len:
+                row, pending, held = _take(pending, seq_len)
+                out.append((row, None))
+            if out:
+                yield out
+        if held:
+            yield [(_join(pending), None)]
+
+    def _decompose(self, units, ctx):
+        p = self.params
+        stats = ctx.stats[self.label]
+        extra = 1 if p.plus_one else 0
+        for unit in units:
+            rng = seeds.rng(ctx.seed, self.label, unit.lineage[0] if unit.lineage else "")
+            out, start, n = [], 0, len(unit)
+            while n - start > extra:
+                left = n - start
+                k = int(np.floor(np.log2(left - extra))) if left - extra > 0 else -1
+                if k < p.min_log2:
+                    break
+                if k > p.max_log2:
+                    k = _draw_k(rng, p) if p.randomize else p.max_log2
+                size = (1 << k) + extra
+                out.append((unit.slice(start, start + size), k))
+                start += size
+            if n - start:
+                stats.metric("tokens_dropped").add_many(1, n - start, n - start, n - start)
+            if out:
+                yield out
+
+    # ------------------------------------------------------------------ output
+    def _batch(self, rows: list[tuple[Unit, int | None]], ctx, first: int) -> pa.RecordBatch:
+        from curate.stages.tokenize import id_lists
+
+        ids = id_lists([u.tokens for u, _ in rows])
+        loss = np.concatenate([u.loss for u, _ in rows]).astype(np.uint8)
+        arrays = {
+            "id": pa.array([f"{self.label}:{ctx.shard.name}:{first + i:07d}" for i in range(len(rows))], pa.string()),
+            "input_ids": ids,
+            "loss_mask": pa.ListArray.from_arrays(ids.offsets, pa.array(loss, pa.uint8())),
+            "doc_offsets": pa.array([u.offsets for u, _ in rows], pa.list_(pa.int32())),
+            "n_tokens": pc.list_value_length(ids).cast(pa.int32()),
+            "n_image_tokens": pa.array(np.zeros(len(rows), np.int32)),
+            "lineage": pa.array([list(dict.fromkeys(u.lineage)) for u, _ in rows], pa.list_(pa.string())),
+        }
+        if self.params.strategy == "decompose":
+            arrays["bucket"] = pa.array([k for _, k in rows], pa.int16())
+        return pa.RecordBatch.from_pydict(arrays)
+
+
+def _join(units: list[Unit]) -> Unit:
+    """Concatenate units into one row, shifting their internal offsets."""
+    offsets, base = [0], 0
+    for u in units:
+        offsets += [base + o for o in u.offsets[1:]]
+        base += len(u)
+    tokens = np.concatenate([u.tokens for u in units]) if units else np.zeros(0, np.int32)
+    loss = np.concatenate([u.loss for u in units]) if units else np.zeros(0, np.uint8)
+    return Unit(tokens, loss, offsets, [x for u in units for x in u.lineage])
+
+
+def _take(pending: list[Unit], size: int) -> tuple[Unit, list[Unit], int]:
+    """The first ``size`` tokens of ``pending`` as a row, and what is left."""
+    row_units, got, rest = [], 0, []
+    for i, u in enumerate(pending):
+        if got + len(u) <= size:
+            row_units.append(u)
+            got += len(u)
+            continue
+        cut = size - got
+        if cut:
+            row_units.append(u.slice(0, cut))
+        rest = [u.slice(cut, len(u))] + pending[i + 1:]
+        break
+    return _join(row_units), rest, sum(map(len, rest))
+
+
+def _draw_k(rng: np.random.Generator, p) -> int:
+    ks = np.arange(p.max_log2, p.min_log2 - 1, -1)
+    odds = 2.0 ** np.arange(len(ks))
+    return int(rng.choice(ks, p=odds / odds.sum()))
