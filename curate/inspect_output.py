@@ -93,13 +93,18 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
     from rich.pretty import Pretty
     from rich.table import Table
 
+    from curate.inspect_tokens import find_tokenizer, render
+
+    tok = None
     shown = 0
     for i, row in enumerate(itertools.islice(samples(path), offset, offset + n), start=offset):
         grid = Table.grid(padding=(0, 1))
         grid.add_column(style="bold cyan", no_wrap=True)
         grid.add_column()
+        if "input_ids" in row and tok is None:
+            tok = find_tokenizer(path) or False
         for key, value in row.items():
-            if key in ("text", "texts"):
+            if key in ("text", "texts") or (key == "utk_chunks" and tok):
                 continue
             if key == "meta" and isinstance(value, str):
                 value = orjson.loads(value)
@@ -109,9 +114,14 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
         text = row.get("text")
         if text is None and row.get("texts"):
             text = "\n".join(t if t is not None else "<image>" for t in row["texts"])
-        if text is not None:
+        if text is not None and not (tok and "input_ids" in row):
             body = text if len(text) <= width else text[:width] + f" … [{len(text):,} chars]"
             grid.add_row("text", body)
+        if tok and "input_ids" in row:
+            rendered, backtraces = render(row, tok, width)
+            grid.add_row("decoded", rendered)
+            for b in backtraces:
+                grid.add_row("backtrace", b)
         console.print(Panel(grid, title=f"sample {i}", title_align="left"))
         shown += 1
     return shown

@@ -7,8 +7,9 @@ executors). Every error names the manifest path, the YAML line and the field::
     manifests/x.yaml:12: stages[2] (select).threshold: Input should be a valid number
 
 ``${VAR}`` and ``${VAR:-default}`` are expanded in string values. Variables whose names look like
-secrets (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*KEY*``) are never written back: the resolved
-manifest keeps the ``${VAR}`` reference, and their values are redacted from logs.
+secrets (a ``TOKEN``, ``SECRET``, ``PASSWORD``, ``API_KEY`` … word: ``HF_TOKEN``, ``OPENAI_API_KEY``, not
+``TOKENIZER``) are never written back: the resolved manifest keeps the ``${VAR}`` reference, and their
+values are redacted from logs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from curate.errors import ConfigError
 
 Loc = tuple[Any, ...]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+_SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY)(?:$|_)", re.I)
 #: Secret values seen by interpolation in this process, redacted from log records.
 SECRET_VALUES: set[str] = set()
 

@@ -32,8 +32,11 @@ def test_documented_manifests_validate(doc):
 
 
 @pytest.mark.parametrize("manifest", sorted(p.name for p in (ROOT / "manifests").glob("*.yaml")))
-def test_shipped_manifests_validate(manifest):
-    cli("validate", str(ROOT / "manifests" / manifest))
+def test_shipped_manifests_load(manifest):
+    """Every recipe parses and validates (recipes/test_recipes.py runs each on real data)."""
+    from curate.manifest import load
+
+    load(ROOT / "manifests" / manifest)
 
 
 def test_stages_command_lists_everything():

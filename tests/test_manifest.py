@@ -136,3 +136,12 @@ sink: {{kind: parquet}}
 """, "m.yaml")
     with pytest.raises(ConfigError, match=r"m.yaml:4: stages\[0\]\.heuristics: needs column\(s\) \['text'\]"):
         Plan.build(m)
+
+
+def test_secret_names_are_words_not_substrings(monkeypatch):
+    from curate.manifest import _SECRET_NAME
+
+    for name in ("HF_TOKEN", "GITHUB_TOKEN", "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "TOKEN"):
+        assert _SECRET_NAME.search(name), name
+    for name in ("TOKENIZER", "TOKENS_DIR", "KEYBOARD", "MONKEY_PATH"):
+        assert not _SECRET_NAME.search(name), name

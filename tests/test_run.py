@@ -29,15 +29,16 @@ def test_quickstart_output_loads_with_datasets_and_webdataset(tmp_path):
     run = tmp_path / "qs"
     cli("run", str(ROOT / "manifests" / "quickstart.yaml"), "-o", str(run), "--no-progress")
     stats = json.loads((run / "stats.json").read_text())
-    n = stats["stages"]["select"]["rows_out"]
-    assert n > 100
+    n = stats["stages"]["utk"]["rows_out"]
+    assert n > 50 and stats["stages"]["select"]["rows_out"] > 200
     assert stats["outputs"]["sink:parquet"]["samples"] == n == stats["outputs"]["sink:webdataset"]["samples"]
     ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob(f"{run}/parquet/*.parquet")), split="train")
-    assert ds.num_rows == n and set(ds.column_names) == {"id", "text", "source", "meta", "scores"}
+    assert ds.num_rows == n and {"input_ids", "loss_mask", "doc_offsets", "n_tokens", "lineage"} <= set(ds.column_names)
     assert ds.num_rows == _index(run, "parquet")["total_samples"]
+    assert max(ds["n_tokens"]) <= 4096 and sum(ds["n_tokens"]) == stats["stages"]["utk"]["tokens_out"]
     tars = sorted(glob.glob(f"{run}/webdataset/*.tar"))
-    samples = list(wds.WebDataset(tars, shardshuffle=False))
-    assert len(samples) == n and samples[0]["txt"].decode() == ds[0]["text"]
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode())
+    assert len(samples) == n and samples[0]["input_ids.npy"].tolist() == ds[0]["input_ids"]
     assert max(s["samples"] for s in _index(run, "webdataset")["shards"]) <= 100  # shard_samples: 100
     # every drop is counted with a reason: in - out == dropped, stage by stage
     for label in ("read", "heuristics", "select"):
@@ -49,8 +50,9 @@ def test_quickstart_output_loads_with_datasets_and_webdataset(tmp_path):
     q = pq.read_table(sorted(glob.glob(f"{run}/quarantine/heuristics/*.parquet")))
     assert q.num_rows == sum(stats["stages"]["heuristics"]["drops"].values())
     assert set(q.column("drop_reason").to_pylist()) <= set(stats["stages"]["heuristics"]["drops"])
-    # the CLI reads it all back
-    assert "sample 0" in cli("inspect", str(run), "-n", "1").stdout
+    # the CLI reads it all back, UtK windows decoded with the run tokenizer
+    shown = cli("inspect", str(run), "-n", "3").stdout
+    assert "sample 0" in shown and "<|knot_1_tail|>" in shown and "backtrace" in shown
     assert "select" in cli("stats", str(run)).stdout
 
 

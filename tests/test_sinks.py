@@ -139,3 +139,19 @@ def test_validate_rejects_misaligned_interleaved_rows():
                                        "meta": None}], schema=INTERLEAVED)
     with pytest.raises(ValueError, match="differ in length"):
         validate(bad, "interleaved")
+
+
+def test_partitioned_sink_writes_one_folder_per_value(tmp_path):
+    sink = _sink("parquet", tmp_path, partition_by="bucket")
+    batch = pa.RecordBatch.from_pydict({"id": [f"r{i}" for i in range(10)], "bucket": [8, 9, 8, 10, 8, 9, 8, 8, 9, 10]})
+    w = sink.writer("00003")
+    w.write(batch)
+    files = w.close()
+    assert [f["name"] for f in files] == ["bucket_8/00003-0000.parquet", "bucket_9/00003-0000.parquet",
+                                          "bucket_10/00003-0000.parquet"]
+    index = write_index(sink, files, ["id", "bucket"])
+    assert index["partitions"] == {k: {"samples": n, "bytes": index["partitions"][k]["bytes"]}
+                                   for k, n in (("bucket_10", 2), ("bucket_8", 5), ("bucket_9", 3))}
+    sub = json.loads((sink.directory / "bucket_8" / "index.json").read_text())
+    assert sub["total_samples"] == 5 and sub["shards"][0]["name"] == "00003-0000.parquet"
+    assert pq.read_table(sink.directory / "bucket_9" / "00003-0000.parquet").column("id").to_pylist() == ["r1", "r5", "r8"]

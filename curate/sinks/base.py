@@ -25,6 +25,7 @@ class SinkParams(StageParams):
     path: str | None = Field(None, description="output folder, relative to the run directory; default <kind>")
     shard_bytes: ByteSize = Field(ByteSize(256_000_000), description="close a file at about this size")
     shard_samples: int | None = Field(None, gt=0, description="close a file at this many samples")
+    partition_by: str | None = Field(None, description="write one folder per value of this column (`<column>_<value>/`)")
 
 
 class Encoder(ABC):
@@ -66,16 +67,18 @@ class Sink:
         """The stats label of this sink, ``sink:<folder name>``."""
         return f"sink:{self.directory.name}"
 
-    def writer(self, shard_name: str) -> ShardWriter:
+    def writer(self, shard_name: str) -> ShardWriter | PartitionedWriter:
+        if self.params.partition_by:
+            return PartitionedWriter(self, shard_name)
         return ShardWriter(self, shard_name)
 
 
 class ShardWriter:
     """Writes one input shard's output as one or more sized files; :meth:`close` returns their entries."""
 
-    def __init__(self, sink: Sink, shard_name: str):
+    def __init__(self, sink: Sink, shard_name: str, directory: Path | None = None):
         self.sink, self.prefix = sink, shard_name
-        self.directory = sink.directory
+        self.directory = directory or sink.directory
         self.directory.mkdir(parents=True, exist_ok=True)
         _remove_previous(self.directory, shard_name, sink.extension)
         self.files: list[dict[str, Any]] = []
@@ -142,6 +145,40 @@ class ShardWriter:
         self.current, self.rows = None, 0
 
 
+class PartitionedWriter:
+    """One :class:`ShardWriter` per value of ``partition_by``, in folders ``<column>_<value>/``."""
+
+    def __init__(self, sink: Sink, shard_name: str):
+        self.sink, self.prefix, self.column = sink, shard_name, sink.params.partition_by
+        self.writers: dict[object, ShardWriter] = {}
+        for folder in sink.directory.glob(f"{self.column}_*"):
+            _remove_previous(folder, shard_name, sink.extension)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        import pyarrow.compute as pc
+
+        if self.column not in batch.schema.names:
+            raise KeyError(f"partition_by: no column {self.column!r} in {batch.schema.names}")
+        col = batch.column(self.column)
+        for value in sorted(pc.unique(col).to_pylist(), key=lambda v: (v is None, v)):
+            part = batch.filter(pc.is_null(col) if value is None else pc.equal(col, value))
+            if value not in self.writers:
+                folder = self.sink.directory / f"{self.column}_{value}"
+                self.writers[value] = ShardWriter(self.sink, self.prefix, folder)
+            self.writers[value].write(part)
+
+    def close(self) -> list[dict[str, Any]]:
+        files = []
+        for value in sorted(self.writers, key=lambda v: (v is None, v)):
+            for f in self.writers[value].close():
+                files.append({**f, "name": f"{self.column}_{value}/{f['name']}"})
+        return files
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
 def _unify(batches: list[pa.RecordBatch], schema: pa.Schema) -> list[pa.RecordBatch]:
     """Cast batches to the file's schema (a scores struct may gain fields batch to batch)."""
     out = []
@@ -171,7 +208,22 @@ def write_index(sink: Sink, entries: list[dict[str, Any]], columns: list[str]) -
         "total_bytes": sum(e["bytes"] for e in entries),
         "columns": columns,
     }
-    f = AtomicFile(sink.directory / "index.json")
-    f.write(orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
-    f.commit()
+    if sink.params.partition_by:  # each partition folder is a self-contained output too
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for e in entries:
+            folder, _, name = e["name"].partition("/")
+            groups.setdefault(folder, []).append({**e, "name": name})
+        index["partitions"] = {}
+        for folder, part in sorted(groups.items()):
+            sub = {"format": sink.kind, "shards": part, "total_samples": sum(e["samples"] for e in part),
+                   "total_bytes": sum(e["bytes"] for e in part), "columns": columns}
+            index["partitions"][folder] = {"samples": sub["total_samples"], "bytes": sub["total_bytes"]}
+            _write_json(sink.directory / folder / "index.json", sub)
+    _write_json(sink.directory / "index.json", index)
     return index
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    f = AtomicFile(path)
+    f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    f.commit()
