@@ -156,6 +156,11 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     order = ["read"] + [s.label for s in plan.stages] + [f"sink:{s.directory.name}" for s in plan.sinks]
     merged = {"name": plan.manifest.name, "shards": len(plan.shards),
               "stages": stats_mod.merge(shard_stats, order)}
+    specials = rd.root / "tokenizer" / "specials.json"
+    if specials.exists():
+        meta = orjson.loads(specials.read_bytes())
+        merged["tokenizer"] = {"vocab_size": meta["vocab_size"], "vocab_sha256": meta["vocab_sha256"],
+                               "special_tokens": meta["ids"]}
     completions = [rd.read_completion(f"p{last}-{s.name}") for s in plan.shards]
     columns = next((c["outputs"].get("columns") for c in completions if c["outputs"].get("columns")), None)
     entries = {s.label: sorted((f for c in completions for f in c["outputs"]["sinks"].get(s.label, [])),

@@ -67,26 +67,10 @@ OPTIONAL_COLUMNS = {"scores", "text"}
 
 
 def string_array(values: Sequence[str | None]) -> pa.StringArray:
-    """A string array built from UTF-8 buffers directly.
+    """A string array from Python strings, without ``pa.array`` (see :mod:`curate.arrays`)."""
+    from curate.arrays import strings
 
-    Several times faster than ``pa.array(list)`` for long texts, and it does not make pyarrow import
-    pandas (``pa.array`` on a Python list does, ~50 MB per worker process).
-    """
-    import numpy as np
-
-    n = len(values)
-    encoded = [b"" if v is None else v.encode() for v in values]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=n), out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        raise ValueError("string column over 2 GiB in one batch; lower batch_bytes")
-    validity = None
-    nulls = sum(v is None for v in values)
-    if nulls:
-        mask = np.fromiter((v is not None for v in values), dtype=bool, count=n)
-        validity = pa.py_buffer(np.packbits(mask, bitorder="little"))
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded)),
-                                       validity, nulls)
+    return strings(values)
 
 
 def documents_batch(

@@ -9,7 +9,6 @@ reason ``<metric>_below_min`` or ``<metric>_above_max``. All work is vectorized 
 
 from __future__ import annotations
 
-import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
@@ -42,6 +41,8 @@ class Heuristics(Filter):
     provides = ("scores",)
 
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
+        import polars as pl  # imported where used: ~30 MB per process, only for workers running this stage
+
         text = pl.col("t")
         n_chars = text.str.len_chars()
         letters = text.str.count_matches(r"\p{L}")
@@ -72,6 +73,8 @@ class Heuristics(Filter):
             ("upper_ratio", None, p.max_upper_ratio), ("whitespace_ratio", None, p.max_whitespace_ratio),
             ("punct_ratio", None, p.max_punct_ratio),
         ]
+        import polars as pl
+
         df = pl.from_arrow(pa.table(scores))
         reason = pl.lit(None, pl.String)
         for metric, lo, hi in reversed(bounds):  # the first failing bound in this order names the drop

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from curate import seeds
+from curate.arrays import int_lists, numeric, string_lists, strings, struct_lists
 from curate.registry import register_stage
 from curate.stage import StageParams, Synthesizer
 from curate.stages.tokenize import id_lists, list_parts
@@ -60,9 +61,9 @@ class _Doc:
     """One document (or piece) planned for a window: its chunks with knots, ids and overhead."""
 
     id: str
-    blocks: list[list[int]]  # per chunk: [<D> id </D>] + [head] + tokens + [tail]
+    blocks: list[np.ndarray]  # per chunk: [<D> id </D>] + [head] + tokens + [tail]
     kinds: list[np.ndarray]  # per chunk, per position: 0 text, 1 knot, 2 inside <D> … </D>
-    trailer: list[int] = field(default_factory=list)  # <S> id0 <s> id1 … </S>
+    trailer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # <S> id0 <s> id1 … </S>
     length: int = 0
 
 
@@ -162,22 +163,25 @@ class ChunkShuffle(Synthesizer):
         cuts = self._cuts(rng, len(tokens)) if aug else []
         bounds = [0, *cuts, len(tokens)]
         n = len(bounds) - 1
+        if n == 1:  # not augmented (or too short to split): the document as it is
+            return _Doc(doc_id, [tokens], [np.zeros(len(tokens), np.int8)], length=len(tokens))
         blocks, kinds = [], []
-        chunk_ids = [self._chunk_id(rng) for _ in range(n)] if (aug and p.backtrace and n >= 2) else None
+        chunk_ids = self._chunk_ids(rng, n) if p.backtrace else None
         for j in range(n):
             pre = [self.sp[D_OPEN], *chunk_ids[j], self.sp[D_CLOSE]] if chunk_ids is not None else []
             head = self._knot(j, head=True) if j > 0 else []
             tail = self._knot(j + 1, head=False) if j < n - 1 else []
-            body = tokens[bounds[j]:bounds[j + 1]].tolist()
-            blocks.append(pre + head + body + tail)
-            kinds.append(np.array([2] * len(pre) + [1] * len(head) + [0] * len(body) + [1] * len(tail), np.int8))
+            body = tokens[bounds[j]:bounds[j + 1]]
+            blocks.append(np.concatenate([np.array(pre + head, np.int64), body, np.array(tail, np.int64)]))
+            kinds.append(np.repeat(np.array([2, 1, 0, 1], np.int8), [len(pre), len(head), len(body), len(tail)]))
         trailer: list[int] = []
         if chunk_ids is not None:
             trailer = [self.sp[S_OPEN]]
             for j, cid in enumerate(chunk_ids):
                 trailer += ([self.sp[S_SEP]] if j else []) + cid
             trailer.append(self.sp[S_CLOSE])
-        return _Doc(doc_id, blocks, kinds, trailer, sum(map(len, blocks)) + len(trailer))
+        trail = np.array(trailer, np.int64)
+        return _Doc(doc_id, blocks, kinds, trail, sum(map(len, blocks)) + len(trail))
 
     def _cuts(self, rng: np.random.Generator, length: int) -> list[int]:
         p = self.params
@@ -190,12 +194,14 @@ class ChunkShuffle(Synthesizer):
             return [length // n * k for k in range(1, n)]
         return sorted(int(c) + 1 for c in rng.choice(length - 1, n - 1, replace=False))
 
-    def _chunk_id(self, rng: np.random.Generator) -> list[int]:
-        while True:
-            text = "".join(rng.choice(_ALPHABET, self.params.id_chars))
-            ids = self.tok.encode_batch([text])[0]
-            if len(ids) <= self.params.id_max_tokens:
-                return ids
+    def _chunk_ids(self, rng: np.random.Generator, n: int) -> list[list[int]]:
+        """``n`` random ids (``id_chars`` letters/digits each), encoded; ids too long to encode are redrawn."""
+        out: list[list[int]] = []
+        while len(out) < n:
+            letters = _ALPHABET[rng.integers(0, len(_ALPHABET), size=(n - len(out), self.params.id_chars))]
+            texts = ["".join(row) for row in letters]
+            out += [ids for ids in self.tok.encode_batch(texts) if len(ids) <= self.params.id_max_tokens]
+        return out
 
     def _knot(self, boundary: int, head: bool) -> list[int]:
         if self.params.split != "fixed":
@@ -241,24 +247,28 @@ class ChunkShuffle(Synthesizer):
                 order = _keep_document_order(order)
             parts = order + [last]
         last_seen = {d: k for k, (d, _) in enumerate(parts)}
-        ids: list[int] = []
+        pieces: list[np.ndarray] = []
         kinds: list[np.ndarray] = []
         chunks = []
+        at = 0
         for k, (d, j) in enumerate(parts):
             doc = planned[d]
-            start = len(ids)
-            ids += doc.blocks[j]
+            start = at
+            pieces.append(doc.blocks[j])
             kinds.append(doc.kinds[j])
-            if doc.trailer and last_seen[d] == k:
-                ids += doc.trailer
+            at += len(doc.blocks[j])
+            if len(doc.trailer) and last_seen[d] == k:
+                pieces.append(doc.trailer)
                 kinds.append(np.zeros(len(doc.trailer), np.int8))
-            chunks.append({"doc": d, "part": j, "start": start, "end": len(ids)})
-        tokens = np.array(ids, dtype=np.int64)
+                at += len(doc.trailer)
+            chunks.append({"doc": d, "part": j, "start": start, "end": at})
+        tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+        ids = tokens
         loss = self._loss_mask(tokens, np.concatenate(kinds) if kinds else np.zeros(0, np.int8))
         if aug:
-            offsets = [0, len(ids)]
+            offsets = [0, int(len(ids))]
         else:
-            offsets = [0, *np.cumsum([planned[d].length for d in range(len(planned))]).tolist()]
+            offsets = [0, *np.cumsum([doc.length for doc in planned]).tolist()]
         lineage = [doc.id for doc in planned]
         return {"id": "utk:" + seeds.digest(*lineage, size=8).hex(), "input_ids": ids, "loss_mask": loss,
                 "doc_offsets": offsets, "lineage": lineage, "chunks": chunks}
@@ -277,17 +287,17 @@ class ChunkShuffle(Synthesizer):
         ids = id_lists([r["input_ids"] for r in rows])
         n = pc.list_value_length(ids).cast(pa.int32())
         arrays = {
-            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "id": strings([r["id"] for r in rows]),
             "input_ids": ids,
-            "loss_mask": pa.ListArray.from_arrays(ids.offsets, pa.array(np.concatenate([r["loss_mask"] for r in rows]))),
-            "doc_offsets": pa.array([r["doc_offsets"] for r in rows], pa.list_(pa.int32())),
+            "loss_mask": pa.ListArray.from_arrays(ids.offsets, numeric(np.concatenate([r["loss_mask"] for r in rows]))),
+            "doc_offsets": int_lists([r["doc_offsets"] for r in rows]),
             "n_tokens": n,
-            "n_image_tokens": pa.array(np.zeros(len(rows), np.int32)),
-            "lineage": pa.array([r["lineage"] for r in rows], pa.list_(pa.string())),
-            "utk_chunks": pa.array([r["chunks"] for r in rows], pa.list_(CHUNK)),
+            "n_image_tokens": numeric(np.zeros(len(rows), np.int32)),
+            "lineage": string_lists([r["lineage"] for r in rows]),
+            "utk_chunks": struct_lists([r["chunks"] for r in rows], {k: np.int32 for k in ("doc", "part", "start", "end")}),
         }
         if self.params.render_text:
-            arrays["text"] = pa.array([self.tok.decode(r["input_ids"]) for r in rows], pa.string())
+            arrays["text"] = strings([self.tok.decode(r["input_ids"].tolist()) for r in rows])
         return pa.RecordBatch.from_pydict(arrays)
 
 

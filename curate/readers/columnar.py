@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import orjson
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -89,6 +88,8 @@ def _meta(batch: pa.RecordBatch, p) -> pa.Array:
 
 
 def _encode(batch: pa.RecordBatch, cols: list[str]) -> pa.Array:
+    import polars as pl  # lazily: ~30 MB a process, only when there are meta columns to encode
+
     df = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
     encoded = df.select(pl.struct(sorted(cols)).struct.json_encode().alias("m")).to_arrow().column("m")
     return encoded.combine_chunks().cast(pa.string())

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate import seeds
+from curate.arrays import int_lists, numeric, string_lists, strings
 from curate.registry import register_stage
 from curate.stage import Stage, StageParams
 from curate.stages.tokenize import list_parts
@@ -209,16 +210,16 @@ class Pack(Stage):
         ids = id_lists([u.tokens for u, _ in rows])
         loss = np.concatenate([u.loss for u, _ in rows]).astype(np.uint8)
         arrays = {
-            "id": pa.array([f"{self.label}:{ctx.shard.name}:{first + i:07d}" for i in range(len(rows))], pa.string()),
+            "id": strings([f"{self.label}:{ctx.shard.name}:{first + i:07d}" for i in range(len(rows))]),
             "input_ids": ids,
-            "loss_mask": pa.ListArray.from_arrays(ids.offsets, pa.array(loss, pa.uint8())),
-            "doc_offsets": pa.array([u.offsets for u, _ in rows], pa.list_(pa.int32())),
+            "loss_mask": pa.ListArray.from_arrays(ids.offsets, numeric(loss)),
+            "doc_offsets": int_lists([u.offsets for u, _ in rows]),
             "n_tokens": pc.list_value_length(ids).cast(pa.int32()),
-            "n_image_tokens": pa.array(np.zeros(len(rows), np.int32)),
-            "lineage": pa.array([list(dict.fromkeys(u.lineage)) for u, _ in rows], pa.list_(pa.string())),
+            "n_image_tokens": numeric(np.zeros(len(rows), np.int32)),
+            "lineage": string_lists([list(dict.fromkeys(u.lineage)) for u, _ in rows]),
         }
         if self.params.strategy == "decompose":
-            arrays["bucket"] = pa.array([k for _, k in rows], pa.int16())
+            arrays["bucket"] = numeric([k for _, k in rows], np.int16)
         return pa.RecordBatch.from_pydict(arrays)
 
 

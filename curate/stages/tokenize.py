@@ -13,17 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from curate.arrays import int_lists
 from curate.registry import register_stage
 from curate.stage import Stage, StageParams
 
 
-def id_lists(ids: list[list[int]]) -> pa.ListArray:
-    """A ``list<int32>`` array from Python id lists, via one numpy buffer (no per-element boxing)."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate([np.array(row, dtype=np.int32) for row in ids]) if ids else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+def id_lists(ids) -> pa.ListArray:
+    """A ``list<int32>`` array of token ids (see :func:`curate.arrays.int_lists`)."""
+    return int_lists(ids, np.int32)
 
 
 def list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +55,7 @@ class Tokenize(Stage):
             raise ValueError("append_eos: the tokenizer has no end-of-text token")
         stats = ctx.stats[self.label]
         for batch in batches:
-            ids = tok.encode_batch(batch.column(self.params.text_column).to_pylist())
-            if eos is not None:
-                for row in ids:
-                    row.append(eos)
-            arr = id_lists(ids)
+            arr = self._encode(tok, batch.column(self.params.text_column), eos)
             n = pc.list_value_length(arr).cast(pa.int32())
             out = batch if self.params.keep_text else batch.drop_columns([self.params.text_column])
             out = out.append_column("input_ids", arr).append_column("n_tokens", n)
@@ -72,3 +65,21 @@ class Tokenize(Stage):
                 stats.drop("too_few_tokens", dropped)
                 out = out.filter(pc.invert(short))
             yield out
+
+    @staticmethod
+    def _encode(tok, texts: pa.Array, eos: int | None, chunk_bytes: int = 500_000) -> pa.ListArray:
+        """Encode in slices of about ``chunk_bytes`` of text, so Python id lists stay small."""
+        lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+        parts, start, acc = [], 0, 0
+        for i, n in enumerate(lengths):
+            acc += int(n)
+            if acc >= chunk_bytes or i == len(lengths) - 1:
+                ids = tok.encode_batch(texts.slice(start, i + 1 - start).to_pylist())
+                if eos is not None:
+                    for row in ids:
+                        row.append(eos)
+                parts.append(id_lists(ids))
+                start, acc = i + 1, 0
+        if not parts:
+            return id_lists([])
+        return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,214 @@
+"""Tokenize → UtK → pack → Parquet, beside bare ``encode_batch``, ``datasets.map`` and datatrove, one run.
+
+All jobs read the same generated corpus (JSONL of real paragraphs from the machine's own Python
+docstrings, ``--mb`` MB) and use the same real tokenizer: the Llama/Mistral SentencePiece model that
+``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job runs in its own process;
+its whole process tree's peak RSS is sampled.
+
+1. ``bare``: ``tokenizers`` ``encode_batch`` over batches of 1,000 documents (the ceiling).
+2. ``curate``: ``curate run`` of tokenize → utk (32K windows) → pack (best fit, 32K) → Parquet, 2 workers.
+3. ``datasets``: ``load_dataset("json")`` → ``map(tokenize, num_proc=2)`` → ``map(concat-and-chunk 32K)`` →
+   ``to_parquet`` (the same job done the way a ``datasets`` user would).
+4. ``datatrove``: ``JsonlReader`` → ``DocumentTokenizer``, 2 tasks (needs ``pip install datatrove``).
+
+Also reports best-fit fill rates at 32K and 128K on a long-tailed document-length mixture.
+
+Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tokenizer(folder: Path) -> Path:
+    """The mistral_common SentencePiece model as a HF folder, plus its fast tokenizer.json."""
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False, "legacy": False}))
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))  # writes tokenizer.json
+    return folder
+
+
+JOBS = {
+    "bare": """
+        import orjson
+        from tokenizers import Tokenizer
+        tk = Tokenizer.from_file("{tok}/tokenizer.json")
+        n, batch = 0, []
+        with open("{corpus}", "rb") as fh:
+            for line in fh:
+                batch.append(orjson.loads(line)["text"])
+                if len(batch) == 1000:
+                    n += sum(len(e.ids) for e in tk.encode_batch_fast(batch, add_special_tokens=False)); batch = []
+        if batch:
+            n += sum(len(e.ids) for e in tk.encode_batch_fast(batch, add_special_tokens=False))
+        print(n)
+    """,
+    "datasets": """
+        import datasets
+        from transformers import AutoTokenizer
+        datasets.disable_caching()
+        tok = AutoTokenizer.from_pretrained("{tok}")
+        ds = datasets.load_dataset("json", data_files="{corpus}", split="train", cache_dir="{work}/hf-cache")
+        ds = ds.map(lambda b: {{"input_ids": tok(b["text"], add_special_tokens=False)["input_ids"]}},
+                    batched=True, batch_size=1000, num_proc=2, remove_columns=ds.column_names)
+        L = 32768
+        def chunk(b):
+            flat = [t for ids in b["input_ids"] for t in ids]
+            return {{"input_ids": [flat[i:i + L] for i in range(0, len(flat), L)]}}
+        ds = ds.map(chunk, batched=True, batch_size=1000, num_proc=2, remove_columns=["input_ids"])
+        ds.to_parquet("{work}/datasets-out.parquet")
+        print(sum(len(x) for x in ds["input_ids"]))
+    """,
+    "datatrove": """
+        from datatrove.executor import LocalPipelineExecutor
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.tokens import DocumentTokenizer
+        LocalPipelineExecutor(pipeline=[
+            JsonlReader("{work}/dt-in", glob_pattern="*.jsonl"),
+            DocumentTokenizer("{work}/dt-out", tokenizer_name_or_path="{tok}/tokenizer.json",
+                              shuffle_documents=False, eos_token=None),
+        ], tasks=2, workers=2, logging_dir="{work}/dt-logs").run()
+    """,
+}
+
+
+def run_job(name: str, code: str, env: dict) -> dict:
+    from curate.testing import TreeMemory
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **env})
+    with TreeMemory(proc.pid) as mem:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{err.decode()[-3000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_MB": round(mem.peak / 1e6), "stdout": out.decode()}
+
+
+def curate_job(work: Path, corpus: Path, tok: Path) -> str:
+    manifest = work / "utk.yaml"
+    manifest.write_text(json.dumps({
+        "name": "bench-utk", "seed": 7,
+        "source": {"kind": "jsonl", "paths": [str(corpus)], "shard_bytes": "16MB"},
+        "tokenizer": {"path": str(tok)},
+        "stages": [{"tokenize": {}}, {"utk": {"seq_len": 32768}}, {"pack": {"seq_len": 32768}}],
+        "sink": {"kind": "parquet"}, "executor": {"kind": "local", "workers": 2}}))
+    return textwrap.dedent(f"""
+        import json, subprocess, sys
+        subprocess.run([sys.executable, "-m", "curate", "run", "{manifest}", "-o", "{work}/curate-run",
+                        "--restart", "--no-progress"], check=True, capture_output=True)
+        s = json.load(open("{work}/curate-run/stats.json"))
+        print(s["stages"]["tokenize"]["tokens_out"])
+    """)
+
+
+def fill_rates() -> dict:
+    """Best-fit fill at 32K and 128K on a long-tailed mixture of web pages, papers, code and books."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.context import RunContext
+    from curate.readers.base import Shard
+    from curate.registry import get_stage
+    from curate.rundir import RunDir
+    from curate.stages.tokenize import id_lists
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([
+        rng.lognormal(6.5, 1.0, 60_000),    # web pages, median ~650 tokens
+        rng.lognormal(9.0, 0.8, 3_000),     # papers and repositories, median ~8K
+        rng.lognormal(11.3, 0.7, 300),      # books, median ~80K
+    ]).astype(int).clip(16, 2_000_000)
+    rng.shuffle(lengths)
+    out = {"documents": int(len(lengths)), "tokens": int(lengths.sum())}
+    tmp = Path(tempfile.mkdtemp())
+    for seq_len in (32768, 131072):
+        cls = get_stage("pack")
+        stage = cls(cls.Params(seq_len=seq_len))
+        ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(tmp))
+        batches = (pa.RecordBatch.from_pydict({"id": [str(i) for i in range(a, min(a + 2000, len(lengths)))],
+                                               "input_ids": id_lists([np.zeros(n, np.int32) for n in lengths[a:a + 2000]])})
+                   for a in range(0, len(lengths), 2000))
+        n_tok = rows = 0
+        for b in stage.run(batches, ctx):
+            n_tok += int(pa.compute.sum(b.column("n_tokens")).as_py())
+            rows += b.num_rows
+        out[f"fill_{seq_len // 1024}K"] = round(n_tok / (rows * seq_len), 5)
+        out[f"rows_{seq_len // 1024}K"] = rows
+        out[f"min_rows_{seq_len // 1024}K"] = int(-(-n_tok // seq_len))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip", nargs="*", default=[], help="jobs to leave out (bare, curate, datasets, datatrove)")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+
+    from curate.testing import write_jsonl_corpus
+
+    work = Path(tempfile.mkdtemp(prefix="curate-utk-"))
+    report: dict = {}
+    try:
+        corpus = work / "corpus.jsonl"
+        write_jsonl_corpus(corpus, args.mb * 1_000_000)
+        (work / "dt-in").mkdir()
+        os.link(corpus, work / "dt-in" / "corpus.jsonl")
+        tok = make_tokenizer(work / "tok")
+        report["corpus_MB"] = round(corpus.stat().st_size / 1e6, 1)
+        codes = {k: textwrap.dedent(v).format(tok=tok, corpus=corpus, work=work) for k, v in JOBS.items()}
+        codes["curate"] = curate_job(work, corpus, tok)
+        env = {"TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        counts = {}
+        for name in ("bare", "curate", "datasets", "datatrove"):
+            if name in args.skip:
+                continue
+            runs = [run_job(name, codes[name], env) for _ in range(args.repeat)]
+            secs = statistics.median(r["seconds"] for r in runs)
+            if name in ("bare", "curate"):
+                counts[name] = int(runs[0]["stdout"].strip().splitlines()[-1])
+            report[name] = {"seconds": round(secs, 2), "peak_rss_MB": max(r["peak_rss_MB"] for r in runs)}
+        tokens = counts.get("bare") or counts.get("curate")
+        report["tokens"] = tokens
+        if len(counts) == 2:  # curate cuts long documents before encoding: the ids must not change
+            report["same_token_count"] = counts["bare"] == counts["curate"]
+        for name in ("bare", "curate", "datasets", "datatrove"):
+            if name in report:
+                report[name]["M_tokens_per_s"] = round(tokens / report[name]["seconds"] / 1e6, 3)
+        if "bare" in report:
+            for name in ("curate", "datasets", "datatrove"):
+                if name in report:
+                    report[name]["x_bare"] = round(report["bare"]["seconds"] / report[name]["seconds"], 3)
+        report["best_fit"] = fill_rates()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The tokenizer layer: run preparation, special tokens, verified splitting, loading paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from curate.tokenizer import CurateTokenizer, TokenizerSpec, TrainSpec, prepare, train_bpe
+from curate.testing import _paragraphs
+from tests.conftest import cli, write_manifest
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return _paragraphs()
+
+
+@pytest.fixture(scope="module")
+def bpe(texts):
+    return train_bpe(TrainSpec(vocab_size=3000), texts)
+
+
+def test_training_is_deterministic_and_canonical(tmp_path, texts):
+    spec = TokenizerSpec(train={"vocab_size": 3000})
+    a = prepare(spec, tmp_path / "a", ["<D>"], lambda: iter(texts))
+    b = prepare(spec, tmp_path / "b", ["<D>"], lambda: iter(texts))
+    assert a == b
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert a["ids"] == {"<D>": 3000} and a["vocab_size"] == 3001
+
+
+def test_split_encoding_equals_whole_encoding(bpe, texts):
+    """Long documents are cut before encoding; the ids must equal whole-document ids exactly."""
+    tok = CurateTokenizer(bpe, {}, split_chars=2000)
+    docs = ["\n\n".join(texts[i:i + 400]) for i in range(0, 4000, 400)]
+    docs.append("word " * 5000 + "x" * 3000 + "\n" * 50 + "  spaced   out  " * 400)
+    bpe.encode_special_tokens = True
+    whole = [bpe.encode(d, add_special_tokens=False).ids for d in docs]
+    assert all(len(d) > 2000 for d in docs)
+    assert sum(len(tok.split(d)) for d in docs) > 3 * len(docs)  # really cut
+    assert tok.encode_batch(docs) == whole
+
+
+def test_sentencepiece_style_tokenizer_splits_safely():
+    """A Metaspace (SentencePiece-style) pre-tokenizer: cuts are verified, ids unchanged."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.Unigram())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    data = _paragraphs()
+    tk.train_from_iterator(data, trainers.UnigramTrainer(vocab_size=2000, show_progress=False))
+    tok = CurateTokenizer(tk, {}, split_chars=1500)
+    doc = "\n".join(data[:600])
+    assert tok.encode_batch([doc]) == [tk.encode(doc, add_special_tokens=False).ids]
+    assert len(tok.split(doc)) > 3
+
+
+def test_literal_special_strings_in_text_stay_text(tmp_path, texts):
+    spec = TokenizerSpec(train={"vocab_size": 3000})
+    prepare(spec, tmp_path / "t", ["<D>", "</S>"], lambda: iter(texts))
+    tok = CurateTokenizer.load_run(tmp_path / "t")
+    ids = tok.encode_batch(["see <D> and </S> and <|endoftext|> here"])[0]
+    assert tok.special_id("<D>") not in ids and tok.special_id("</S>") not in ids
+    assert tok.decode(ids) == "see <D> and </S> and <|endoftext|> here"
+
+
+def test_reserved_tokens_are_reused_before_growing_the_vocab(tmp_path, bpe):
+    from tokenizers import AddedToken
+
+    bpe.add_special_tokens([AddedToken(f"<|reserved_special_token_{i}|>", special=True) for i in range(3)])
+    folder = tmp_path / "base"
+    folder.mkdir()
+    bpe.save(str(folder / "tokenizer.json"))
+    size = bpe.get_vocab_size(with_added_tokens=True)
+    spec = TokenizerSpec(path=str(folder), special_tokens={"<D>": "<|doc|>"})
+    meta = prepare(spec, tmp_path / "run", ["<D>", "</D>", "<S>", "<s>"], lambda: iter([]))
+    reserved = [bpe.token_to_id(f"<|reserved_special_token_{i}|>") for i in range(3)]
+    assert [meta["ids"][t] for t in ("<|doc|>", "</D>", "<S>")] == reserved
+    assert meta["ids"]["<s>"] == size  # no reserved token left: added at the end
+    assert meta["vocab_size"] == size + 1
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A real Llama/Mistral SentencePiece tokenizer (shipped by mistral_common) as a HF folder."""
+    pytest.importorskip("transformers", reason="the `text` extra is not installed")
+    pytest.importorskip("sentencepiece", reason="the `text` extra is not installed")
+    mistral_common = pytest.importorskip("mistral_common", reason="the `text` extra is not installed")
+    import os
+    import shutil
+
+    folder = tmp_path_factory.mktemp("llama")
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False, "legacy": False}))
+    return folder
+
+
+def test_real_llama_tokenizer_through_autotokenizer(tmp_path, llama_folder, texts):
+    """No tokenizer.json: loaded by AutoTokenizer, same ids as transformers gives, splits verified."""
+    from transformers import AutoTokenizer
+
+    meta = prepare(TokenizerSpec(path=str(llama_folder), split_chars=3000), tmp_path / "run", ["<D>"],
+                   lambda: iter([]))
+    assert meta["vocab_size"] == 32001 and meta["ids"]["<D>"] == 32000
+    tok = CurateTokenizer.load_run(tmp_path / "run")
+    hf = AutoTokenizer.from_pretrained(str(llama_folder))
+    docs = ["\n\n".join(texts[i:i + 300]) for i in range(0, 1500, 300)] + ["a  b   c    d " * 2000]
+    assert tok.encode_batch(docs) == [hf(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert sum(len(tok.split(d)) for d in docs) > 2 * len(docs)
+    assert tok.eos_id == hf.eos_token_id
+
+
+def test_run_records_vocab_digest_and_needs_tokenizer_config(tmp_path):
+    m = write_manifest(tmp_path / "m.yaml", """
+        name: tok
+        source: {kind: stdlib_docs, shards: 2}
+        stages: [tokenize]
+        sink: {kind: parquet}
+        """)
+    proc = cli("validate", str(m), check=False)
+    assert proc.returncode == 2 and "stages[0].tokenize: needs a tokenizer" in proc.stderr.replace("\n", " ")
+    m.write_text(m.read_text() + "tokenizer: {train: {vocab_size: 1000}}\nexecutor: {kind: local, workers: 1}\n")
+    cli("run", str(m), "-o", str(tmp_path / "r"), "--no-progress")
+    stats = json.loads((tmp_path / "r" / "stats.json").read_text())
+    assert stats["tokenizer"]["vocab_size"] == 1000 and len(stats["tokenizer"]["vocab_sha256"]) == 64
+    assert stats["stages"]["tokenize"]["tokens_out"] > 100_000
