@@ -1,7 +1,8 @@
 """Tokenize → UtK → pack → Parquet, beside bare ``encode_batch``, ``datasets.map`` and datatrove, one run.
 
 All jobs read the same generated corpus (JSONL of real paragraphs from the machine's own Python
-docstrings, ``--mb`` MB) and use the same real tokenizer: the Llama/Mistral SentencePiece model that
+docstrings, ``--mb`` MB, mostly web-length documents with a long tail of book-length ones and two
+~8 MB documents) and use the same real tokenizer: the Llama/Mistral SentencePiece model that
 ``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job runs in its own process;
 its whole process tree's peak RSS is sampled.
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {}
     try:
         corpus = work / "corpus.jsonl"
-        write_jsonl_corpus(corpus, args.mb * 1_000_000)
+        # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
+        write_jsonl_corpus(corpus, args.mb * 1_000_000, books=0.002, giants=2)
         (work / "dt-in").mkdir()
         os.link(corpus, work / "dt-in" / "corpus.jsonl")
         tok = make_tokenizer(work / "tok")

@@ -122,6 +122,18 @@ def _prepare_tokenizer(plan: Plan, console: Console) -> None:
     if spec.train and not (plan.run_dir.root / "tokenizer" / "specials.json").exists():
         console.print(f"training a {spec.train.vocab_size}-token BPE on the source …")
     tk.prepare(spec, plan.run_dir.root / "tokenizer", plan.special_tokens(), training_texts)
+    _release_memory()  # the driver holds no tokenizer; give its pages back before workers start
+
+
+def _release_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class _SampleContext(RunContext):

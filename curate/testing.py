@@ -25,11 +25,13 @@ def _paragraphs() -> list[str]:
 
 
 def write_jsonl_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: tuple[int, int] = (4, 60),
-                       seed: int = 0) -> int:
+                       seed: int = 0, books: float = 0.0, giants: int = 0) -> int:
     """Write about ``target_bytes`` of JSONL documents to ``path``; returns the document count.
 
     Each document is a random draw of real paragraphs (from the machine's own standard-library
-    docstrings), so the text compresses like prose rather than like a repeated block.
+    docstrings), so the text compresses like prose rather than like a repeated block. ``books`` is the
+    share of book-length documents (1,000–5,000 paragraphs, ~0.3–1.5 MB) and ``giants`` the number of
+    ~8 MB documents spread through the file — the long tail real corpora have.
     """
     import numpy as np
 
@@ -37,11 +39,18 @@ def write_jsonl_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: 
     rng = np.random.default_rng(seed)
     lo, hi = paragraphs_per_doc
     written, n = 0, 0
+    giant_at = [target_bytes * (k + 1) // (giants + 1) for k in range(giants)]
     with open(path, "wb") as fh:
         while written < target_bytes:
             lines = []
             for _ in range(256):
-                picks = rng.integers(0, len(pool), rng.integers(lo, hi))
+                count = rng.integers(lo, hi)
+                if books and rng.random() < books:
+                    count = rng.integers(1000, 5000)
+                if giant_at and written >= giant_at[0]:
+                    giant_at.pop(0)
+                    count = 60_000
+                picks = rng.integers(0, len(pool), count)
                 text = "\n\n".join(pool[i] for i in picks)
                 lines.append(orjson.dumps({"id": f"doc-{n}", "text": text, "domain": f"d{n % 5}"}))
                 n += 1

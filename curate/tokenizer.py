@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from pydantic import Field, model_validator
 
@@ -106,19 +107,38 @@ class CurateTokenizer:
         return None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text (no special tokens added), long texts cut at verified points."""
+        """Token ids of each text as Python lists (for short texts; see :meth:`encode_arrays`)."""
+        return [a.tolist() for a in self.encode_arrays(texts)]
+
+    def encode_arrays(self, texts: Sequence[str], group_chars: int = 500_000) -> list[np.ndarray]:
+        """Token ids (int32 arrays) of each text, no special tokens added.
+
+        Long texts are cut at verified points into pieces; pieces are encoded in parallel
+        (``encode_batch``) in groups of about ``group_chars`` characters, so memory stays bounded
+        and one huge document keeps every core busy instead of one.
+        """
         pieces: list[str] = []
         owners: list[int] = []
         for i, text in enumerate(texts):
             cut = self.split(text) if len(text) > self.split_chars else [text]
             pieces += cut
             owners += [i] * len(cut)
-        encoded = self.tk.encode_batch_fast(pieces, add_special_tokens=False) if hasattr(
-            self.tk, "encode_batch_fast") else self.tk.encode_batch(pieces, add_special_tokens=False)
-        out: list[list[int]] = [[] for _ in texts]
-        for owner, enc in zip(owners, encoded):
-            out[owner].extend(enc.ids)
-        return out
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        start = 0
+        while start < len(pieces):
+            stop, size = start, 0
+            while stop < len(pieces) and (stop == start or size + len(pieces[stop]) <= group_chars):
+                size += len(pieces[stop])
+                stop += 1
+            for owner, enc in zip(owners[start:stop], self._encode(pieces[start:stop])):
+                parts[owner].append(np.array(enc.ids, dtype=np.int32))
+            start = stop
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
+
+    def _encode(self, pieces: list[str]):
+        if hasattr(self.tk, "encode_batch_fast"):
+            return self.tk.encode_batch_fast(pieces, add_special_tokens=False)
+        return self.tk.encode_batch(pieces, add_special_tokens=False)
 
     def split(self, text: str) -> list[str]:
         """Cut ``text`` into pieces of about ``split_chars`` at points that keep the ids unchanged."""

@@ -67,19 +67,8 @@ class Tokenize(Stage):
             yield out
 
     @staticmethod
-    def _encode(tok, texts: pa.Array, eos: int | None, chunk_bytes: int = 500_000) -> pa.ListArray:
-        """Encode in slices of about ``chunk_bytes`` of text, so Python id lists stay small."""
-        lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
-        parts, start, acc = [], 0, 0
-        for i, n in enumerate(lengths):
-            acc += int(n)
-            if acc >= chunk_bytes or i == len(lengths) - 1:
-                ids = tok.encode_batch(texts.slice(start, i + 1 - start).to_pylist())
-                if eos is not None:
-                    for row in ids:
-                        row.append(eos)
-                parts.append(id_lists(ids))
-                start, acc = i + 1, 0
-        if not parts:
-            return id_lists([])
-        return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+    def _encode(tok, texts: pa.Array, eos: int | None) -> pa.ListArray:
+        ids = tok.encode_arrays(texts.to_pylist())
+        if eos is not None:
+            ids = [np.append(row, np.int32(eos)) for row in ids]
+        return id_lists(ids)
