@@ -89,6 +89,12 @@ class RunContext:
             _TOKENIZERS[key] = CurateTokenizer.load_run(folder)
         return _TOKENIZERS[key]
 
+    def global_table(self, label: str, name: str) -> pa.Table:
+        """A table a global stage's ``combine`` returned under ``_tables`` (memory-mapped)."""
+        path = self.run_dir.global_dir / label / f"{name}.arrow"
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all()
+
     def report(self, rows: int, tokens: int = 0) -> None:
         """Tell the progress display about rows (and tokens) written."""
         if self._progress is not None:

@@ -25,6 +25,7 @@ from curate.planner import Phase, Plan
 from curate.context import RunContext
 from curate.plugins import kinds_of
 from curate.readers.base import Shard
+from curate.rundir import AtomicFile
 from curate.sinks.base import write_index
 
 
@@ -158,6 +159,13 @@ def _combine(plan: Plan, phase: Phase) -> None:
             with pa.memory_map(str(path)) as src:
                 partials.append(pa.ipc.open_file(src).read_all())
     state = stage.combine(partials, plan.manifest.seed)
+    tables = state.pop("_tables", {})
+    for name, table in tables.items():  # large results go beside the JSON, as Arrow files
+        f = AtomicFile(folder / f"{name}.arrow")
+        with pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+        f.commit()
+    state["tables"] = sorted(tables)
     rd.write_json(state_path, state)
 
 

@@ -76,8 +76,16 @@ def _input(plan: Plan, phase: Phase, shard: Shard, ctx: RunContext) -> Iterator[
     return open_ipc(str(intermediate_path(plan.run_dir, phase.index - 1, shard)))
 
 
-def intermediate_path(rd: RunDir, phase: int, shard: Shard):
-    return rd.phases / f"p{phase}" / f"{shard.name}.arrow"
+def intermediate_path(rd: RunDir, phase: int, shard: Shard | str):
+    name = shard if isinstance(shard, str) else shard.name
+    return rd.phases / f"p{phase}" / f"{name}.arrow"
+
+
+def intermediate_table(ctx: RunContext, shard: str) -> pa.Table:
+    """Another shard's input to this phase, memory-mapped (for global stages that gather rows)."""
+    path = intermediate_path(ctx.run_dir, ctx.phase - 1, shard)
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 class _Clock:

@@ -73,7 +73,11 @@ class Stage(ABC):
         return None
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
-        """Reduce all shards' partials to the JSON-serializable state ``run`` will read."""
+        """Reduce all shards' partials to the JSON-serializable state ``run`` will read.
+
+        Large results go under the key ``_tables`` (name → Arrow table); the driver stores them beside
+        ``state.json`` and ``run`` reads them with ``ctx.global_table(label, name)``.
+        """
         return {}
 
 

