@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import tarfile
 from collections.abc import Iterator
 from typing import Literal
 
@@ -90,12 +92,33 @@ class WebDatasetReader(Reader):
         return {"id": doc_id, "text": text, "meta": meta_str, "source": shard.rel, "images": images}
 
 
-def iter_samples(fh, url: str) -> Iterator[dict]:
-    """The samples of an open tar stream, grouped by key with webdataset's own iterators."""
-    import webdataset as wds
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
-    members = ({**m, "__url__": url} for m in wds.tariterators.tar_file_iterator(fh))
-    return wds.tariterators.group_by_keys(members)
+
+def iter_samples(fh, url: str) -> Iterator[dict]:
+    """The samples of an open tar stream, grouped by key as ``webdataset`` groups them.
+
+    A member ``dir/key.ext1.ext2`` belongs to sample ``dir/key`` under the (lower-cased) field
+    ``ext1.ext2``; consecutive members with the same key form one sample. Read with the standard
+    library's ``tarfile``: importing ``webdataset`` would import torch (~250 MB) in every worker.
+    """
+    current: dict | None = None
+    with tarfile.open(fileobj=fh, mode="r|*") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            match = _KEY.match(member.name)
+            if match is None:
+                continue
+            key, field = match.group(1), match.group(2).lower()
+            data = tf.extractfile(member).read()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[field] = data
+    if current is not None:
+        yield current
 
 
 def _image(ext: str, data: bytes) -> dict:

@@ -10,6 +10,7 @@ mtime, user and group, so the same rows give the same bytes.
 from __future__ import annotations
 
 import io
+import tarfile
 
 import numpy as np
 import orjson
@@ -23,18 +24,26 @@ _EXT_OF_MIME = {mime: ext for ext, mime in reversed(list(IMAGE_EXTENSIONS.items(
 
 
 class WebDatasetEncoder(Encoder):
-    def __init__(self, fh, schema: pa.Schema, params: SinkParams):
-        import webdataset as wds
+    """Writes samples as ``webdataset.TarWriter`` does (sorted members, fixed headers) with ``tarfile``:
+    importing ``webdataset`` would import torch (~250 MB) in every worker process."""
 
+    def __init__(self, fh, schema: pa.Schema, params: SinkParams):
         super().__init__(fh, schema, params)
-        self.tar = wds.TarWriter(fh, encoder=False, mtime=0, user="curate", group="curate")
+        self.tar = tarfile.open(fileobj=fh, mode="w|", format=tarfile.USTAR_FORMAT)
         self.stem = fh.path.name.split(".")[0]
         self.count = 0
         self.npy = [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_integer(f.type.value_type)]
 
     def write(self, batch: pa.RecordBatch) -> None:
         for row in batch.to_pylist():
-            self.tar.write(self._sample(row))
+            sample = self._sample(row)
+            key = sample.pop("__key__")
+            for field in sorted(sample):
+                data = sample[field]
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "curate"
+                self.tar.addfile(info, io.BytesIO(data))
             self.count += 1
 
     def _sample(self, row: dict) -> dict:
