@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip", nargs="*", default=[], help="jobs to leave out (bare, curate, datasets, datatrove)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--corpus", choices=["longtail", "web"], default="longtail",
+                    help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
+                         "web: web-length documents only")
     args = ap.parse_args(argv)
 
     from curate.testing import write_jsonl_corpus
@@ -175,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         corpus = work / "corpus.jsonl"
         # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
-        write_jsonl_corpus(corpus, args.mb * 1_000_000, books=0.002, giants=2)
+        tail = {"books": 0.002, "giants": 2} if args.corpus == "longtail" else {}
+        write_jsonl_corpus(corpus, args.mb * 1_000_000, **tail)
+        report["corpus"] = args.corpus
         (work / "dt-in").mkdir()
         os.link(corpus, work / "dt-in" / "corpus.jsonl")
         tok = make_tokenizer(work / "tok")
