@@ -1,6 +1,6 @@
 """Parquet shards, readable by ``datasets.load_dataset("parquet", data_files=...)`` unchanged.
 
-Each flush of the writer's buffer (about 16 MB of Arrow data) becomes one row group.
+Each flush of the writer's buffer (about 32 MB of Arrow data) becomes one row group.
 """
 
 from __future__ import annotations
@@ -46,5 +46,5 @@ class ParquetSink(Sink):
     Params = ParquetParams
     extension = "parquet"
     encoder = ParquetEncoder
-    buffer_bytes = 16 << 20
+    buffer_bytes = 32 << 20
 
