@@ -102,7 +102,8 @@ def run_job(name: str, code: str, env: dict) -> dict:
         out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{err.decode()[-3000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_MB": round(mem.peak / 1e6), "stdout": out.decode()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_MB": round(mem.peak_rss / 1e6),
+            "peak_pss_MB": round(mem.peak / 1e6), "stdout": out.decode()}
 
 
 def curate_job(work: Path, corpus: Path, tok: Path) -> str:
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
             secs = statistics.median(r["seconds"] for r in runs)
             if name in ("bare", "curate"):
                 counts[name] = int(runs[0]["stdout"].strip().splitlines()[-1])
-            report[name] = {"seconds": round(secs, 2), "peak_rss_MB": max(r["peak_rss_MB"] for r in runs)}
+            report[name] = {"seconds": round(secs, 2), "peak_rss_MB": max(r["peak_rss_MB"] for r in runs),
+                            "peak_pss_MB": max(r["peak_pss_MB"] for r in runs)}
         tokens = counts.get("bare") or counts.get("curate")
         report["tokens"] = tokens
         if len(counts) == 2:  # curate cuts long documents before encoding: the ids must not change

@@ -38,8 +38,9 @@ class JsonlEncoder(Encoder):
             self.out = fh
 
     def write(self, batch: pa.RecordBatch) -> None:
-        lines = [orjson.dumps(row, default=_default) for row in batch.to_pylist()]
-        self.out.write(b"\n".join(lines) + b"\n")
+        for start in range(0, batch.num_rows, 256):  # Python rows in small slices: bounded memory
+            rows = batch.slice(start, 256).to_pylist()
+            self.out.write(b"".join(orjson.dumps(row, default=_default) + b"\n" for row in rows))
 
     def close(self) -> None:
         if self.out is not self.fh:

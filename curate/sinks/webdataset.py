@@ -35,7 +35,11 @@ class WebDatasetEncoder(Encoder):
         self.npy = [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_integer(f.type.value_type)]
 
     def write(self, batch: pa.RecordBatch) -> None:
-        for row in batch.to_pylist():
+        for start in range(0, batch.num_rows, 128):  # Python rows in small slices: bounded memory
+            self._write_rows(batch.slice(start, 128).to_pylist())
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        for row in rows:
             sample = self._sample(row)
             key = sample.pop("__key__")
             for field in sorted(sample):
