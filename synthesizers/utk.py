@@ -48,7 +48,6 @@ from curate.stages.tokenize import id_lists, list_parts
 D_OPEN, D_CLOSE, S_OPEN, S_SEP, S_CLOSE = "<D>", "</D>", "<S>", "<s>", "</S>"
 FIXED_KNOTS = ("<|knot_head|>", "<|knot_head_end|>", "<|knot_tail|>", "<|knot_tail_end|>")
 _ALPHABET = np.array(list(string.ascii_letters + string.digits))
-CHUNK = pa.struct([("doc", pa.int32()), ("part", pa.int32()), ("start", pa.int32()), ("end", pa.int32())])
 
 
 def knot_pair(boundary: int) -> tuple[str, str]:

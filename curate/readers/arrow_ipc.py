@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from curate.plugins import register_source
-from curate.readers.base import Reader, ReaderParams, Shard, content_key, list_files
+from curate.readers.base import Reader, Shard, content_key, list_files
 from curate.readers.columnar import rebatch, to_documents
 
 
