@@ -136,6 +136,8 @@ class CurateTokenizer:
         return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
 
     def _encode(self, pieces: list[str]):
+        if sum(map(len, pieces)) < 4096:  # a few short strings: a thread-pool round trip costs more
+            return [self.tk.encode(p, add_special_tokens=False) for p in pieces]
         if hasattr(self.tk, "encode_batch_fast"):
             return self.tk.encode_batch_fast(pieces, add_special_tokens=False)
         return self.tk.encode_batch(pieces, add_special_tokens=False)

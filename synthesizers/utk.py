@@ -47,7 +47,7 @@ from curate.stages.tokenize import id_lists, list_parts
 
 D_OPEN, D_CLOSE, S_OPEN, S_SEP, S_CLOSE = "<D>", "</D>", "<S>", "<s>", "</S>"
 FIXED_KNOTS = ("<|knot_head|>", "<|knot_head_end|>", "<|knot_tail|>", "<|knot_tail_end|>")
-_ALPHABET = np.array(list(string.ascii_letters + string.digits))
+_ALPHABET_STR = string.ascii_letters + string.digits
 
 
 def knot_pair(boundary: int) -> tuple[str, str]:
@@ -158,14 +158,14 @@ class ChunkShuffle(Synthesizer):
     # ------------------------------------------------------------------ one document
     def _plan(self, seed: int, doc_id: str, tokens: np.ndarray, aug: bool) -> _Doc:
         p = self.params
-        rng = seeds.rng(seed, self.label, doc_id)
+        rng = seeds.Stream(seed, self.label, doc_id)
         cuts = self._cuts(rng, len(tokens)) if aug else []
         bounds = [0, *cuts, len(tokens)]
         n = len(bounds) - 1
         if n == 1:  # not augmented (or too short to split): the document as it is
             return _Doc(doc_id, [tokens], [np.zeros(len(tokens), np.int8)], length=len(tokens))
         blocks, kinds = [], []
-        chunk_ids = self._chunk_ids(rng, n) if p.backtrace else None
+        chunk_ids = self._chunk_ids(seed, doc_id, n) if p.backtrace else None
         for j in range(n):
             pre = [self.sp[D_OPEN], *chunk_ids[j], self.sp[D_CLOSE]] if chunk_ids is not None else []
             head = self._knot(j, head=True) if j > 0 else []
@@ -182,23 +182,26 @@ class ChunkShuffle(Synthesizer):
         trail = np.array(trailer, np.int64)
         return _Doc(doc_id, blocks, kinds, trail, sum(map(len, blocks)) + len(trail))
 
-    def _cuts(self, rng: np.random.Generator, length: int) -> list[int]:
+    def _cuts(self, rng: seeds.Stream, length: int) -> list[int]:
         p = self.params
         if p.split == "fixed":
             return list(range(p.span, length, p.span))
-        n = int(rng.choice(p.chunks, p=_weights(p)))
+        n = p.chunks[_pick(rng.random(), _weights(p))]
         if n < 2 or length < n:
             return []
         if p.split == "equal":
             return [length // n * k for k in range(1, n)]
-        return sorted(int(c) + 1 for c in rng.choice(length - 1, n - 1, replace=False))
+        return [c + 1 for c in rng.distinct(length - 1, n - 1)]
 
-    def _chunk_ids(self, rng: np.random.Generator, n: int) -> list[list[int]]:
-        """``n`` random ids (``id_chars`` letters/digits each), encoded; ids too long to encode are redrawn."""
+    def _chunk_ids(self, seed: int, doc_id: str, n: int) -> list[list[int]]:
+        """``n`` random ids (``id_chars`` letters/digits each), encoded; ids too long to encode are redrawn.
+
+        Ids come from their own stream per document, so they do not depend on how the document was split.
+        """
+        rng = seeds.Stream(seed, f"{self.label}/ids", doc_id)
         out: list[list[int]] = []
         while len(out) < n:
-            letters = _ALPHABET[rng.integers(0, len(_ALPHABET), size=(n - len(out), self.params.id_chars))]
-            texts = ["".join(row) for row in letters]
+            texts = [_id_text(rng, self.params.id_chars) for _ in range(n - len(out))]
             out += [ids for ids in self.tok.encode_batch(texts) if len(ids) <= self.params.id_max_tokens]
         return out
 
@@ -300,11 +303,31 @@ class ChunkShuffle(Synthesizer):
         return pa.RecordBatch.from_pydict(arrays)
 
 
-def _weights(p) -> list[float] | None:
-    if p.chunk_weights is None:
-        return None
-    total = sum(p.chunk_weights)
-    return [w / total for w in p.chunk_weights]
+def _weights(p) -> list[float]:
+    weights = p.chunk_weights or [1.0] * len(p.chunks)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _pick(u: float, weights: list[float]) -> int:
+    """The index whose cumulative weight interval holds ``u`` (u uniform in [0, 1))."""
+    acc = 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if u < acc:
+            return i
+    return len(weights) - 1
+
+
+def _id_text(rng: seeds.Stream, chars: int) -> str:
+    """``chars`` letters/digits from one or more 64-bit draws (base 62)."""
+    out = []
+    while len(out) < chars:
+        x = rng.next64()
+        for _ in range(min(10, chars - len(out))):  # 62^10 < 2^64
+            x, r = divmod(x, 62)
+            out.append(_ALPHABET_STR[r])
+    return "".join(out)
 
 
 def _keep_document_order(order: list[tuple[int, int]]) -> list[tuple[int, int]]:
