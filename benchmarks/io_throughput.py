@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args(argv)
 
-    from curate.testing import write_jsonl_corpus
+    from curate.testing import write_jsonl_corpus, write_report
 
     work = Path(tempfile.mkdtemp(prefix="curate-io-"))
     try:
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["end_to_end"] = end_to_end(corpus, work, args.repeat, n_docs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, args.json)
 
 
 if __name__ == "__main__":

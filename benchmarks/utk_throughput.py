@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "web: web-length documents only")
     args = ap.parse_args(argv)
 
-    from curate.testing import write_jsonl_corpus
+    from curate.testing import write_jsonl_corpus, write_report
 
     work = Path(tempfile.mkdtemp(prefix="curate-utk-"))
     report: dict = {}
@@ -213,10 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["best_fit"] = fill_rates()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, args.json)
 
 
 if __name__ == "__main__":

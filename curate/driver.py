@@ -132,9 +132,10 @@ def _release_memory() -> None:
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+        return
+    trim(0)
 
 
 class _SampleContext(RunContext):

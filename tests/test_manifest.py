@@ -145,3 +145,16 @@ def test_secret_names_are_words_not_substrings(monkeypatch):
         assert _SECRET_NAME.search(name), name
     for name in ("TOKENIZER", "TOKENS_DIR", "KEYBOARD", "MONKEY_PATH"):
         assert not _SECRET_NAME.search(name), name
+
+
+def test_secret_values_never_reach_the_resolved_manifest(monkeypatch):
+    """Wherever a secret lands (a list item, a value copied into another field), it is not written."""
+    monkeypatch.setenv("API_TOKEN", "tok_abcdef987654")
+    text = GOOD.replace("{corpus}", "/data/${API_TOKEN}") + 'description: "key=${API_TOKEN}"\n'
+    m = loads(text, "m.yaml")
+    assert m.source.params.paths == ["/data/tok_abcdef987654/*.jsonl"]  # usable in-process
+    m.name = "copied-tok_abcdef987654"  # a value that travelled to a field with no template
+    dumped = m.resolved_yaml()
+    assert "tok_abcdef987654" not in dumped
+    assert "/data/${API_TOKEN}/*.jsonl" in dumped and "key=${API_TOKEN}" in dumped
+    assert "copied-***" in dumped

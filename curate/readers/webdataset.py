@@ -122,16 +122,23 @@ def iter_samples(fh, url: str) -> Iterator[dict]:
 
 
 def _image(ext: str, data: bytes) -> dict:
-    width = height = None
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except Exception:  # noqa: BLE001 - size is optional metadata; PIL may be absent
-        pass
+    width, height = _size(data)
     return {"bytes": data, "mime": IMAGE_EXTENSIONS[ext.rsplit(".", 1)[-1]],
             "sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height}
+
+
+def _size(data: bytes) -> tuple[int | None, int | None]:
+    """Width and height from the image header, or (None, None) without Pillow or for a header it
+    cannot read; the bytes are kept either way (decoding belongs to the image stages)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        return None, None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None, None
 
 
 def _interleaved_batch(rows: list[dict]) -> pa.RecordBatch:
