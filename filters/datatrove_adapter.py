@@ -1,0 +1,83 @@
+"""One adapter that runs a datatrove filter over Arrow rows, so its rules need no rewriting here.
+
+Each row becomes a ``datatrove.data.Document`` (``text`` and ``id``); the filter's verdict comes back as
+a counted drop reason (datatrove's own reason string, e.g. ``gopher_short_doc``; ``dropped`` when the
+filter gives none). Filters that edit the text (C4 removes lines) write the edited text back into the
+text column of the rows they keep; quarantined rows keep their original text. The line-level counters
+datatrove keeps (``line-filter-javascript`` …) are added to the stage's metrics in ``stats.json``.
+Subclasses say which datatrove class to build and map their ``Params`` to its constructor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.arrays import strings
+from curate.errors import MissingDependency
+from curate.stage import Filter, _apply_reasons
+
+
+class DatatroveFilter(Filter):
+    """Base of the stages that wrap a ``datatrove.pipeline.filters`` class."""
+
+    class Params(Filter.Params):
+        text_column: str = Field("text", description="the column the filter reads")
+        language: str = Field("en", description="language for datatrove's word tokenizer (spaCy blank pipeline)")
+
+    requires = ("text",)
+    needs = {"datatrove": "quality", "spacy": "quality"}
+    #: True when the filter edits ``doc.text`` and the edit is the point (C4 line removal).
+    rewrites_text: ClassVar[bool] = False
+
+    def build(self) -> Any:
+        """The configured datatrove filter instance."""
+        raise NotImplementedError
+
+    def setup(self, ctx) -> None:
+        try:
+            from datatrove.data import Document
+            self.filter = self.build()
+        except ImportError as e:
+            raise MissingDependency(e.name or "datatrove", "quality") from None
+        self.Document = Document
+
+    def run(self, batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
+        stats = ctx.stats[self.label]
+        column = self.params.text_column
+        for batch in batches:
+            texts = batch.column(column).to_pylist()
+            docs = [self.Document(text=t or "", id=str(i)) for i, t in enumerate(texts)]
+            before = _counters(self.filter)
+            verdicts = self.filter.filter_batch(docs)
+            for name, value in _counters(self.filter).items():
+                delta = value - before.get(name, 0)
+                if delta:  # per batch: sum is the run's count of such lines
+                    stats.metric(name).add_many(1, delta, delta, delta)
+            reasons = [None if _kept(v) else (_reason(v) or "dropped") for v in verdicts]
+            if self.rewrites_text:
+                new = [d.text if r is None else t for d, t, r in zip(docs, texts, reasons)]
+                if new != texts:
+                    i = batch.schema.get_field_index(column)
+                    batch = batch.set_column(i, column, strings(new))
+            yield _apply_reasons(batch, strings(reasons), stats, ctx, self.label, self.params)
+
+
+def _kept(verdict) -> bool:
+    return bool(verdict[0] if isinstance(verdict, tuple) else verdict)
+
+
+def _reason(verdict) -> str | None:
+    return verdict[1] if isinstance(verdict, tuple) and len(verdict) > 1 else None
+
+
+def _counters(step) -> dict[str, float]:
+    """datatrove's per-step counters (``line-kept`` …), excluding the totals we count ourselves."""
+    out = {}
+    for name, stat in step.stats.stats.items():
+        if name.startswith("line-"):
+            out[name] = getattr(stat, "total", 0)
+    return out
