@@ -186,6 +186,13 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     columns = next((c["outputs"].get("columns") for c in completions if c["outputs"].get("columns")), None)
     entries = {s.label: sorted((f for c in completions for f in c["outputs"]["sinks"].get(s.label, [])),
                                key=lambda f: f["name"]) for s in plan.sinks}
+    reports = {}
+    for stage in plan.stages:  # global stages' reports (dedup clusters, top-fraction cut-offs)
+        path = rd.global_dir / stage.label / "state.json"
+        if stage.is_global and path.exists():
+            reports[stage.label] = orjson.loads(path.read_bytes())
+    if reports:
+        merged["global"] = reports
     merged["outputs"] = {s.label: {"path": str(s.directory), "files": len(entries[s.label]),
                                    "samples": sum(f["samples"] for f in entries[s.label]),
                                    "bytes": sum(f["bytes"] for f in entries[s.label])} for s in plan.sinks}

@@ -87,16 +87,26 @@ class GlobalDedup(Filter):
 
     # ---------------------------------------------------------------- per row
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
-        members = ctx.global_table(self.label, "members") if ctx.global_state(self.label)["clusters"] else None
+        members = self._members(ctx)
         n = batch.num_rows
-        if members is None or members.num_rows == 0:
+        if members is None:
+            self._dup = None
             return {"cluster_size": numeric(np.ones(n, np.int32)), "cluster": pa.nulls(n, pa.int64())}
-        at = pc.index_in(batch.column("id"), value_set=members.column("id"))
+        at = pc.index_in(batch.column("id"), value_set=members["id"])
         found = at.is_valid()
-        size = pc.if_else(found, pc.take(members.column("cluster_size"), at), 1).cast(pa.int32())
-        cluster = pc.take(members.column("cluster"), at)
-        self._dup = pc.and_(found, pc.invert(pc.fill_null(pc.take(members.column("kept"), at), True)))
+        size = pc.if_else(found, pc.take(members["cluster_size"], at), 1).cast(pa.int32())
+        cluster = pc.take(members["cluster"], at)
+        self._dup = pc.and_(found, pc.invert(pc.fill_null(pc.take(members["kept"], at), True)))
         return {"cluster_size": size, "cluster": cluster}
+
+    def _members(self, ctx) -> dict[str, pa.Array] | None:
+        """The members table as contiguous arrays, read once per process (None when nothing repeats)."""
+        if not hasattr(self, "_member_arrays"):
+            self._member_arrays = None
+            if ctx.global_state(self.label)["clusters"]:
+                table = ctx.global_table(self.label, "members").combine_chunks()
+                self._member_arrays = {name: table.column(name).chunk(0) for name in table.column_names}
+        return self._member_arrays
 
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         dup = getattr(self, "_dup", None)

@@ -1,6 +1,6 @@
 """``exact_dedup``: drop rows whose normalized text is identical to an earlier row's (global).
 
-The key is a 64-bit xxhash of the text after datatrove's ``simplify_text`` (lower case, whitespace
+The key is datatrove's 64-bit xxhash of the text after datatrove's ``simplify_text`` (lower case, whitespace
 collapsed, punctuation removed, diacritics and digits normalized), or of the raw text with
 ``normalize: false``. Rows with equal keys form a cluster; see :mod:`filters.dedup_base` for which row
 stays, the scores and the report.
@@ -29,11 +29,11 @@ class ExactDedup(GlobalDedup):
 
     def setup(self, ctx) -> None:
         try:
-            import xxhash
+            from datatrove.utils.hashing import HashConfig, create_hash_func
             from datatrove.utils.text import simplify_text
         except ImportError as e:
             raise MissingDependency(e.name or "datatrove", "quality") from None
-        self._hash = xxhash.xxh3_64_intdigest
+        self._hash = create_hash_func(HashConfig(precision=64, hash_fc="xxhash"))
         self._norm = simplify_text if self.params.normalize else (lambda t: t)
 
     def keys(self, texts: list[str]) -> dict[str, pa.Array]:
