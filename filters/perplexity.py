@@ -11,16 +11,14 @@ CUDA when present, in float16 there; float32 on the CPU. ``max_perplexity`` drop
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from curate.arrays import numeric, strings
-from curate.errors import MissingDependency
 from curate.registry import register_stage
 from curate.stage import Filter
+from filters.causal_lm import CausalLM
 
 
 @register_stage("perplexity")
@@ -42,40 +40,25 @@ class Perplexity(Filter):
     needs = {"torch": "text", "transformers": "text"}
 
     def setup(self, ctx) -> None:
-        try:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError as e:
-            raise MissingDependency(e.name or "transformers", "text") from None
         p = self.params
-        local = os.path.isdir(os.path.expanduser(p.model))
-        path = os.path.expanduser(p.model) if local else p.model
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.torch, self.device = torch, device
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local, dtype=dtype).to(device).eval()
-        context = getattr(self.model.config, "max_position_embeddings", None) or 1024
-        self.max_length = min(p.max_length or context, context)
+        self.lm = CausalLM.shared(p.model, p.device)
+        self.max_length = min(p.max_length or self.lm.context, self.lm.context)
         self.stride = min(p.stride or max(1, self.max_length // 2), self.max_length - 1)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
         texts = batch.column(self.params.text_column).to_pylist()
         if self.params.max_chars:
             texts = [t[: self.params.max_chars] for t in texts]
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ids = self.lm.encode(texts)
+        windows = [w for d, row in enumerate(ids) for w in self._windows(d, row)]
         nll = np.zeros(len(ids))
         count = np.zeros(len(ids), np.int64)
-        windows = [w for d, row in enumerate(ids) for w in self._windows(d, row)]
-        windows.sort(key=lambda w: -len(w[1]))  # length-sorted batches: little padding
-        for start in range(0, len(windows), self.params.batch_size):
-            for d, total, n in self._forward(windows[start:start + self.params.batch_size]):
-                nll[d] += total
-                count[d] += n
+        scored = self.lm.nll([w for _, w, _ in windows], self.params.batch_size)
+        for (d, _, new), tokens in zip(windows, scored):
+            nll[d] += float(tokens.nll[len(tokens.nll) - new:].sum())
+            count[d] += new
         mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
-        ppl = np.exp(mean)
-        return {"perplexity": numeric(ppl), "mean_nll": numeric(mean), "n_scored": numeric(count)}
+        return {"perplexity": numeric(np.exp(mean)), "mean_nll": numeric(mean), "n_scored": numeric(count)}
 
     def _windows(self, doc: int, ids: list[int]):
         """(doc, window ids, number of new tokens at its end) covering every token but the first once."""
@@ -90,23 +73,6 @@ class Perplexity(Filter):
             if end == len(ids):
                 break
             start = end - (self.max_length - self.stride)
-
-    def _forward(self, windows):
-        torch = self.torch
-        width = max(len(w) for _, w, _ in windows)
-        input_ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(windows), width), dtype=torch.long)
-        for i, (_, w, _) in enumerate(windows):
-            input_ids[i, : len(w)] = torch.tensor(w)
-            attention[i, : len(w)] = 1
-        with torch.no_grad():
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = input_ids[:, 1:].to(self.device)
-        token_nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu().numpy()
-        for i, (d, w, new) in enumerate(windows):
-            n = len(w)
-            yield d, float(token_nll[i, n - 1 - new: n - 1].sum()), new
 
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         if self.params.max_perplexity is None:

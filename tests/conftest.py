@@ -62,3 +62,25 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | Non
     if check and proc.returncode != 0:
         raise AssertionError(f"curate {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def save_tiny_lm(folder: Path, seed: int = 0, n_positions: int = 64) -> Path:
+    """A tiny GPT-2 with a BPE trained here, saved like a user's checkpoint (config, weights, tokenizer)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    transformers = pytest.importorskip("transformers", reason="the `text` extra is not installed")
+    from curate.tokenizer import TrainSpec, train_bpe
+
+    bpe = train_bpe(TrainSpec(vocab_size=400, min_frequency=1), [make_text(i, 50) for i in range(200)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                               pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (64-token context) saved to a folder."""
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"))

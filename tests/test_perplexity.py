@@ -15,23 +15,6 @@ from curate.schema import documents_batch
 from tests.conftest import make_text
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="torch is not installed")
-    transformers = pytest.importorskip("transformers", reason="the `text` extra is not installed")
-    from curate.tokenizer import TrainSpec, train_bpe
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    bpe = train_bpe(TrainSpec(vocab_size=400, min_frequency=1), [make_text(i, 50) for i in range(200)])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                               pad_token="<|endoftext|>")
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
 def _stage(folder, **params):
     cls = get_stage("perplexity")
     stage = cls(cls.Params(model=str(folder), **params))

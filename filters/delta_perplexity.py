@@ -1,0 +1,99 @@
+"""``delta_perplexity``: how much a long context helps the model, LongWanjuan-style, as score columns.
+
+The document (tokenized with the model's special tokens) is cut into ``window``-token chunks; a
+document shorter than one window but longer than ``short_window`` is one chunk. In each chunk the last
+``tail`` tokens are scored twice: (a) with the whole chunk before them, (b) with only the chunk's last
+``short_window`` tokens as input (``short_window − tail`` tokens of context). Over all chunks' tails:
+
+* ``ppl_full``, ``ppl_short`` — perplexities of (a) and (b); ``ppl_delta = ppl_short − ppl_full`` and
+  ``ppl_ratio = ppl_delta / ppl_short`` (larger: the distant context helps more, a "holistic" text);
+* ``acc_full``, ``acc_short`` — top-1 accuracy of (a) and (b); ``acc_delta``, ``acc_ratio = acc_delta / acc_full``;
+* ``comp_rate`` (tokens per character) and ``dedup_rate`` (distinct tokens / tokens).
+
+Documents too short to compare get null deltas. Defaults are LongWanjuan's (4096 / 1024 / 2048).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.errors import ConfigError
+from curate.registry import register_stage
+from curate.stage import Filter
+from filters.causal_lm import CausalLM
+
+METRICS = ("ppl_full", "ppl_short", "ppl_delta", "ppl_ratio", "acc_full", "acc_short", "acc_delta", "acc_ratio",
+           "comp_rate", "dedup_rate")
+
+
+@register_stage("delta_perplexity")
+class DeltaPerplexity(Filter):
+    """Perplexity and accuracy of each window's tail with full vs truncated context."""
+
+    class Params(Filter.Params):
+        model: str = Field(description="scorer causal LM folder or Hub name (LongWanjuan used InternLM2-7B)")
+        text_column: str = Field("text", description="the column to score")
+        window: int = Field(4096, ge=4, description="tokens per chunk (must fit the model's context)")
+        tail: int = Field(1024, ge=1, description="tokens scored at the end of each chunk")
+        short_window: int = Field(2048, ge=2, description="input length of the truncated-context pass")
+        max_windows: int | None = Field(None, gt=0, description="score at most this many chunks per document")
+        batch_size: int = Field(4, gt=0, description="sequences per forward pass")
+        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda …")
+
+        @model_validator(mode="after")
+        def _sizes(self):
+            if not self.tail < self.short_window <= self.window:
+                raise ValueError("need tail < short_window <= window")
+            return self
+
+    requires = ("text",)
+    provides = ("scores",)
+    needs = {"torch": "text", "transformers": "text"}
+
+    def setup(self, ctx) -> None:
+        self.lm = CausalLM.shared(self.params.model, self.params.device)
+        if self.params.window > self.lm.context:
+            raise ConfigError(f"{self.label}: window {self.params.window} is longer than the model's context "
+                              f"({self.lm.context})")
+
+    def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
+        p = self.params
+        texts = batch.column(p.text_column).to_pylist()
+        ids = self.lm.encode(texts)
+        chunks = []  # (doc, full chunk, short input)
+        for d, row in enumerate(ids):
+            starts = range(0, len(row) - p.window + 1, p.window) if len(row) >= p.window else \
+                ([0] if len(row) > p.short_window else [])
+            for k, s in enumerate(starts):
+                if p.max_windows and k >= p.max_windows:
+                    break
+                chunk = row[s:s + p.window]
+                chunks.append((d, chunk, chunk[-p.short_window:]))
+        seqs = [c[1] for c in chunks] + [c[2] for c in chunks]
+        scored = self.lm.nll(seqs, p.batch_size)
+        n = len(texts)
+        sums = {k: np.zeros(n) for k in ("nll_f", "nll_s", "acc_f", "acc_s")}
+        count = np.zeros(n)
+        for c, (d, _, _) in enumerate(chunks):
+            full, short = scored[c], scored[len(chunks) + c]
+            sums["nll_f"][d] += full.nll[-p.tail:].sum()
+            sums["nll_s"][d] += short.nll[-p.tail:].sum()
+            sums["acc_f"][d] += full.correct[-p.tail:].sum()
+            sums["acc_s"][d] += short.correct[-p.tail:].sum()
+            count[d] += p.tail
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.where(count > 0, count, np.nan)
+            ppl_f, ppl_s = np.exp(sums["nll_f"] / c), np.exp(sums["nll_s"] / c)
+            acc_f, acc_s = sums["acc_f"] / c, sums["acc_s"] / c
+            chars = np.array([max(len(t), 1) for t in texts], float)
+            toks = np.array([len(r) for r in ids], float)
+            values = {
+                "ppl_full": ppl_f, "ppl_short": ppl_s, "ppl_delta": ppl_s - ppl_f, "ppl_ratio": (ppl_s - ppl_f) / ppl_s,
+                "acc_full": acc_f, "acc_short": acc_s, "acc_delta": acc_f - acc_s,
+                "acc_ratio": np.where(acc_f > 0, (acc_f - acc_s) / acc_f, np.nan),
+                "comp_rate": toks / chars,
+                "dedup_rate": np.array([len(set(r)) / len(r) if r else np.nan for r in ids]),
+            }
+        return {k: pa.array(values[k], pa.float64(), mask=np.isnan(values[k])) for k in METRICS}

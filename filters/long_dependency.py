@@ -1,0 +1,129 @@
+"""``long_dependency``: ProLong's long-dependency score (LDS) of each document, as a score column.
+
+The document is tokenized without special tokens and cut into ``chunk_size``-token segments (the last
+partial one dropped); above ``max_segments`` an order-preserving random subset (seeded per document) is
+kept, ``n`` segments in all. For sampled pairs ``j < i`` (``sample_size`` of the ``n(n−1)/2``, all
+with ``-1``; a document with fewer pairs than ``sample_size`` scores 0, as ProLong does) the scorer LM
+gives ``PPL(s_i)`` (the segment alone) and ``PPL(s_i | s_j)`` (the input ``[s_j; s_i]``, loss on ``s_i``).
+Both are measured on the same tokens — those of ``s_i`` after its first, which the segment alone
+cannot predict — so they are comparable. Then
+
+* dependency strength ``DST_ij = (PPL(s_i) − PPL(s_i|s_j)) / PPL(s_i)``;
+* dependency distance ``DDI_ij = clip((i − j) / (n − 1), 0, 1)``;
+* dependency specificity ``DSP_i = clip((log m_i − H(softmax_j δ_ij)) / log m_i, 0, 1)`` with
+  ``δ_ij = PPL(s_i) − PPL(s_i|s_j)`` over the ``m_i`` sampled ``j`` of target ``i`` (1 when ``m_i = 1``);
+* ``LDS = Σ_{DST_ij > threshold} (α·DST_ij + β·DDI_ij) · DSP_i`` (α = β = 1; NaN counts as 0).
+
+Scores: ``lds``, ``n_segments``, ``n_pairs`` and ``strong_pairs`` (pairs above the threshold).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from curate.arrays import numeric
+from curate.errors import ConfigError
+from curate.registry import register_stage
+from curate.seeds import rng
+from curate.stage import Filter
+from filters.causal_lm import CausalLM
+
+
+@register_stage("long_dependency")
+class LongDependency(Filter):
+    """ProLong long-dependency score (strength, distance, specificity over segment pairs)."""
+
+    class Params(Filter.Params):
+        model: str = Field(description="scorer causal LM folder or Hub name (ProLong used facebook/opt-350m)")
+        text_column: str = Field("text", description="the column to score")
+        chunk_size: int = Field(128, ge=2, description="tokens per segment")
+        max_segments: int = Field(256, ge=2, description="segments kept per document (window 32768 / 128)")
+        sample_size: int = Field(500, description="(i, j) pairs sampled per document; -1 for all pairs")
+        threshold: float = Field(0.1, description="only pairs with dependency strength above this count")
+        alpha: float = Field(1.0, description="weight of dependency strength")
+        beta: float = Field(1.0, description="weight of dependency distance")
+        batch_size: int = Field(16, gt=0, description="sequences per forward pass")
+        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda …")
+
+    requires = ("text",)
+    provides = ("scores",)
+    needs = {"torch": "text", "transformers": "text"}
+
+    def setup(self, ctx) -> None:
+        self.lm = CausalLM.shared(self.params.model, self.params.device)
+        if 2 * self.params.chunk_size > self.lm.context:
+            raise ConfigError(f"{self.label}: two segments of {self.params.chunk_size} tokens do not fit the "
+                              f"model's context ({self.lm.context})")
+
+    def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
+        ids = self.lm.encode(batch.column(self.params.text_column).to_pylist(), special=False)
+        doc_ids = batch.column("id").to_pylist()
+        out = [self.document(row, rng(ctx.seed, self.label, doc_id)) for row, doc_id in zip(ids, doc_ids)]
+        return {"lds": numeric([o[0] for o in out]), "n_segments": numeric([o[1] for o in out], np.int32),
+                "n_pairs": numeric([o[2] for o in out], np.int32), "strong_pairs": numeric([o[3] for o in out], np.int32)}
+
+    def document(self, ids: list[int], gen: np.random.Generator) -> tuple[float, int, int, int]:
+        """(LDS, segments, pairs scored, pairs above the threshold) of one tokenized document."""
+        p = self.params
+        size = p.chunk_size
+        segments = [ids[k * size:(k + 1) * size] for k in range(len(ids) // size)]
+        if len(segments) > p.max_segments:
+            keep = np.sort(gen.choice(len(segments), p.max_segments, replace=False))
+            segments = [segments[k] for k in keep]
+        n = len(segments)
+        pairs = sample_pairs(n, p.sample_size, gen)
+        if not pairs:
+            return 0.0, n, 0, 0
+        targets = sorted({i for i, _ in pairs})
+        alone = self.lm.nll([segments[i] for i in targets], p.batch_size)
+        ppl_alone = {i: math.exp(float(s.nll.mean())) for i, s in zip(targets, alone)}
+        joined = self.lm.nll([segments[j] + segments[i] for i, j in pairs], p.batch_size)
+        ppl_pair = [math.exp(float(s.nll[size:].mean())) for s in joined]
+        return lds(pairs, ppl_alone, ppl_pair, n, p.threshold, p.alpha, p.beta)
+
+
+def sample_pairs(n: int, sample_size: int, gen: np.random.Generator) -> list[tuple[int, int]]:
+    """All ``(i, j)`` with ``j < i < n``, or ``sample_size`` of them without replacement (none if fewer)."""
+    total = n * (n - 1) // 2
+    if total == 0 or (sample_size != -1 and total < sample_size):
+        return []
+    flat = np.arange(total) if sample_size == -1 else np.sort(gen.choice(total, sample_size, replace=False))
+    # pair number k ↔ (i, j): i is the largest with i(i−1)/2 ≤ k
+    i = np.floor((1 + np.sqrt(1 + 8 * flat)) / 2).astype(np.int64)
+    i -= (i * (i - 1) // 2 > flat)
+    j = flat - i * (i - 1) // 2
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def lds(pairs, ppl_alone: dict[int, float], ppl_pair: list[float], n: int, threshold: float,
+        alpha: float = 1.0, beta: float = 1.0) -> tuple[float, int, int, int]:
+    """The LDS sum from segment perplexities alone and given each sampled earlier segment."""
+    delta: dict[int, list[float]] = {}
+    for (i, _), p_ij in zip(pairs, ppl_pair):
+        delta.setdefault(i, []).append(ppl_alone[i] - p_ij)
+    specificity = {i: _specificity(np.array(d)) for i, d in delta.items()}
+    total, strong = 0.0, 0
+    for (i, j), p_ij in zip(pairs, ppl_pair):
+        strength = (ppl_alone[i] - p_ij) / ppl_alone[i]
+        if not strength > threshold:
+            continue
+        distance = min(max((i - j) / (n - 1), 0.0), 1.0)
+        term = (alpha * strength + beta * distance) * specificity[i]
+        if math.isfinite(term):
+            total += term
+            strong += 1
+    return total, n, len(pairs), strong
+
+
+def _specificity(deltas: np.ndarray) -> float:
+    m = len(deltas)
+    if m == 1:
+        return 1.0
+    z = deltas - deltas.max()
+    p = np.exp(z) / np.exp(z).sum()
+    entropy = float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
+    return min(max((math.log(m) - entropy) / math.log(m), 0.0), 1.0)
