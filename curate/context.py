@@ -50,9 +50,16 @@ class RunContext:
         return seeds.rng(self.seed, stage, shard_key if shard_key is not None else self.shard.key)
 
     def failure(self, reason: str, detail: str = "", *, file: str | None = None, line: int | None = None,
-                record: str | bytes | None = None) -> None:
-        """Record one bad input record in ``failures/`` and count it under ``read`` drops."""
-        self.stats[READ_LABEL].drop(reason)
+                record: str | bytes | None = None, stage: str | None = None) -> None:
+        """Record one bad input record in ``failures/`` and count it under ``read`` drops.
+
+        With ``stage``, the record is part of a row that stage keeps (an undecodable image in a
+        document): it is counted as that stage's metric ``reason`` instead of as a dropped row.
+        """
+        if stage is None:
+            self.stats[READ_LABEL].drop(reason)
+        else:
+            self.stats[stage].metric(reason).add_many(1, 1, 1, 1)
         if self._failures is None:
             self._failures = self.run_dir.open_temp(self.run_dir.failures / f"{self.shard_id}.jsonl")
         if isinstance(record, bytes):

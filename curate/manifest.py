@@ -128,8 +128,8 @@ class Manifest:
         out["output"] = self.output
         out["source"] = _dump_part(self.source)
         if self.tokenizer is not None:
-            out["tokenizer"] = self.tokenizer.model_dump(mode="json")
-        out["stages"] = [{s.name: s.params.model_dump(mode="json")} for s in self.stages]
+            out["tokenizer"] = self.tokenizer.model_dump(mode="json", by_alias=True)
+        out["stages"] = [{s.name: s.params.model_dump(mode="json", by_alias=True)} for s in self.stages]
         sinks = [_dump_part(s) for s in self.sinks]
         out["sink"] = sinks[0] if len(sinks) == 1 else sinks
         if with_executor:
@@ -375,4 +375,4 @@ def _stages(items: list[Any], errors: _Errors) -> list[StageSpec]:
 
 
 def _dump_part(part: Part) -> dict[str, Any]:
-    return {"kind": part.kind, **part.params.model_dump(mode="json")}
+    return {"kind": part.kind, **part.params.model_dump(mode="json", by_alias=True)}

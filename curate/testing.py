@@ -118,3 +118,71 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+#: Photographs and scans that scikit-image ships in its wheel (nothing downloaded), with a caption each.
+SKIMAGE_PHOTOS = {
+    "astronaut": "An astronaut in a white spacesuit in front of a flag.",
+    "coffee": "A cup of coffee on a saucer seen from above.",
+    "chelsea": "A ginger tabby cat looking to the side.",
+    "rocket": "A rocket standing on its launch pad.",
+    "camera": "A man with a camera on a tripod in a field.",
+    "coins": "Many old coins laid out on a dark surface.",
+    "hubble_deep_field": "Distant galaxies scattered across black space.",
+    "immunohistochemistry": "A stained tissue sample under a microscope.",
+    "colorwheel": "A circular wheel of rainbow colours.",
+    "moon": "The surface of the moon with craters.",
+    "clock": "A clock face photographed at an angle.",
+    "brick": "A wall of bricks.",
+}
+
+
+def real_images(fmt: str = "JPEG", size: int | None = 256) -> list[tuple[str, bytes, str]]:
+    """(name, encoded bytes, caption) for scikit-image's bundled photos plus a few generated images."""
+    import io
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image, ImageDraw
+
+    out = []
+    for name, caption in SKIMAGE_PHOTOS.items():
+        im = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        if size:
+            im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        out.append((name, buf.getvalue(), caption))
+    for k, (colour, caption) in enumerate([((200, 30, 30), "A red square on white."),
+                                           ((30, 30, 200), "A blue circle on white.")]):
+        im = Image.new("RGB", (size or 256, size or 256), "white")
+        draw = ImageDraw.Draw(im)
+        (draw.rectangle if k == 0 else draw.ellipse)([40, 40, (size or 256) - 40, (size or 256) - 40], fill=colour)
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        out.append((f"generated-{k}", buf.getvalue(), caption))
+    gradient = np.tile(np.linspace(0, 255, size or 256, dtype=np.uint8), (size or 256, 1))
+    buf = io.BytesIO()
+    Image.fromarray(gradient).convert("RGB").save(buf, fmt)
+    out.append(("generated-gradient", buf.getvalue(), "A grey gradient from dark to light."))
+    return out
+
+
+def save_tiny_clip(folder: str | Path, context_length: int = 77, seed: int = 0) -> Path:
+    """A tiny open_clip model (2-layer towers, 64-px images) saved as a local-dir checkpoint folder."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 64,
+           "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return folder

@@ -1,0 +1,166 @@
+"""clip_score: a tiny open_clip model saved as a checkpoint folder, real photos from scikit-image."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.context import RunContext
+from curate.readers.base import Shard
+from curate.registry import get_stage
+from curate.rundir import RunDir
+from tests.conftest import cli, write_manifest
+
+open_clip = pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from curate.testing import real_images
+
+    return real_images()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from curate.testing import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def _image(data: bytes) -> dict:
+    return {"bytes": data, "mime": "image/jpeg", "sha256": None, "width": None, "height": None}
+
+
+def _rows(rows):
+    """Interleaved rows from [(id, [image bytes or None …], [text or None …])]."""
+    from curate.schema import IMAGE
+
+    return pa.RecordBatch.from_pydict({
+        "id": [r[0] for r in rows],
+        "texts": [r[2] for r in rows],
+        "images": [[_image(b) if b is not None else None for b in r[1]] for r in rows],
+    }, schema=pa.schema([("id", pa.string()), ("texts", pa.list_(pa.string())), ("images", pa.list_(IMAGE))]))
+
+
+def _stage(tmp_path, **params):
+    cls = get_stage("clip_score")
+    stage = cls(cls.Params(**params))
+    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(tmp_path / "run"))
+    stage.setup(ctx)
+    return stage, ctx
+
+
+def _direct(folder):
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+
+
+def _embed(model, preprocess, tokenizer, image: bytes, texts: list[str]):
+    from PIL import Image
+
+    with torch.no_grad():
+        im = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])
+        tx = model.encode_text(tokenizer(texts))
+    im = im / im.norm(dim=-1, keepdim=True)
+    tx = tx / tx.norm(dim=-1, keepdim=True)
+    return (tx @ im[0]).numpy()
+
+
+def test_pair_score_is_the_cosine_of_normalized_embeddings(tmp_path, photos, tiny_clip):
+    stage, ctx = _stage(tmp_path, model=str(tiny_clip), batch_size=4)
+    batch = _rows([(name, [data, None], [None, caption]) for name, data, caption in photos])
+    scores = stage.score(batch, ctx)
+    model, preprocess, tokenizer = _direct(tiny_clip)
+    for i, (_, data, caption) in enumerate(photos):
+        expected = float(_embed(model, preprocess, tokenizer, data, [caption])[0])
+        assert scores["score"][i].as_py() == pytest.approx(expected, abs=1e-5)
+        assert scores["score_max"][i].as_py() == pytest.approx(expected, abs=1e-5)
+        assert scores["image_scores"][i].as_py() == [pytest.approx(expected, abs=1e-5)]
+        assert scores["image_text"][i].as_py() == [1]
+    assert len(set(round(v, 6) for v in scores["score"].to_pylist())) == len(photos)
+
+
+def test_long_captions_are_scored_by_sentence_chunks(tmp_path, photos, tiny_clip):
+    name, data, caption = photos[0]
+    long_caption = " ".join(f"{caption} Detail number {k} of the scene is described in this sentence." for k in range(12))
+    stage, ctx = _stage(tmp_path, model=str(tiny_clip))
+    chunks = stage.chunks(long_caption)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_clip}")
+    assert len(chunks) > 1 and all(len(tokenizer.encode(c)) <= 75 for c in chunks)
+    assert " ".join(chunks) == long_caption
+    scores = stage.score(_rows([(name, [data, None], [None, long_caption])]), ctx)
+    model, preprocess, tok = _direct(tiny_clip)
+    sims = _embed(model, preprocess, tok, data, chunks)
+    assert scores["score"][0].as_py() == pytest.approx(float(sims.mean()), abs=1e-5)
+    assert scores["score_max"][0].as_py() == pytest.approx(float(sims.max()), abs=1e-5)
+
+
+def test_a_long_context_text_encoder_takes_the_caption_whole(tmp_path, photos):
+    from curate.testing import save_tiny_clip
+
+    folder = save_tiny_clip(tmp_path / "long-clip", context_length=248)
+    _, data, caption = photos[1]
+    long_caption = " ".join([caption] * 12)
+    stage, ctx = _stage(tmp_path, model=str(folder))
+    assert stage.chunks(long_caption) == [long_caption]
+    model, preprocess, tok = _direct(folder)
+    expected = float(_embed(model, preprocess, tok, data, [long_caption])[0])
+    assert stage.score(_rows([("x", [data, None], [None, long_caption])]), ctx)["score"][0].as_py() == \
+        pytest.approx(expected, abs=1e-5)
+
+
+def test_interleaved_rows_score_each_image_against_its_best_text(tmp_path, photos, tiny_clip):
+    (_, a, cap_a), (_, b, cap_b) = photos[2], photos[3]
+    stage, ctx = _stage(tmp_path, model=str(tiny_clip))
+    row = ("doc", [a, None, b, None], [None, cap_a, None, cap_b])
+    scores = stage.score(_rows([row, ("broken", [b"not an image", None], [None, "text"])]), ctx)
+    model, preprocess, tok = _direct(tiny_clip)
+    sa = _embed(model, preprocess, tok, a, [cap_a, cap_b])
+    sb = _embed(model, preprocess, tok, b, [cap_a, cap_b])
+    assert scores["image_scores"][0].as_py() == [pytest.approx(float(sa.max()), abs=1e-5),
+                                                  pytest.approx(float(sb.max()), abs=1e-5)]
+    assert scores["image_text"][0].as_py() == [1 + 2 * int(sa.argmax()), 1 + 2 * int(sb.argmax())]
+    assert scores["score"][0].as_py() == pytest.approx((sa.max() + sb.max()) / 2, abs=1e-5)
+    assert scores["min_image_score"][0].as_py() == pytest.approx(min(sa.max(), sb.max()), abs=1e-5)
+    # an undecodable image: a null score, recorded in failures/ and counted, the row itself is kept
+    assert scores["score"][1].as_py() is None and scores["image_scores"][1].as_py() == [None]
+    assert ctx.stats["clip_score"].metrics["undecodable_image"].count == 1
+    ctx.close()
+    failure = json.loads(next((tmp_path / "run" / "failures").glob("*.jsonl")).read_text())
+    assert failure["reason"] == "undecodable_image" and "broken" in failure["detail"]
+
+
+def test_datacomp_style_manifest_keeps_the_top_fraction(tmp_path, photos, tiny_clip):
+    shards = tmp_path / "pairs"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for k, (name, data, caption) in enumerate(photos[s::2]):
+                for ext, payload in (("jpg", data), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{s}-{k:03d}-{name}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: clip-pairs
+        source: {{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}
+        stages:
+          - clip_score: {{model: {tiny_clip}, batch_size: 8}}
+          - select: {{top: {{column: scores.clip_score.score, fraction: 0.3}}}}
+        sink: {{kind: parquet}}
+        executor: {{kind: local, workers: 2}}
+        """)
+    cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+    table = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "run" / "parquet").glob("*.parquet")))
+    assert table.num_rows == int(0.3 * len(photos) + 0.5)  # select rounds half up
+    kept = table.column("scores").combine_chunks().field("clip_score").field("score").to_numpy()
+    model, preprocess, tok = _direct(tiny_clip)
+    every = sorted((float(_embed(model, preprocess, tok, d, [c])[0]) for _, d, c in photos), reverse=True)
+    assert np.allclose(sorted(kept, reverse=True), every[: table.num_rows], atol=1e-5)
