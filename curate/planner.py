@@ -8,6 +8,8 @@ driver ``combine``s what it saw before the next phase starts.
 
 from __future__ import annotations
 
+import importlib.util
+
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -55,6 +57,10 @@ class Plan:
         plan = cls(manifest, shards)
         plan.column_flow()  # raises on a stage whose required columns are missing
         for spec, stage in zip(manifest.stages, plan.stages):
+            missing = [(m, extra) for m, extra in stage.requirements().items() if importlib.util.find_spec(m) is None]
+            if missing:
+                raise manifest.error(spec.loc, "needs " + ", ".join(
+                    f"the module {m!r} (pip install 'curate-longctx[{extra}]')" for m, extra in missing))
             if stage.needs_tokenizer and manifest.tokenizer is None:
                 raise manifest.error(spec.loc, "needs a tokenizer: add a top-level `tokenizer:` section "
                                      "(`path:` to a tokenizer folder, or `train: {}` to train one on the source)")

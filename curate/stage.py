@@ -52,6 +52,10 @@ class Stage(ABC):
     def setup(self, ctx: RunContext) -> None:
         """Heavy imports and model loading go here, called once per worker process and shard."""
 
+    def requirements(self) -> dict[str, str]:
+        """Modules this configured stage imports, and the extra that installs each (checked by the planner)."""
+        return dict(self.needs)
+
     def special_tokens(self) -> list[str]:
         """Special-token strings this stage inserts; the run tokenizer gets an id for each."""
         return []

@@ -7,15 +7,28 @@ the first window where it is new, with up to ``max_length − stride`` tokens of
 Windows from many documents are batched by length (sorted, so padding is small). ``device: auto`` uses
 CUDA when present, in float16 there; float32 on the CPU. ``max_perplexity`` drops documents above it
 (reason ``perplexity_above_max``), though the usual way is to keep the score and ``select`` later.
+
+**KenLM backend** (``backend: kenlm``, or automatically when ``model`` is a ``.arpa``/``.bin``/``.klm``
+file): CCNet's document perplexity ``10^(−Σ_lines log10 P(line) / Σ_lines (tokens(line) + 1))`` (the
+``+ 1`` is the end-of-sentence token), over lines that are normalized (``normalize``: lower case,
+accents stripped, digits → 0, punctuation removed, whitespace collapsed) and split into SentencePiece
+pieces when ``sentencepiece`` names a model file (CCNet's setting) or else on whitespace. CCNet's
+English buckets: head < 340 ≤ middle < 520 ≤ tail. ``mean_nll`` is then in nats per token, as above.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from curate.arrays import numeric, strings
+from curate.errors import MissingDependency
 from curate.registry import register_stage
 from curate.stage import Filter
 from filters.causal_lm import CausalLM
@@ -34,13 +47,30 @@ class Perplexity(Filter):
         max_chars: int | None = Field(None, gt=0, description="score only the first characters of each document")
         device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 …")
         max_perplexity: float | None = Field(None, gt=0, description="drop documents above this perplexity")
+        backend: Literal["auto", "hf", "kenlm"] = Field(
+            "auto", description="hf (a causal LM), kenlm (an n-gram model file); auto: kenlm for .arpa/.bin/.klm")
+        sentencepiece: str | None = Field(None, description="kenlm: SentencePiece model splitting lines into pieces")
+        normalize: bool = Field(True, description="kenlm: CCNet-style text normalization before scoring")
 
     requires = ("text",)
     provides = ("scores",)
     needs = {"torch": "text", "transformers": "text"}
 
+    @property
+    def kenlm(self) -> bool:
+        p = self.params
+        return p.backend == "kenlm" or (p.backend == "auto" and p.model.endswith((".arpa", ".bin", ".klm", ".arpa.gz")))
+
+    def requirements(self) -> dict[str, str]:
+        if self.kenlm:
+            return {"kenlm": "kenlm", **({"sentencepiece": "text"} if self.params.sentencepiece else {})}
+        return dict(self.needs)
+
     def setup(self, ctx) -> None:
         p = self.params
+        if self.kenlm:
+            self._setup_kenlm()
+            return
         self.lm = CausalLM.shared(p.model, p.device)
         self.max_length = min(p.max_length or self.lm.context, self.lm.context)
         self.stride = min(p.stride or max(1, self.max_length // 2), self.max_length - 1)
@@ -49,6 +79,8 @@ class Perplexity(Filter):
         texts = batch.column(self.params.text_column).to_pylist()
         if self.params.max_chars:
             texts = [t[: self.params.max_chars] for t in texts]
+        if self.kenlm:
+            return self._score_kenlm(texts)
         ids = self.lm.encode(texts)
         windows = [w for d, row in enumerate(ids) for w in self._windows(d, row)]
         nll = np.zeros(len(ids))
@@ -58,6 +90,36 @@ class Perplexity(Filter):
             nll[d] += float(tokens.nll[len(tokens.nll) - new:].sum())
             count[d] += new
         mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
+        return {"perplexity": numeric(np.exp(mean)), "mean_nll": numeric(mean), "n_scored": numeric(count)}
+
+    def _setup_kenlm(self) -> None:
+        try:
+            import kenlm
+        except ImportError:
+            raise MissingDependency("kenlm", "kenlm") from None
+        self.ngram = kenlm.Model(os.path.expanduser(self.params.model))
+        self.spm = None
+        if self.params.sentencepiece:
+            try:
+                import sentencepiece
+            except ImportError:
+                raise MissingDependency("sentencepiece", "text") from None
+            self.spm = sentencepiece.SentencePieceProcessor(model_file=os.path.expanduser(self.params.sentencepiece))
+
+    def _score_kenlm(self, texts: list[str]) -> dict[str, pa.Array]:
+        log10 = np.zeros(len(texts))
+        count = np.zeros(len(texts), np.int64)
+        for d, text in enumerate(texts):
+            for line in text.splitlines():
+                if self.params.normalize:
+                    line = ccnet_normalize(line)
+                if not line.strip():
+                    continue
+                pieces = self.spm.encode(line, out_type=str) if self.spm is not None else line.split()
+                log10[d] += self.ngram.score(" ".join(pieces), bos=True, eos=True)
+                count[d] += len(pieces) + 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, -log10 * np.log(10) / np.maximum(count, 1), np.nan)
         return {"perplexity": numeric(np.exp(mean)), "mean_nll": numeric(mean), "n_scored": numeric(count)}
 
     def _windows(self, doc: int, ids: list[int]):
@@ -80,3 +142,17 @@ class Perplexity(Filter):
         ppl = scores["perplexity"].to_numpy(zero_copy_only=False)
         over = ~(ppl <= self.params.max_perplexity)  # NaN (nothing to score) counts as over
         return strings(["perplexity_above_max" if o else None for o in over])
+
+
+_PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
+_SPACES = re.compile(r"\s+")
+_DIGITS = re.compile(r"\d")
+
+
+def ccnet_normalize(line: str) -> str:
+    """Lower case, accents stripped, digits → 0, punctuation removed, whitespace collapsed (as CCNet)."""
+    line = unicodedata.normalize("NFD", line.strip().lower())
+    line = "".join(c for c in line if unicodedata.category(c) != "Mn")
+    line = _DIGITS.sub("0", line)
+    line = _PUNCT.sub("", line)
+    return _SPACES.sub(" ", line).strip()

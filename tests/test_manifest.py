@@ -158,3 +158,23 @@ def test_secret_values_never_reach_the_resolved_manifest(monkeypatch):
     assert "tok_abcdef987654" not in dumped
     assert "/data/${API_TOKEN}/*.jsonl" in dumped and "key=${API_TOKEN}" in dumped
     assert "copied-***" in dumped
+
+
+def test_a_missing_optional_module_names_the_stage_and_the_extra(corpus, monkeypatch):
+    import importlib.util
+
+    from curate.planner import Plan
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kenlm" else real(name, *a))
+    m = loads(f"""\
+name: t
+source: {{kind: jsonl, paths: ["{corpus}/*.jsonl"]}}
+stages:
+  - heuristics: {{}}
+  - perplexity: {{model: /models/en.arpa}}
+sink: {{kind: parquet}}
+""", "m.yaml")
+    with pytest.raises(ConfigError, match=r"m.yaml:5: stages\[1\]\.perplexity: needs the module 'kenlm' "
+                                          r"\(pip install 'curate-longctx\[kenlm\]'\)"):
+        Plan.build(m)

@@ -60,3 +60,44 @@ def test_max_perplexity_drops_with_a_reason(tiny_lm):
     out = list(stage.run(iter([documents_batch(["a", "b"], [make_text(1, 10), make_text(2, 10)])]), ctx))
     assert sum(b.num_rows for b in out) == 0
     assert dict(ctx.stats["perplexity"].drops) == {"perplexity_above_max": 2}
+
+
+ARPA = """\\data\\
+ngram 1=5
+ngram 2=3
+
+\\1-grams:
+-1.0\t<unk>\t0
+-99\t<s>\t-0.3
+-0.5\tthe\t-0.2
+-0.7\tcat\t-0.1
+-0.6\t</s>\t0
+
+\\2-grams:
+-0.2\t<s> the
+-0.3\tthe cat
+-0.1\tcat </s>
+
+\\end\\
+"""
+
+
+def test_kenlm_backend_is_ccnet_document_perplexity(tmp_path):
+    pytest.importorskip("kenlm", reason="the `kenlm` extra is not installed")
+    model = tmp_path / "tiny.arpa"
+    model.write_text(ARPA)
+    cls = get_stage("perplexity")
+    stage = cls(cls.Params(model=str(model)))
+    assert stage.kenlm and stage.requirements() == {"kenlm": "kenlm"}
+    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
+    stage.setup(ctx)
+    texts = ["The cat!", "The Cät!\nCAT, THE", "the dog", ""]
+    s = stage.score(documents_batch([f"d{i}" for i in range(len(texts))], texts), ctx)
+    # "<s> the cat </s>": bigrams -0.2 -0.3 -0.1. "<s> cat the </s>": backoff(<s>) + p(cat) = -1.0,
+    # backoff(cat) + p(the) = -0.6, backoff(the) + p(</s>) = -0.8. "the dog": -0.2, then backoff(the)
+    # + p(<unk>) = -1.2, then p(</s> | <unk>) = -0.6.
+    expected = [10 ** (0.6 / 3), 10 ** ((0.6 + 2.4) / 6), 10 ** ((0.2 + 1.2 + 0.6) / 3)]
+    for i, e in enumerate(expected):
+        assert s["perplexity"][i].as_py() == pytest.approx(e, rel=1e-5)
+    assert s["n_scored"].to_pylist() == [3, 6, 3, 0]
+    assert s["perplexity"][3].as_py() != s["perplexity"][3].as_py()  # NaN: nothing to score
