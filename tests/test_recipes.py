@@ -66,3 +66,81 @@ def test_iclm_recipe_orders_documents_into_contexts(tmp_path, inputs):
     assert sum(n < 32768 for n in lengths) <= stats["shards"]  # only each shard's last context is short
     assert stats["stages"]["related_docs"]["rows_out"] + sum(stats["stages"]["related_docs"]["drops"].values()) \
         == stats["stages"]["read"]["rows_out"]
+
+
+def _table(folder: Path):
+    import pyarrow as pa
+
+    return pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))
+
+
+def test_filter_web_text_recipe(tmp_path):
+    pytest.importorskip("datatrove", reason="the `quality` extra is not installed")
+    import re
+
+    from curate.testing import _paragraphs
+    from tests.conftest import save_tiny_lm
+
+    prose = [p for p in _paragraphs() if len(p) > 300 and "(" not in p and "=" not in p and ">>>" not in p
+             and sum(bool(re.search(r"[a-zA-Z]", w)) for w in p.split()) > 0.95 * len(p.split())]
+    docs = ["\n\n".join(prose[i:i + 4]) for i in range(0, len(prose) - 3, 4)][:60]
+    copies = [d.replace(". ", ".   ").replace(",", "") for d in docs[:8]]  # equal after normalization
+    corpus = tmp_path / "web.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs + copies))
+    env = {"CORPUS": str(corpus), "SCORER": str(save_tiny_lm(tmp_path / "lm")), "MAX_CHARS": "1500"}
+    run = tmp_path / "web"
+    cli("run", str(ROOT / "manifests" / "filter-web-text.yaml"), "-o", str(run), "--no-progress", env=env)
+    stats = json.loads((run / "stats.json").read_text())
+    stages = stats["stages"]
+    assert stages["gopher_quality"]["rows_out"] > stages["read"]["rows_out"] / 2, "real prose mostly passes"
+    dropped_copies = stats["global"]["exact_dedup"]["duplicates"]
+    assert dropped_copies >= 1 and stages["exact_dedup"]["drops"] == {"duplicate": dropped_copies}
+    table = _table(run / "parquet")
+    assert table.num_rows == stats["outputs"]["sink:parquet"]["samples"]
+    assert table.num_rows == int(0.9 * stages["select"]["rows_in"] + 0.5)
+    assert {f.name for f in table.column("scores").type} == {"exact_dedup", "minhash_dedup", "perplexity"}
+    kept = set(table.column("text").to_pylist())
+    assert not any(c in kept for c in copies), "a normalized copy never survives beside its original"
+
+
+def test_clip_filter_pairs_recipe(tmp_path):
+    pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
+    import io
+    import tarfile
+
+    from curate.testing import real_images, save_tiny_clip
+
+    photos = real_images()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for k, (name, data, caption) in enumerate(photos):
+            for ext, payload in (("jpg", data), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    env = {"PAIRS": str(tmp_path / "*.tar"), "CLIP_MODEL": str(save_tiny_clip(tmp_path / "clip")),
+           "MIN_CLIP": "-1.0"}
+    run = tmp_path / "run-clip"
+    cli("run", str(ROOT / "manifests" / "clip-filter-pairs.yaml"), "-o", str(run), "--no-progress", env=env)
+    table = _table(run / "parquet")
+    assert table.num_rows == int(0.3 * len(photos) + 0.5)
+    index = json.loads((run / "webdataset" / "index.json").read_text())
+    assert sum(s["samples"] for s in index["shards"]) == table.num_rows
+
+
+def test_long_dependency_recipe(tmp_path, inputs):
+    from tests.conftest import save_tiny_lm
+
+    lines = Path(inputs["CORPUS"]).read_text().splitlines()[:40]
+    corpus = tmp_path / "books.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    env = {"CORPUS": str(corpus), "SCORER": str(save_tiny_lm(tmp_path / "lm")), "CHUNK": "16", "PAIRS": "40",
+           "WINDOW": "64", "TAIL": "16", "SHORT": "32", "MIN_CHARS": "3000"}
+    run = tmp_path / "ld"
+    cli("run", str(ROOT / "manifests" / "long-dependency.yaml"), "-o", str(run), "--no-progress", env=env)
+    stats = json.loads((run / "stats.json").read_text())
+    table = _table(run / "parquet")
+    scores = table.column("scores").combine_chunks()
+    assert table.num_rows == int(0.5 * stats["stages"]["select"]["rows_in"] + 0.5) > 0
+    lds = scores.field("long_dependency").field("lds").to_numpy()
+    assert (lds >= 0).all() and (scores.field("long_dependency").field("n_pairs").to_numpy() == 40).all()
+    assert scores.field("delta_perplexity").field("ppl_full").null_count == 0
