@@ -186,3 +186,18 @@ def save_tiny_clip(folder: str | Path, context_length: int = 77, seed: int = 0) 
     model = open_clip.CLIP(**cfg)
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+def save_open_clip_folder(model, name: str, folder: str | Path) -> Path:
+    """Save an open_clip model (e.g. ``create_model("ViT-B-32")``) as a ``local-dir:`` checkpoint folder."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = open_clip.get_model_config(name)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
