@@ -4,7 +4,8 @@ Shared by the model-based text scorers (``perplexity``, ``long_dependency``, ``d
 ``homologous_gap``). ``model`` is a local folder (loaded with ``local_files_only``) or a Hub name;
 ``device: auto`` takes CUDA when present, in float16 there, float32 on the CPU. :meth:`CausalLM.nll`
 takes token-id sequences of any lengths, sorts them by length into batches (little padding) and returns,
-per sequence, the NLL of every token after the first and whether the model's top guess was that token.
+per sequence, the NLL of every token after the first (and, when asked, whether the model's top guess
+was that token).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 from curate.errors import MissingDependency
 
 _LOADED: dict[tuple[str, str], CausalLM] = {}
+#: On the CPU a batch holds at most this many padded tokens: bigger batches run slower there, because
+#: the (batch × length × vocabulary) logits fall out of cache (measured in benchmarks/perplexity_throughput.py).
+CPU_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -25,7 +29,7 @@ class TokenScores:
     """Per-token results for one sequence: ``nll[k]`` and ``correct[k]`` are for token ``k + 1``."""
 
     nll: np.ndarray
-    correct: np.ndarray
+    correct: np.ndarray | None
 
 
 class CausalLM:
@@ -60,31 +64,43 @@ class CausalLM:
     def encode(self, texts: list[str], special: bool = True) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
-    def nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[TokenScores]:
-        """Token NLLs of each sequence (length-sorted batches; sequences must fit the context)."""
+    def nll(self, seqs: list[list[int]], batch_size: int = 8, correct: bool = False) -> list[TokenScores]:
+        """Token NLLs of each sequence (length-sorted batches; sequences must fit the context).
+
+        With ``correct``, also whether the model's top guess was each token (one more pass over the logits).
+        """
         out: list[Any] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        for start in range(0, len(order), batch_size):
-            part = order[start:start + batch_size]
-            for i, scores in zip(part, self._forward([seqs[i] for i in part])):
+        cap = CPU_BATCH_TOKENS if self.device == "cpu" else None
+        start = 0
+        while start < len(order):
+            width = len(seqs[order[start]])  # the longest of the batch: it is sorted
+            size = batch_size if cap is None else max(1, min(batch_size, cap // max(width, 1)))
+            part = order[start:start + size]
+            for i, scores in zip(part, self._forward([seqs[i] for i in part], correct)):
                 out[i] = scores
+            start += size
         return out
 
-    def _forward(self, seqs: list[list[int]]) -> list[TokenScores]:
+    def _forward(self, seqs: list[list[int]], want_correct: bool) -> list[TokenScores]:
         torch = self.torch
         width = max(len(s) for s in seqs)
         if width > self.context:
             raise ValueError(f"a sequence of {width} tokens is longer than the model's context ({self.context})")
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
+            ids[i, : len(s)] = s
+        ids_t = torch.from_numpy(ids).to(self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = ids[:, 1:].to(self.device)
-            nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            correct = logprobs.argmax(-1) == targets
-        nll, correct = nll.cpu().numpy(), correct.cpu().numpy()
-        return [TokenScores(nll[i, : len(s) - 1], correct[i, : len(s) - 1]) for i, s in enumerate(seqs)]
+            # Right padding under causal attention: a real token never sees the pads after it, so no
+            # attention mask is needed, and without one the attention takes its fast causal path.
+            logits = self.model(input_ids=ids_t).logits
+            # targets shifted left (the last position has none): no copy of the logits is made
+            targets = torch.nn.functional.pad(ids_t[:, 1:], (0, 1), value=-100)
+            vocab = logits.shape[-1]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1),
+                                                    reduction="none").view(targets.shape)[:, :-1]
+            correct = (logits[:, :-1].argmax(-1) == ids_t[:, 1:]).cpu().numpy() if want_correct else None
+        nll = nll.cpu().numpy()
+        return [TokenScores(nll[i, : len(s) - 1], correct[i, : len(s) - 1] if correct is not None else None)
+                for i, s in enumerate(seqs)]

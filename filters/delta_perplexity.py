@@ -72,7 +72,7 @@ class DeltaPerplexity(Filter):
                 chunk = row[s:s + p.window]
                 chunks.append((d, chunk, chunk[-p.short_window:]))
         seqs = [c[1] for c in chunks] + [c[2] for c in chunks]
-        scored = self.lm.nll(seqs, p.batch_size)
+        scored = self.lm.nll(seqs, p.batch_size, correct=True)
         n = len(texts)
         sums = {k: np.zeros(n) for k in ("nll_f", "nll_s", "acc_f", "acc_s")}
         count = np.zeros(n)
