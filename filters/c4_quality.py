@@ -33,15 +33,5 @@ class C4Quality(DatatroveFilter):
         filter_curly_bracket: bool = Field(True, description="drop documents with a curly bracket")
         filter_policy: bool = Field(True, description="drop lines about terms of use, cookies, privacy policy")
 
+    datatrove_class = "C4QualityFilter"
     rewrites_text: ClassVar[bool] = True
-
-    def build(self):
-        from datatrove.pipeline.filters import C4QualityFilter
-
-        p = self.params
-        return C4QualityFilter(
-            split_paragraph=p.split_paragraph, remove_citations=p.remove_citations,
-            filter_no_terminal_punct=p.filter_no_terminal_punct, min_num_sentences=p.min_num_sentences,
-            min_words_per_line=p.min_words_per_line, max_word_length=p.max_word_length,
-            filter_lorem_ipsum=p.filter_lorem_ipsum, filter_javascript=p.filter_javascript,
-            filter_curly_bracket=p.filter_curly_bracket, filter_policy=p.filter_policy, language=p.language)

@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from pydantic import Field
+
 from curate.errors import MissingDependency
+from curate.stage import Filter
 
 _LOADED: dict[tuple[str, str], CausalLM] = {}
 #: On the CPU a batch holds at most this many padded tokens: bigger batches run slower there, because
@@ -104,3 +107,19 @@ class CausalLM:
         nll = nll.cpu().numpy()
         return [TokenScores(nll[i, : len(s) - 1], correct[i, : len(s) - 1] if correct is not None else None)
                 for i, s in enumerate(seqs)]
+
+
+class LMScorer(Filter):
+    """Base of the stages that score a text column with one causal LM (loaded once per process)."""
+
+    class Params(Filter.Params):
+        model: str = Field(description="scorer causal LM: a local folder or a Hub name (AutoModelForCausalLM)")
+        text_column: str = Field("text", description="the column to score")
+        device: str = Field("auto", description="auto (CUDA in float16 when present), cpu, cuda, cuda:1 …")
+
+    requires = ("text",)
+    provides = ("scores",)
+    needs = {"torch": "text", "transformers": "text"}
+
+    def setup(self, ctx) -> None:
+        self.lm = CausalLM.shared(self.params.model, self.params.device)

@@ -30,12 +30,19 @@ class DatatroveFilter(Filter):
 
     requires = ("text",)
     needs = {"datatrove": "quality", "spacy": "quality"}
+    #: The class in ``datatrove.pipeline.filters`` this stage runs; its keyword arguments are the
+    #: stage's parameters (minus ``quarantine`` and ``text_column``), with lists turned into tuples.
+    datatrove_class: ClassVar[str] = ""
     #: True when the filter edits ``doc.text`` and the edit is the point (C4 line removal).
     rewrites_text: ClassVar[bool] = False
 
     def build(self) -> Any:
         """The configured datatrove filter instance."""
-        raise NotImplementedError
+        import datatrove.pipeline.filters as filters
+
+        kwargs = self.params.model_dump(exclude={"quarantine", "text_column"})
+        kwargs = {k: _tuples(v) if k not in ("stop_words",) else v for k, v in kwargs.items()}
+        return getattr(filters, self.datatrove_class)(**kwargs)
 
     def setup(self, ctx) -> None:
         try:
@@ -64,6 +71,11 @@ class DatatroveFilter(Filter):
                     i = batch.schema.get_field_index(column)
                     batch = batch.set_column(i, column, strings(new))
             yield _apply_reasons(batch, strings(reasons), stats, ctx, self.label, self.params)
+
+
+def _tuples(value):
+    """Lists (from YAML) as the tuples datatrove expects, recursively; None and scalars unchanged."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _kept(verdict) -> bool:

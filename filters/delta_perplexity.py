@@ -21,26 +21,22 @@ from pydantic import Field, model_validator
 
 from curate.errors import ConfigError
 from curate.registry import register_stage
-from curate.stage import Filter
-from filters.causal_lm import CausalLM
+from filters.causal_lm import LMScorer
 
 METRICS = ("ppl_full", "ppl_short", "ppl_delta", "ppl_ratio", "acc_full", "acc_short", "acc_delta", "acc_ratio",
            "comp_rate", "dedup_rate")
 
 
 @register_stage("delta_perplexity")
-class DeltaPerplexity(Filter):
+class DeltaPerplexity(LMScorer):
     """Perplexity and accuracy of each window's tail with full vs truncated context."""
 
-    class Params(Filter.Params):
-        model: str = Field(description="scorer causal LM folder or Hub name (LongWanjuan used InternLM2-7B)")
-        text_column: str = Field("text", description="the column to score")
+    class Params(LMScorer.Params):
         window: int = Field(4096, ge=4, description="tokens per chunk (must fit the model's context)")
         tail: int = Field(1024, ge=1, description="tokens scored at the end of each chunk")
         short_window: int = Field(2048, ge=2, description="input length of the truncated-context pass")
         max_windows: int | None = Field(None, gt=0, description="score at most this many chunks per document")
         batch_size: int = Field(4, gt=0, description="sequences per forward pass")
-        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda …")
 
         @model_validator(mode="after")
         def _sizes(self):
@@ -48,12 +44,8 @@ class DeltaPerplexity(Filter):
                 raise ValueError("need tail < short_window <= window")
             return self
 
-    requires = ("text",)
-    provides = ("scores",)
-    needs = {"torch": "text", "transformers": "text"}
-
     def setup(self, ctx) -> None:
-        self.lm = CausalLM.shared(self.params.model, self.params.device)
+        super().setup(ctx)
         if self.params.window > self.lm.context:
             raise ConfigError(f"{self.label}: window {self.params.window} is longer than the model's context "
                               f"({self.lm.context})")

@@ -26,12 +26,4 @@ class FineWebQuality(DatatroveFilter):
         char_duplicates_ratio: float = Field(0.01, description="largest share of characters in duplicated lines")
         new_line_ratio: float = Field(0.3, description="most newlines per word")
 
-    def build(self):
-        from datatrove.pipeline.filters import FineWebQualityFilter
-
-        p = self.params
-        return FineWebQualityFilter(
-            line_punct_thr=p.line_punct_thr, line_punct_exclude_zero=p.line_punct_exclude_zero,
-            stop_chars=tuple(p.stop_chars) if p.stop_chars is not None else None,
-            short_line_thr=p.short_line_thr, short_line_length=p.short_line_length,
-            char_duplicates_ratio=p.char_duplicates_ratio, new_line_ratio=p.new_line_ratio, language=p.language)
+    datatrove_class = "FineWebQualityFilter"

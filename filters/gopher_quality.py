@@ -30,14 +30,4 @@ class GopherQuality(DatatroveFilter):
         min_stop_words: int | None = Field(2, description="fewest stop words")
         stop_words: list[str] | None = Field(None, description="stop-word list (default: Gopher's English list)")
 
-    def build(self):
-        from datatrove.pipeline.filters import GopherQualityFilter
-
-        p = self.params
-        return GopherQualityFilter(
-            min_doc_words=p.min_doc_words, max_doc_words=p.max_doc_words,
-            min_avg_word_length=p.min_avg_word_length, max_avg_word_length=p.max_avg_word_length,
-            max_symbol_word_ratio=p.max_symbol_word_ratio, max_bullet_lines_ratio=p.max_bullet_lines_ratio,
-            max_ellipsis_lines_ratio=p.max_ellipsis_lines_ratio,
-            max_non_alpha_words_ratio=p.max_non_alpha_words_ratio, min_stop_words=p.min_stop_words,
-            stop_words=p.stop_words, language=p.language)
+    datatrove_class = "GopherQualityFilter"

@@ -29,11 +29,4 @@ class GopherRepetition(DatatroveFilter):
             [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
             description="(n, largest character share of duplicated n-grams)")
 
-    def build(self):
-        from datatrove.pipeline.filters import GopherRepetitionFilter
-
-        p = self.params
-        return GopherRepetitionFilter(
-            dup_line_frac=p.dup_line_frac, dup_para_frac=p.dup_para_frac,
-            dup_line_char_frac=p.dup_line_char_frac, dup_para_char_frac=p.dup_para_char_frac,
-            top_n_grams=tuple(p.top_n_grams), dup_n_grams=tuple(p.dup_n_grams), language=p.language)
+    datatrove_class = "GopherRepetitionFilter"

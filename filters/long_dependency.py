@@ -29,17 +29,14 @@ from curate.arrays import numeric
 from curate.errors import ConfigError
 from curate.registry import register_stage
 from curate.seeds import rng
-from curate.stage import Filter
-from filters.causal_lm import CausalLM
+from filters.causal_lm import LMScorer
 
 
 @register_stage("long_dependency")
-class LongDependency(Filter):
+class LongDependency(LMScorer):
     """ProLong long-dependency score (strength, distance, specificity over segment pairs)."""
 
-    class Params(Filter.Params):
-        model: str = Field(description="scorer causal LM folder or Hub name (ProLong used facebook/opt-350m)")
-        text_column: str = Field("text", description="the column to score")
+    class Params(LMScorer.Params):
         chunk_size: int = Field(128, ge=2, description="tokens per segment")
         max_segments: int = Field(256, ge=2, description="segments kept per document (window 32768 / 128)")
         sample_size: int = Field(500, description="(i, j) pairs sampled per document; -1 for all pairs")
@@ -47,14 +44,9 @@ class LongDependency(Filter):
         alpha: float = Field(1.0, description="weight of dependency strength")
         beta: float = Field(1.0, description="weight of dependency distance")
         batch_size: int = Field(16, gt=0, description="sequences per forward pass")
-        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda …")
-
-    requires = ("text",)
-    provides = ("scores",)
-    needs = {"torch": "text", "transformers": "text"}
 
     def setup(self, ctx) -> None:
-        self.lm = CausalLM.shared(self.params.model, self.params.device)
+        super().setup(ctx)
         if 2 * self.params.chunk_size > self.lm.context:
             raise ConfigError(f"{self.label}: two segments of {self.params.chunk_size} tokens do not fit the "
                               f"model's context ({self.lm.context})")

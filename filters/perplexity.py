@@ -30,31 +30,23 @@ from pydantic import Field
 from curate.arrays import numeric, strings
 from curate.errors import MissingDependency
 from curate.registry import register_stage
-from curate.stage import Filter
-from filters.causal_lm import CausalLM
+from filters.causal_lm import LMScorer
 
 
 @register_stage("perplexity")
-class Perplexity(Filter):
+class Perplexity(LMScorer):
     """Perplexity and mean token NLL of each document under a causal LM."""
 
-    class Params(Filter.Params):
-        model: str = Field(description="a causal LM folder or Hub name (AutoModelForCausalLM)")
-        text_column: str = Field("text", description="the column to score")
+    class Params(LMScorer.Params):
         max_length: int | None = Field(None, ge=2, description="window length (default: the model's context)")
         stride: int | None = Field(None, ge=1, description="window step (default: half a window)")
         batch_size: int = Field(8, gt=0, description="windows per forward pass")
         max_chars: int | None = Field(None, gt=0, description="score only the first characters of each document")
-        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 …")
         max_perplexity: float | None = Field(None, gt=0, description="drop documents above this perplexity")
         backend: Literal["auto", "hf", "kenlm"] = Field(
             "auto", description="hf (a causal LM), kenlm (an n-gram model file); auto: kenlm for .arpa/.bin/.klm")
         sentencepiece: str | None = Field(None, description="kenlm: SentencePiece model splitting lines into pieces")
         normalize: bool = Field(True, description="kenlm: CCNet-style text normalization before scoring")
-
-    requires = ("text",)
-    provides = ("scores",)
-    needs = {"torch": "text", "transformers": "text"}
 
     @property
     def kenlm(self) -> bool:
@@ -71,7 +63,7 @@ class Perplexity(Filter):
         if self.kenlm:
             self._setup_kenlm()
             return
-        self.lm = CausalLM.shared(p.model, p.device)
+        super().setup(ctx)
         self.max_length = min(p.max_length or self.lm.context, self.lm.context)
         self.stride = min(p.stride or max(1, self.max_length // 2), self.max_length - 1)
 

@@ -84,3 +84,17 @@ def save_tiny_lm(folder: Path, seed: int = 0, n_positions: int = 64) -> Path:
 def tiny_lm(tmp_path_factory) -> Path:
     """A tiny GPT-2 (64-token context) saved to a folder."""
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def make_stage(name: str, run_dir: Path | str = "/tmp/unused", **params):
+    """A registered stage built from ``params``, set up with a one-shard context, as a worker does it."""
+    from curate.context import RunContext
+    from curate.readers.base import Shard
+    from curate.registry import get_stage
+    from curate.rundir import RunDir
+
+    cls = get_stage(name)
+    stage = cls(cls.Params(**params))
+    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(run_dir))
+    stage.setup(ctx)
+    return stage, ctx

@@ -11,11 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.context import RunContext
-from curate.readers.base import Shard
-from curate.registry import get_stage
-from curate.rundir import RunDir
-from tests.conftest import cli, write_manifest
+from tests.conftest import cli, make_stage, write_manifest
 
 open_clip = pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
 torch = pytest.importorskip("torch")
@@ -51,11 +47,7 @@ def _rows(rows):
 
 
 def _stage(tmp_path, **params):
-    cls = get_stage("clip_score")
-    stage = cls(cls.Params(**params))
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(tmp_path / "run"))
-    stage.setup(ctx)
-    return stage, ctx
+    return make_stage("clip_score", tmp_path / "run", **params)
 
 
 def _direct(folder):

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from curate.context import RunContext
-from curate.readers.base import Shard
-from curate.registry import get_stage
-from curate.rundir import RunDir
 from curate.schema import documents_batch
 from curate.testing import _paragraphs
+from tests.conftest import make_stage
 
 fasttext = pytest.importorskip("fasttext", reason="the `quality` extra is not installed")
 
@@ -31,11 +28,7 @@ def lid(tmp_path_factory):
 
 
 def _stage(path, **params):
-    cls = get_stage("language_id")
-    stage = cls(cls.Params(model=str(path), **params))
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
-    stage.setup(ctx)
-    return stage, ctx
+    return make_stage("language_id", model=str(path), **params)
 
 
 def test_labels_and_scores_equal_fasttext(lid):

@@ -10,21 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.context import RunContext
-from curate.readers.base import Shard
-from curate.registry import get_stage
-from curate.rundir import RunDir
 from curate.schema import documents_batch
 from filters.long_dependency import lds, sample_pairs
-from tests.conftest import cli, make_text, save_tiny_lm, write_jsonl, write_manifest
+from tests.conftest import cli, make_stage, make_text, save_tiny_lm, write_jsonl, write_manifest
 
 
 def _stage(name, **params):
-    cls = get_stage(name)
-    stage = cls(cls.Params(**params))
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
-    stage.setup(ctx)
-    return stage, ctx
+    return make_stage(name, **params)
 
 
 def test_lds_matches_a_hand_computed_example():

@@ -7,20 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from curate.context import RunContext
-from curate.readers.base import Shard
-from curate.registry import get_stage
-from curate.rundir import RunDir
 from curate.schema import documents_batch
-from tests.conftest import make_text
+from tests.conftest import make_stage, make_text
 
 
 def _stage(folder, **params):
-    cls = get_stage("perplexity")
-    stage = cls(cls.Params(model=str(folder), **params))
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
-    stage.setup(ctx)
-    return stage, ctx
+    return make_stage("perplexity", model=str(folder), **params)
 
 
 def test_perplexity_equals_exp_mean_nll_of_the_model(tiny_lm):
@@ -86,11 +78,8 @@ def test_kenlm_backend_is_ccnet_document_perplexity(tmp_path):
     pytest.importorskip("kenlm", reason="the `kenlm` extra is not installed")
     model = tmp_path / "tiny.arpa"
     model.write_text(ARPA)
-    cls = get_stage("perplexity")
-    stage = cls(cls.Params(model=str(model)))
+    stage, ctx = make_stage("perplexity", model=str(model))
     assert stage.kenlm and stage.requirements() == {"kenlm": "kenlm"}
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
-    stage.setup(ctx)
     texts = ["The cat!", "The Cät!\nCAT, THE", "the dog", ""]
     s = stage.score(documents_batch([f"d{i}" for i in range(len(texts))], texts), ctx)
     # "<s> the cat </s>": bigrams -0.2 -0.3 -0.1. "<s> cat the </s>": backoff(<s>) + p(cat) = -1.0,

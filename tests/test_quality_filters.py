@@ -6,13 +6,9 @@ import json
 
 import pytest
 
-from curate.context import RunContext
-from curate.readers.base import Shard
-from curate.registry import get_stage
-from curate.rundir import RunDir
 from curate.schema import documents_batch
 from curate.testing import _paragraphs
-from tests.conftest import cli, write_jsonl, write_manifest
+from tests.conftest import cli, make_stage, write_jsonl, write_manifest
 
 pytest.importorskip("datatrove", reason="the `quality` extra is not installed")
 pytest.importorskip("spacy", reason="the `quality` extra is not installed")
@@ -35,10 +31,7 @@ def texts() -> list[str]:
 
 
 def _run(name: str, texts: list[str], **params):
-    cls = get_stage(name)
-    stage = cls(cls.Params(**params))
-    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir("/tmp/unused"))
-    stage.setup(ctx)
+    stage, ctx = make_stage(name, **params)
     batch = documents_batch([f"d{i}" for i in range(len(texts))], texts)
     out = list(stage.run(iter([batch]), ctx))
     kept = {i: t for b in out for i, t in zip(b.column("id").to_pylist(), b.column("text").to_pylist())}
