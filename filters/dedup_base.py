@@ -49,8 +49,8 @@ class GlobalDedup(Filter):
         return True
 
     # ---------------------------------------------------------------- subclass hooks
-    def keys(self, texts: list[str]) -> dict[str, pa.Array]:
-        """Columns (beside ``id`` and ``n_chars``) that ``cluster`` needs, one value per text."""
+    def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
+        """Columns (beside ``id`` and ``n_chars``) that ``cluster`` needs, one value per row."""
         raise NotImplementedError
 
     def cluster(self, table: pa.Table) -> np.ndarray:
@@ -61,7 +61,7 @@ class GlobalDedup(Filter):
     def observe(self, batch: pa.RecordBatch, ctx) -> None:
         texts = [t or "" for t in batch.column(self.params.text_column).to_pylist()]
         cols = {"id": batch.column("id"), "n_chars": numeric([len(t) for t in texts], np.int64)}
-        cols.update(self.keys(texts))
+        cols.update(self.keys(texts, batch.column("id").to_pylist()))
         self._parts.append(pa.table(cols))
 
     def partial(self, ctx) -> pa.Table | None:

@@ -36,7 +36,7 @@ class ExactDedup(GlobalDedup):
         self._hash = create_hash_func(HashConfig(precision=64, hash_fc="xxhash"))
         self._norm = simplify_text if self.params.normalize else (lambda t: t)
 
-    def keys(self, texts: list[str]) -> dict[str, pa.Array]:
+    def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         return {"hash": numeric(np.fromiter((self._hash(self._norm(t)) for t in texts), np.uint64, len(texts)))}
 
     def cluster(self, table: pa.Table) -> np.ndarray:

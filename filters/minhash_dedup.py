@@ -6,8 +6,10 @@ to ``num_buckets × hashes_per_bucket`` min-hashes under seeded universal hash p
 are candidates when all hashes of at least one bucket (band) agree; the probability of that for two
 texts of Jaccard similarity ``s`` is ``1 − (1 − s^r)^b`` (b = 14, r = 8: 0.92 at s = 0.8, 0.02 at
 s = 0.5). With ``threshold`` set, a candidate pair is only joined when the share of equal min-hashes
-over the whole signature (an unbiased Jaccard estimate) reaches it. Candidates are joined into
-clusters (union-find); see :mod:`filters.dedup_base` for which row stays, the scores and the report.
+over the whole signature (an unbiased Jaccard estimate) reaches it. The driver gets one 64-bit hash
+per band (the full signature only with ``threshold``). Candidates are joined into clusters
+(union-find); see :mod:`filters.dedup_base` for which row stays, the scores and the report. Texts
+shorter than one shingle get values no other row shares (exact copies of them are ``exact_dedup``'s).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import Field
 
 from curate.errors import MissingDependency
 from curate.registry import register_stage
+from curate.seeds import doc_hashes
 from filters.dedup_base import GlobalDedup
 
 
@@ -48,23 +51,29 @@ class MinhashDedup(GlobalDedup):
         self._sig = MinhashDedupSignature(output_folder="memory://curate-unused", config=config, language=p.language)
         self._width = p.num_buckets * p.hashes_per_bucket
 
-    def keys(self, texts: list[str]) -> dict[str, pa.Array]:
+    def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         sigs = np.empty((len(texts), self._width), np.uint64)
         for i, text in enumerate(texts):
             shingles = self._sig.get_shingles(text)
-            if len(shingles) == 0:  # shorter than one n-gram: a signature no other text can share
-                sigs[i] = np.uint64(2**64 - 1 - i)
-                sigs[i, 0] = np.uint64(hash(text) & 0x7FFFFFFFFFFFFFFF)
+            if len(shingles) == 0:  # shorter than one n-gram: values no other row shares (exact_dedup's job)
+                sigs[i] = _mix(np.arange(self._width, dtype=np.uint64) + doc_hashes(0, self.label, [ids[i]])[0])
                 continue
             sigs[i] = np.concatenate(self._sig.get_signature(shingles))
-        flat = pa.array(sigs.reshape(-1))
-        return {"signature": pa.FixedSizeListArray.from_arrays(flat, self._width)}
+        p = self.params
+        bands = band_hashes(sigs, p.num_buckets, p.hashes_per_bucket)
+        out = {"bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), p.num_buckets)}
+        if p.threshold is not None:  # the full signature is only needed to estimate similarity
+            out["signature"] = pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1)), self._width)
+        return out
 
     def cluster(self, table: pa.Table) -> np.ndarray:
         n = table.num_rows
-        width = self._width_of(table)
-        sigs = table.column("signature").combine_chunks().flatten().to_numpy().reshape(n, width)
-        r = self.params.hashes_per_bucket
+        b = self.params.num_buckets
+        bands = table.column("bands").combine_chunks().flatten().to_numpy().reshape(n, b)
+        sigs = None
+        if self.params.threshold is not None:
+            width = table.schema.field("signature").type.list_size
+            sigs = table.column("signature").combine_chunks().flatten().to_numpy().reshape(n, width)
         parent = np.arange(n)
 
         def find(x: int) -> int:
@@ -75,25 +84,40 @@ class MinhashDedup(GlobalDedup):
                 parent[x], x = root, parent[x]
             return root
 
-        for band in range(self.params.num_buckets):
-            part = np.ascontiguousarray(sigs[:, band * r:(band + 1) * r]).view(np.dtype((np.void, 8 * r))).ravel()
-            _, inverse, counts = np.unique(part, return_inverse=True, return_counts=True)
+        for band in range(b):
+            _, inverse, counts = np.unique(bands[:, band], return_inverse=True, return_counts=True)
             shared = np.flatnonzero(counts[inverse] > 1)
             if len(shared) == 0:
                 continue
             order = shared[np.argsort(inverse[shared], kind="stable")]
-            groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
-            for group in groups:
-                head = int(group[0])
+            for group in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
+                head = int(group[0])  # with a threshold, each member is compared with the group's first
                 for other in group[1:]:
                     other = int(other)
-                    if self.params.threshold is not None and \
-                            np.mean(sigs[head] == sigs[other]) < self.params.threshold:
+                    if sigs is not None and np.mean(sigs[head] == sigs[other]) < self.params.threshold:
                         continue
-                    a, b = find(head), find(other)
-                    if a != b:
-                        parent[max(a, b)] = min(a, b)
+                    a, c = find(head), find(other)
+                    if a != c:
+                        parent[max(a, c)] = min(a, c)
         return np.array([find(i) for i in range(n)])
 
-    def _width_of(self, table: pa.Table) -> int:
-        return table.schema.field("signature").type.list_size
+
+def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One 64-bit hash per band of ``rows`` min-hashes (splitmix64 chaining): ``(n, bands)``.
+
+    Storing band hashes instead of whole signatures makes the driver's input 8× smaller (r = 8); two
+    bands collide by accident with probability ~2^-64.
+    """
+    x = sigs.reshape(len(sigs), bands, rows)
+    h = np.zeros((len(sigs), bands), np.uint64)
+    for k in range(rows):
+        h = _mix(h ^ x[:, :, k])
+    return h
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))

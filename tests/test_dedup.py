@@ -147,3 +147,16 @@ def test_score_only_and_threshold(tmp_path, planted):
     originals = {r["id"]: r["text"] for r in rows}
     loose = [n["id"] for n in near if jaccard(n["text"], originals[n["of"]]) < 0.9]
     assert loose and set(loose) <= kept, "all 112 min-hashes agree with chance < 0.9**112 below Jaccard 0.9"
+
+
+def test_texts_shorter_than_a_shingle_never_collide(tmp_path):
+    from tests.conftest import make_stage
+
+    stage, _ = make_stage("minhash_dedup")
+    a = stage.keys(["Yes.", "No way."], ["f1:1", "f1:2"])["bands"].to_pylist()
+    b = stage.keys(["Yes.", "No way."], ["f2:1", "f2:2"])["bands"].to_pylist()  # same texts, other rows
+    values = [v for row in a + b for v in row]
+    assert len(set(values)) == len(values)
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(["Yes.", "Fine.", "Yes.", "No."])]
+    table, stats, _ = _run(tmp_path, "short", rows, "[minhash_dedup]", files=2)
+    assert table.num_rows == 4 and stats["global"]["minhash_dedup"]["clusters"] == 0
