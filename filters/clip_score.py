@@ -194,12 +194,13 @@ def _normalized(emb) -> np.ndarray:
 
 def _aggregate(n_rows, flat, image_emb, ok, owner, text_emb) -> dict[str, pa.Array]:
     """Per-image best-text similarities (mean and max over chunks) folded into per-row scores."""
-    owner_arr = np.array(owner, dtype=np.int64).reshape(-1, 2)
+    owner_arr = np.array(owner, dtype=np.int64).reshape(-1, 2)  # rows in order: each row's chunks are a range
+    row_start = np.searchsorted(owner_arr[:, 0], np.arange(n_rows + 1)) if len(owner_arr) else np.zeros(n_rows + 1, int)
     per_row: list[list[float | None]] = [[] for _ in range(n_rows)]
     per_row_max: list[list[float]] = [[] for _ in range(n_rows)]
     best_text: list[list[int | None]] = [[] for _ in range(n_rows)]
     for i, (r, _, _) in enumerate(flat):
-        mine = np.flatnonzero(owner_arr[:, 0] == r) if len(owner_arr) else np.zeros(0, np.int64)
+        mine = np.arange(row_start[r], row_start[r + 1])
         if not ok[i] or len(mine) == 0:
             per_row[r].append(None)
             best_text[r].append(None)

@@ -16,6 +16,7 @@ Row ids must be unique across the input (every reader makes them so); a repeated
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import Counter
 from typing import Any, Literal
 
@@ -49,13 +50,13 @@ class GlobalDedup(Filter):
         return True
 
     # ---------------------------------------------------------------- subclass hooks
+    @abstractmethod
     def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         """Columns (beside ``id`` and ``n_chars``) that ``cluster`` needs, one value per row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cluster(self, table: pa.Table) -> np.ndarray:
         """A cluster label per row of ``table`` (rows in input order); equal labels are duplicates."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- global protocol
     def observe(self, batch: pa.RecordBatch, ctx) -> None:
