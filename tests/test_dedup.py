@@ -95,9 +95,10 @@ def test_exact_dedup_raw_text_keeps_respaced_copies(tmp_path, planted):
     assert table.num_rows == len(rows) + len(exact)
 
 
-def test_minhash_removes_planted_near_duplicates_only(tmp_path, planted):
+@pytest.mark.parametrize("shingles", ["datatrove", "fast"])
+def test_minhash_removes_planted_near_duplicates_only(tmp_path, planted, shingles):
     rows, near, exact = planted
-    table, stats, run = _run(tmp_path, "minhash", rows + near + exact, "[minhash_dedup]")
+    table, stats, run = _run(tmp_path, "minhash", rows + near + exact, f"[{{minhash_dedup: {{shingles: {shingles}}}}}]")
     kept = set(table.column("id").to_pylist())
     assert kept == {r["id"] for r in rows}, "every original stays, every planted copy goes"
     report = stats["global"]["minhash_dedup"]
@@ -160,3 +161,20 @@ def test_texts_shorter_than_a_shingle_never_collide(tmp_path):
     rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(["Yes.", "Fine.", "Yes.", "No."])]
     table, stats, _ = _run(tmp_path, "short", rows, "[minhash_dedup]", files=2)
     assert table.num_rows == 4 and stats["global"]["minhash_dedup"]["clusters"] == 0
+
+
+def test_fast_shingles_are_the_word_ngrams_of_the_normalized_text():
+    from datatrove.utils.text import simplify_text
+
+    from filters.minhash_dedup import FastShingles
+
+    text = "The quick brown fox, the QUICK brown fox; jumps over 12 lazy dogs!"
+    words = simplify_text(text).split()
+    fast = FastShingles(3)
+    shingles = fast(text)[:, 0]
+    assert len(shingles) == len(words) - 2
+    grams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+    for i in range(len(grams)):  # equal n-grams hash equal, different ones differently
+        for j in range(len(grams)):
+            assert (shingles[i] == shingles[j]) == (grams[i] == grams[j])
+    assert fast("two words").shape == (0, 1)

@@ -112,7 +112,7 @@ def test_clip_filter_pairs_recipe(tmp_path):
 
     photos = real_images()
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        for k, (name, data, caption) in enumerate(photos):
+        for k, (_name, data, caption) in enumerate(photos):
             for ext, payload in (("jpg", data), ("txt", caption.encode())):
                 info = tarfile.TarInfo(f"{k:04d}.{ext}")
                 info.size = len(payload)
