@@ -105,7 +105,10 @@ class MinhashDedup(GlobalDedup):
                     a, c = find(head), find(other)
                     if a != c:
                         parent[max(a, c)] = min(a, c)
-        return np.array([find(i) for i in range(n)])
+        labels = np.arange(n)
+        for x in np.flatnonzero(parent != labels):  # only rows that were joined need their root looked up
+            labels[x] = find(int(x))
+        return labels
 
 
 class FastShingles:
