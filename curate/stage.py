@@ -72,9 +72,22 @@ class Stage(ABC):
     def observe(self, batch: pa.RecordBatch, ctx: RunContext) -> None:
         """See one batch of the previous phase's output (per shard)."""
 
+    def keep_partial(self, table: pa.Table) -> None:
+        """Add rows to what this shard contributes; the default ``partial`` returns them all."""
+        self.__dict__.setdefault("_observed", []).append(table)
+
+    def kept_partial_rows(self) -> int:
+        """Rows passed to :meth:`keep_partial` so far on this shard."""
+        return sum(t.num_rows for t in self.__dict__.get("_observed", []))
+
     def partial(self, ctx: RunContext) -> pa.Table | None:
-        """What this shard contributes to the global state, as an Arrow table."""
-        return None
+        """What this shard contributes to the global state, as an Arrow table (None: nothing).
+
+        The default concatenates what ``observe`` passed to :meth:`keep_partial` and forgets it, so the
+        stage object is clean for the next shard.
+        """
+        parts = self.__dict__.pop("_observed", [])
+        return pa.concat_tables(parts) if parts else None
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
         """Reduce all shards' partials to the JSON-serializable state ``run`` will read.
@@ -83,6 +96,14 @@ class Stage(ABC):
         ``state.json`` and ``run`` reads them with ``ctx.global_table(label, name)``.
         """
         return {}
+
+
+def concat_partials(partials: list[pa.Table]) -> pa.Table | None:
+    """All shards' non-empty partials as one contiguous table (None when every shard was empty)."""
+    partials = [p for p in partials if p.num_rows]
+    if not partials:
+        return None
+    return pa.concat_tables(partials, promote_options="default").combine_chunks()
 
 
 class Synthesizer(Stage):

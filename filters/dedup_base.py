@@ -27,7 +27,7 @@ from pydantic import Field
 
 from curate.arrays import numeric
 from curate.errors import BadRecord
-from curate.stage import Filter
+from curate.stage import Filter, concat_partials
 
 
 class GlobalDedup(Filter):
@@ -40,10 +40,6 @@ class GlobalDedup(Filter):
 
     requires = ("text",)
     provides = ("scores",)
-
-    def __init__(self, params, label=None):
-        super().__init__(params, label)
-        self._parts: list[pa.Table] = []
 
     @property
     def is_global(self) -> bool:
@@ -63,20 +59,12 @@ class GlobalDedup(Filter):
         texts = [t or "" for t in batch.column(self.params.text_column).to_pylist()]
         cols = {"id": batch.column("id"), "n_chars": numeric([len(t) for t in texts], np.int64)}
         cols.update(self.keys(texts, batch.column("id").to_pylist()))
-        self._parts.append(pa.table(cols))
-
-    def partial(self, ctx) -> pa.Table | None:
-        if not self._parts:
-            return None
-        table = pa.concat_tables(self._parts)
-        self._parts = []
-        return table
+        self.keep_partial(pa.table(cols))
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
-        partials = [p for p in partials if p.num_rows]
-        if not partials:
+        table = concat_partials(partials)
+        if table is None:
             return {"rows": 0, "clusters": 0, "duplicates": 0, "size_histogram": {}, "largest": []}
-        table = pa.concat_tables(partials, promote_options="default").combine_chunks()
         ids = table.column("id")
         if pc.count_distinct(ids).as_py() != table.num_rows:
             counts = pc.value_counts(ids)

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from curate.arrays import numeric
 from curate.registry import register_stage
-from curate.stage import Filter
+from curate.stage import Filter, concat_partials
 from filters.causal_lm import CausalLM
 
 
@@ -57,7 +57,6 @@ class HomologousGap(Filter):
             from curate.errors import ConfigError
 
             raise ConfigError(f"{self.label}: template must end with {{response}}")
-        self._rows: list[pa.Table] = []
 
     @property
     def is_global(self) -> bool:
@@ -71,7 +70,7 @@ class HomologousGap(Filter):
                                     p.batch_size)
         long = response_perplexity(CausalLM.shared(p.long_model, p.device), prefix, response, p.max_length,
                                    p.batch_size)
-        self._rows.append(pa.table({"id": batch.column("id"), "ppl_short": numeric(short),
+        self.keep_partial(pa.table({"id": batch.column("id"), "ppl_short": numeric(short),
                                     "ppl_long": numeric(long)}))
 
     def _split(self, batch: pa.RecordBatch) -> tuple[list[str], list[str]]:
@@ -81,18 +80,10 @@ class HomologousGap(Filter):
         prefix = [head.format(context=c or "", instruction=i or "") for c, i in zip(cols["context"], cols["instruction"])]
         return prefix, [r or "" for r in cols["response"]]
 
-    def partial(self, ctx) -> pa.Table | None:
-        if not self._rows:
-            return None
-        table = pa.concat_tables(self._rows)
-        self._rows = []
-        return table
-
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
-        partials = [t for t in partials if t.num_rows]
-        if not partials:
+        table = concat_partials(partials)
+        if table is None:
             return {"rows": 0}
-        table = pa.concat_tables(partials).combine_chunks()
         short, long = (table.column(c).to_numpy() for c in ("ppl_short", "ppl_long"))
         gap = _minmax(short) - _minmax(long)
         finite = np.isfinite(gap)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from curate.registry import register_stage
 from curate.schema import score_column
 from curate.seeds import doc_hashes
-from curate.stage import Filter
+from curate.stage import Filter, concat_partials
 
 
 class Bound(BaseModel):
@@ -58,10 +58,6 @@ class Select(Filter):
             if not self.where and self.top is None:
                 raise ValueError("select needs `where` bounds, a `top` fraction, or both")
             return self
-
-    def __init__(self, params, label=None):
-        super().__init__(params, label)
-        self._seen: list[pa.Table] = []
 
     @property
     def is_global(self) -> bool:
@@ -107,16 +103,10 @@ class Select(Filter):
             return
         rows = batch.filter(has)
         value, tb = _key(rows, top, ctx.seed, self.label)
-        self._seen.append(pa.table({"value": value, "tiebreak": tb}))
-
-    def partial(self, ctx) -> pa.Table:
-        schema = pa.schema([("value", pa.float64()), ("tiebreak", pa.uint64())])
-        table = pa.concat_tables(self._seen) if self._seen else schema.empty_table()
-        self._seen = []
-        return table
+        self.keep_partial(pa.table({"value": value, "tiebreak": tb}))
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict:
-        table = pa.concat_tables(partials) if partials else None
+        table = concat_partials(partials)
         n = table.num_rows if table is not None else 0
         k = int(math.floor(self.params.top.fraction * n + 0.5)) if n else 0
         if k == 0:

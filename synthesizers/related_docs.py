@@ -37,7 +37,7 @@ from pydantic import Field
 from curate.arrays import numeric, strings
 from curate.errors import MissingDependency
 from curate.registry import register_stage
-from curate.stage import StageParams, Synthesizer
+from curate.stage import StageParams, Synthesizer, concat_partials
 
 BUNDLED = "all-MiniLM-L6-v2"
 
@@ -74,7 +74,6 @@ class RelatedDocs(Synthesizer):
 
     def __init__(self, params, label=None):
         super().__init__(params, label)
-        self._seen: list[pa.Table] = []
         self._model = None
 
     @property
@@ -100,9 +99,9 @@ class RelatedDocs(Synthesizer):
         texts = [t[: self.params.text_chars] for t in batch.column("text").to_pylist()]
         emb = self._embedder().encode(texts, batch_size=self.params.batch_size, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-        start = sum(t.num_rows for t in self._seen)
+        start = self.kept_partial_rows()
         dim = emb.shape[1]
-        self._seen.append(pa.table({
+        self.keep_partial(pa.table({
             "id": batch.column("id"),
             "shard": strings([ctx.shard.name] * batch.num_rows),
             "row": numeric(np.arange(start, start + batch.num_rows, dtype=np.int64)),
@@ -111,16 +110,11 @@ class RelatedDocs(Synthesizer):
             "embedding": pa.FixedSizeListArray.from_arrays(numeric(emb.reshape(-1)), dim),
         }))
 
-    def partial(self, ctx) -> pa.Table | None:
-        table = pa.concat_tables(self._seen) if self._seen else None
-        self._seen = []
-        return table
-
     # ------------------------------------------------------------------ combine (once)
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
         p = self.params
-        table = pa.concat_tables([t for t in partials if t.num_rows]) if partials else None
-        if table is None or table.num_rows == 0:
+        table = concat_partials(partials)
+        if table is None:
             return {"n": 0, "dropped": 0, "_tables": {"order": _order_table([], [], [], [], [])}}
         table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
         n = table.num_rows
