@@ -10,6 +10,7 @@ from typing import Optional
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from curate.errors import ConfigError, CurateError
@@ -77,7 +78,9 @@ def run(
     """Run a manifest; a rerun resumes, skipping completed shards."""
     from curate.driver import execute
 
-    result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress)
+    command = " ".join(["curate", "run", str(manifest)] + (["-o", output] if output else []))
+    result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress,
+                     command=command)
     _print_stats(result.stats)
     note = f" (resumed: {result.skipped} shard-phase(s) already done)" if result.resumed else ""
     out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")
@@ -103,7 +106,19 @@ def run_shard_cmd(
     target = next((s for s in p.shards if s.name == shard), None)
     if target is None:
         raise ConfigError(f"no shard named {shard!r} (there are {len(p.shards)})")
-    run_shard(p, p.phases[phase], target)
+    if not 0 <= phase < len(p.phases):
+        raise ConfigError(f"no phase {phase} (this manifest has {len(p.phases)}: 0 to {len(p.phases) - 1})")
+    from curate.lock import shard_lock
+
+    with shard_lock(rd.root, f"p{phase}-{shard}", f"curate run-shard --phase {phase} --shard {shard}",
+                    notice=lambda m: err.print(f"[yellow]note[/yellow]: {escape(m)}")):
+        if rd.is_complete(f"p{phase}-{shard}"):
+            out.print(f"shard {shard} of phase {phase} is already complete")
+            return
+        if phase > 0 and not rd.global_dir.joinpath(p.stages[p.phases[phase].start].label, "state.json").exists():
+            raise ConfigError(f"phase {phase} needs the combined state of "
+                              f"{p.stages[p.phases[phase].start].label!r}: combine phase {phase - 1} first")
+        run_shard(p, p.phases[phase], target)
 
 
 @app.command()
@@ -157,13 +172,24 @@ def _print_stats(merged: dict) -> None:
 
 
 def main() -> None:
+    from curate.errors import Interrupted
+    from curate.secrets import redact
+
     try:
         app()
     except ConfigError as e:
-        err.print(f"[red]configuration error[/red]\n{e}", highlight=False)
+        err.print(f"[red]configuration error[/red]\n{escape(redact(str(e)))}", highlight=False)
         sys.exit(2)
+    except Interrupted as e:
+        err.print(f"[yellow]{escape(redact(str(e)))}[/yellow]", highlight=False)
+        sys.exit(130)
     except CurateError as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False)
+        err.print(f"[red]error[/red]: {escape(redact(str(e)))}", highlight=False)
+        sys.exit(1)
+    except OSError as e:  # the run directory's disk, permissions or mount failed outside a shard
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        err.print(f"[red]error[/red]: {escape(redact(f'{e.strerror or e}{where}'))}; finished work is kept, "
+                  "run the same command again once the cause is fixed", highlight=False)
         sys.exit(1)
 
 

@@ -11,6 +11,7 @@ import orjson
 import pyarrow as pa
 
 from curate import seeds
+from curate.secrets import redact_obj
 from curate.stats import ShardStats
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 #: Stats label under which readers count their bad records.
 READ_LABEL = "read"
 _TOKENIZERS: dict = {}
+#: Combined global tables as contiguous columns, per process, keyed by file path, size and mtime.
+_GLOBAL_COLUMNS: dict = {}
 
 
 @dataclass
@@ -50,14 +53,23 @@ class RunContext:
         return seeds.rng(self.seed, stage, shard_key if shard_key is not None else self.shard.key)
 
     def failure(self, reason: str, detail: str = "", *, file: str | None = None, line: int | None = None,
-                record: str | bytes | None = None, stage: str | None = None) -> None:
+                record: str | bytes | None = None, stage: str | None = None, offset: int | None = None,
+                lost: int | None = None, dropped: bool = False) -> None:
         """Record one bad input record in ``failures/`` and count it under ``read`` drops.
 
         With ``stage``, the record is part of a row that stage keeps (an undecodable image in a
-        document): it is counted as that stage's metric ``reason`` instead of as a dropped row.
+        document): it is counted as that stage's metric ``reason`` instead of as a dropped row. With
+        ``stage`` and ``dropped``, the stage dropped the row: it counts as that stage's drop ``reason``.
+
+        A damaged file (``truncated_input``, ``corrupt_input``, ``unreadable_file``) also gives
+        ``offset`` (the byte where reading stopped; None when unknown) and ``lost`` (records known lost,
+        at least; None when unknown): both then appear in the entry, and the drop counts ``lost``
+        records (at least 1).
         """
         if stage is None:
-            self.stats[READ_LABEL].drop(reason)
+            self.stats[READ_LABEL].drop(reason, max(lost or 1, 1))
+        elif dropped:
+            self.stats[stage].drop(reason)
         else:
             self.stats[stage].metric(reason).add_many(1, 1, 1, 1)
         if self._failures is None:
@@ -66,7 +78,10 @@ class RunContext:
             record = record[:2000].decode("utf-8", errors="backslashreplace")
         entry = {"file": file, "line": line, "reason": reason, "detail": detail,
                  "record": record[:2000] if record else None}
-        self._failures.write(orjson.dumps(entry) + b"\n")
+        damaged_file = reason in ("truncated_input", "corrupt_input", "unreadable_file")
+        if damaged_file or offset is not None or lost is not None:
+            entry.update(offset=offset, lost=lost)
+        self._failures.write(orjson.dumps(redact_obj(entry)) + b"\n")
 
     def quarantine(self, label: str, rows: pa.RecordBatch) -> None:
         """Append rejected rows (with their ``drop_reason``) to ``quarantine/<label>/<shard>.parquet``."""
@@ -102,10 +117,39 @@ class RunContext:
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_file(source).read_all()
 
+    def global_columns(self, label: str, name: str) -> dict[str, pa.Array]:
+        """:meth:`global_table` as one contiguous array per column, read once per process.
+
+        The cache is keyed by the file's path, size and modification time, never by the stage object,
+        so a worker that serves many shards (or a new run in the same process) reads what is on disk.
+        """
+        path = self.run_dir.global_dir / label / f"{name}.arrow"
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _GLOBAL_COLUMNS:
+            table = self.global_table(label, name).combine_chunks()
+            _GLOBAL_COLUMNS.clear()  # one run's tables at a time: they can be large
+            _GLOBAL_COLUMNS[key] = {c: (table.column(c).chunk(0) if table.column(c).num_chunks else
+                                        pa.array([], table.schema.field(c).type)) for c in table.column_names}
+        return _GLOBAL_COLUMNS[key]
+
     def report(self, rows: int, tokens: int = 0) -> None:
         """Tell the progress display about rows (and tokens) written."""
         if self._progress is not None:
             self._progress(rows, tokens)
+
+    def abort(self) -> None:
+        """Drop the failure and quarantine files of a shard that failed (a rerun writes them again)."""
+        if self._failures is not None:
+            self._failures.abort()
+            self._failures = None
+        for writer, fh in self._quarantine.values():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away; its writer may be broken
+                self.log.debug("closing a quarantine writer of a failed shard", exc_info=True)
+            fh.abort()
+        self._quarantine.clear()
 
     def close(self) -> None:
         """Rename the failure and quarantine files into place."""

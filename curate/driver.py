@@ -8,7 +8,11 @@ bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +20,14 @@ from typing import Any
 import orjson
 import pyarrow as pa
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 
 from curate import stats as stats_mod
-from curate.errors import CurateError
+from curate import faults
+from curate.errors import CurateError, Interrupted, RetryableError
+from curate.lock import run_lock
+from curate.progress import PhaseProgress
+from curate.secrets import redact, redact_obj
 from curate.manifest import Manifest
 from curate.planner import Phase, Plan
 from curate.context import RunContext
@@ -27,6 +35,9 @@ from curate.plugins import kinds_of
 from curate.readers.base import Shard
 from curate.rundir import AtomicFile
 from curate.sinks.base import write_index
+
+
+log = logging.getLogger("curate")
 
 
 class RunFailed(CurateError):
@@ -45,60 +56,116 @@ class RunResult:
 
 
 def execute(manifest: Manifest, *, restart: bool = False, console: Console | None = None,
-            show_progress: bool = True) -> RunResult:
-    """Run ``manifest`` to completion (or resume it); raise :class:`RunFailed` if shards fail."""
+            show_progress: bool = True, command: str = "curate run") -> RunResult:
+    """Run ``manifest`` to completion (or resume it); raise :class:`RunFailed` if shards fail.
+
+    The run directory is locked for the whole run (:mod:`curate.lock`): a second run on it is refused
+    with the holder named. SIGTERM stops the run as Ctrl-C does: workers are stopped, finished shards
+    are kept, and :class:`Interrupted` says how to resume.
+    """
     console = console or Console(stderr=True)
     started = time.perf_counter()
     plan = Plan.build(manifest)
     rd = plan.run_dir
-    resumed = rd.check_fingerprint(plan.fingerprint(), restart)
-    rd.write_atomic(rd.manifest, manifest.resolved_yaml().encode())
-    executor = kinds_of("executor")[manifest.executor.kind](manifest.executor.params)
-    if manifest.tokenizer is not None:
-        _prepare_tokenizer(plan, console)
-    skipped = 0
-    for phase in plan.phases:
-        if phase.global_stage is not None:
-            _combine(plan, phase)
-        pending = [s for s in plan.shards if not rd.is_complete(f"p{phase.index}-{s.name}")]
-        skipped += len(plan.shards) - len(pending)
-        failed = _run_phase(plan, phase, pending, executor, console, show_progress)
-        if failed:
-            names = ", ".join(f"{s} (logs/p{phase.index}-{s}.log)" for s in failed[:10])
-            raise RunFailed(f"{len(failed)} shard(s) failed in phase {phase.index}: {names}; "
-                            f"the rest are complete, run again to retry")
-    merged, indexes = _finalize(plan)
-    return RunResult(str(rd.root), merged, indexes, resumed, skipped, time.perf_counter() - started)
+    rd.check_claimable(restart)
+    lock = run_lock(rd.root, command, notice=lambda m: console.print(f"[yellow]note[/yellow]: {escape(m)}"))
+    lock.acquire()
+    log_handler = None
+    try:
+        with _terminate_as_interrupt():
+            resumed = rd.check_fingerprint(plan.fingerprint(), restart)
+            log_handler = _run_log(rd)
+            log.info("%s: %s %s (%d input shard(s), %d phase(s))", command, "resume" if resumed else "start",
+                     manifest.name, len(plan.shards), len(plan.phases))
+            rd.write_atomic(rd.manifest, manifest.resolved_yaml().encode())
+            executor = kinds_of("executor")[manifest.executor.kind](manifest.executor.params)
+            if manifest.tokenizer is not None:
+                _prepare_tokenizer(plan, console)
+            skipped = 0
+            for phase in plan.phases:
+                if phase.global_stage is not None:
+                    _combine(plan, phase)
+                pending = [s for s in plan.shards if not rd.is_complete(f"p{phase.index}-{s.name}")]
+                skipped += len(plan.shards) - len(pending)
+                failed = _run_phase(plan, phase, pending, executor, console, show_progress)
+                if failed:
+                    raise RunFailed(_failure_message(plan, phase, failed))
+            merged, indexes = _finalize(plan)
+            _summarize_failures(plan, console)
+            log.info("done in %.1fs", time.perf_counter() - started)
+            return RunResult(str(rd.root), merged, indexes, resumed, skipped, time.perf_counter() - started)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        raise Interrupted(f"interrupted; finished shards are kept in {rd.root}. Run the same command again "
+                          "to resume where it stopped") from None
+    finally:
+        if log_handler is not None:
+            logging.getLogger("curate").removeHandler(log_handler)
+            log_handler.close()
+        lock.release()
 
 
-def _run_phase(plan: Plan, phase: Phase, shards: list[Shard], executor, console, show_progress) -> list[str]:
-    failed: list[str] = []
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt in the main thread, so both stop the run the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Exceptions that may not happen again on a rerun (full disk, lost mount, memory, transient errors).
+_TRANSIENT = (OSError, MemoryError, RetryableError)
+
+
+def _failure_message(plan: Plan, phase: Phase, failed: list[tuple[Shard, BaseException]]) -> str:
+    """One line per failed shard: its input file, the stage that raised, the error and the log path;
+    then whether a plain rerun can help."""
+    lines = [f"{len(failed)} shard(s) failed in phase {phase.index} (the other shards are complete):"]
+    for shard, error in failed[:10]:
+        stage = getattr(error, "curate_stage", None) or "?"
+        lines.append(f"  shard {shard.name} ({redact(shard.uri)}) in stage {stage}: "
+                     f"{type(error).__name__}: {redact(str(error))}  [logs/p{phase.index}-{shard.name}.log]")
+    if len(failed) > 10:
+        lines.append(f"  … and {len(failed) - 10} more (see logs/)")
+    if all(isinstance(e, _TRANSIENT) for _, e in failed):
+        lines.append("these errors may be transient (I/O, memory, a service): run the same command again "
+                     "to retry only the failed shards")
+    else:
+        lines.append("these errors will happen again on a rerun: fix the input or the manifest first "
+                     "(a rerun then retries only the failed shards)")
+    return "\n".join(lines)
+
+
+def _run_phase(plan: Plan, phase: Phase, shards: list[Shard], executor, console,
+               show_progress) -> list[tuple[Shard, BaseException]]:
+    failed: list[tuple[Shard, BaseException]] = []
     if not shards:
         return failed
     labels = [s.label for s in plan.stages[phase.start:phase.stop]]
-    title = f"phase {phase.index}" + (f" [{' → '.join(labels)}]" if labels else " [read]")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-               TextColumn("{task.fields[rows]:,} samples · {task.fields[rate]:,.0f}/s{task.fields[tok]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-        task = progress.add_task(title, total=len(shards), rows=0, rate=0.0, tok="")
-        t0 = time.perf_counter()
-        totals = {"rows": 0, "tokens": 0}
-
-        def on_progress(rows: int, tokens: int) -> None:
-            totals["rows"] += rows
-            totals["tokens"] += tokens
-            dt = max(time.perf_counter() - t0, 1e-9)
-            tok = f" · {totals['tokens'] / dt:,.0f} tok/s" if totals["tokens"] else ""
-            progress.update(task, rows=totals["rows"], rate=totals["rows"] / dt, tok=tok)
+    title = (f"phase {phase.index + 1}/{len(plan.phases)}"
+             + (f" [{' → '.join(labels)}]" if labels else " [read]"))
+    with PhaseProgress(console, title, len(shards), show_progress) as progress:
 
         def on_done(shard: Shard, stats: dict | None, error: BaseException | None) -> None:
             if error is not None:
-                failed.append(shard.name)
-                console.print(f"[red]shard {shard.name} failed:[/red] {type(error).__name__}: {error}")
-            progress.advance(task)
+                failed.append((shard, error))
+                stage = getattr(error, "curate_stage", None) or "?"
+                console.print(f"[red]shard {escape(shard.name)} failed[/red] ({escape(redact(shard.uri))}, "
+                              f"stage {escape(stage)}): {type(error).__name__}: {escape(redact(str(error)))}",
+                              highlight=False)
+                log.error("shard %s failed in stage %s: %s: %s", shard.name, stage, type(error).__name__, error)
+            progress.shard_done()
 
-        executor.map_shards(plan, phase, shards, on_done, on_progress)
+        executor.map_shards(plan, phase, shards, on_done, progress.rows)
     return failed
 
 
@@ -141,7 +208,7 @@ def _release_memory() -> None:
 class _SampleContext(RunContext):
     """A context for reading the source outside a phase: bad records are left to phase 0 to count."""
 
-    def failure(self, reason, detail="", *, file=None, line=None, record=None) -> None:
+    def failure(self, reason, detail="", **where) -> None:
         return None
 
 
@@ -159,7 +226,9 @@ def _combine(plan: Plan, phase: Phase) -> None:
         if path.exists():
             with pa.memory_map(str(path)) as src:
                 partials.append(pa.ipc.open_file(src).read_all())
+    t0 = time.perf_counter()
     state = stage.combine(partials, plan.manifest.seed)
+    faults.check("combine", phase=phase.index, label=stage.label)
     tables = state.pop("_tables", {})
     for name, table in tables.items():  # large results go beside the JSON, as Arrow files
         f = AtomicFile(folder / f"{name}.arrow")
@@ -167,7 +236,10 @@ def _combine(plan: Plan, phase: Phase) -> None:
             w.write_table(table)
         f.commit()
     state["tables"] = sorted(tables)
+    # the combine time counts as the stage's own (stats/ is merged into stats.json at the end)
+    rd.write_json(rd.stats / f"combine-{phase.index}.json", {stage.label: stats_mod.StageStats(seconds=time.perf_counter() - t0).to_dict()})
     rd.write_json(state_path, state)
+    log.info("combined %d partial(s) of %s in %.2fs", len(partials), stage.label, time.perf_counter() - t0)
 
 
 def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -196,8 +268,46 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     merged["outputs"] = {s.label: {"path": str(s.directory), "files": len(entries[s.label]),
                                    "samples": sum(f["samples"] for f in entries[s.label]),
                                    "bytes": sum(f["bytes"] for f in entries[s.label])} for s in plan.sinks}
-    rd.write_json(rd.stats_json, merged)
-    indexes = {s.label: write_index(s, entries[s.label], columns or []) for s in plan.sinks}
+    faults.check("stats")
+    rd.write_json(rd.stats_json, redact_obj(merged))
+    indexes = {}
+    for s in plan.sinks:
+        faults.check("index", label=s.label)
+        indexes[s.label] = write_index(s, entries[s.label], columns or [])
     if rd.phases.exists():
         shutil.rmtree(rd.phases)
     return merged, indexes
+
+
+def _run_log(rd) -> logging.Handler:
+    """``logs/run.log``: the driver's own log (phases, combines, failed shards), appended across reruns."""
+    from curate.runner import log_handler
+
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    return log_handler(rd.logs / "run.log")
+
+
+def _summarize_failures(plan: Plan, console: Console) -> None:
+    """Print the bad input records of the run by reason, and every truncated or unreadable file."""
+    from collections import Counter
+
+    reasons: Counter[str] = Counter()
+    damaged: list[dict[str, Any]] = []
+    for path in sorted(plan.run_dir.failures.glob("*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            entry = orjson.loads(line)
+            reasons[entry["reason"]] += 1
+            if entry["reason"] in ("truncated_input", "unreadable_file"):
+                damaged.append(entry)
+    if not reasons:
+        return
+    summary = ", ".join(f"{r}: {n:,}" for r, n in reasons.most_common())
+    console.print(f"[yellow]{sum(reasons.values()):,} bad input record(s)[/yellow] ({escape(summary)}) "
+                  f"→ {escape(str(plan.run_dir.failures))}/", highlight=False)
+    for entry in damaged[:20]:
+        where = f" at byte {entry['offset']:,}" if entry.get("offset") is not None else ""
+        lost = f", {entry['lost']} record(s) lost" if entry.get("lost") is not None else ""
+        console.print(f"  [yellow]{entry['reason']}[/yellow]: {escape(redact(str(entry['file'])))}{where}{lost}"
+                      f"{' — ' + escape(redact(entry['detail'])) if entry.get('detail') else ''}", highlight=False)
+    if len(damaged) > 20:
+        console.print(f"  … and {len(damaged) - 20} more damaged file(s)")

@@ -1,11 +1,14 @@
-"""The four kinds of error, each with its own path (DESIGN.md, "Errors").
+"""The four kinds of error, each with its own path.
 
-- ``ConfigError``: stops before any work; the message names the manifest, line and field.
-- ``BadRecord``: one input record is unusable; it goes to ``failures/`` with file, line and reason
-  and is counted, the shard goes on.
-- ``RetryableError``: transient (timeouts, HTTP 5xx); retried with backoff, and if it persists the
-  shard is left incomplete for the next run.
-- anything else fails the shard loudly.
+- ``ConfigError``: stops before any work; the message names the manifest, line and field (exit 2).
+- ``BadRecord``: one input record is unusable. Readers call ``ctx.failure`` directly; a filter's
+  ``score``/``decide`` may raise it, and the batch is then filtered row by row: the rows that raise it
+  are dropped under its ``reason`` and written to ``failures/``, the others go on. Raised anywhere else
+  (a synthesizer's ``run``, a global ``combine``) it fails the shard (or the step) with its message.
+- ``RetryableError``: transient (timeouts, HTTP 429/5xx). The executor reruns the shard up to
+  ``executor.retries`` times with exponential backoff and jitter; if it persists, the shard is left
+  incomplete (the run reports it as possibly transient) and the next run retries it.
+- anything else fails the shard loudly; the message names the shard's input file and the stage.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class BadRecord(CurateError):
 
 class RetryableError(CurateError):
     """A transient failure worth retrying (the shard stays incomplete if it persists)."""
+
+
+class Interrupted(CurateError):
+    """The run was stopped (Ctrl-C or SIGTERM); finished shards are kept and a rerun resumes."""
 
 
 class MissingDependency(ConfigError):

@@ -9,13 +9,20 @@ executors). Every error names the manifest path, the YAML line and the field::
 ``${VAR}`` and ``${VAR:-default}`` are expanded in string values. Variables whose names look like
 secrets (a ``TOKEN``, ``SECRET``, ``PASSWORD``, ``API_KEY`` … word: ``HF_TOKEN``, ``OPENAI_API_KEY``, not
 ``TOKENIZER``) are never written back: the resolved manifest keeps the ``${VAR}`` reference, and their
-values are redacted from logs.
+values are redacted from everything written (:mod:`curate.secrets`). :func:`Manifest.resolved_yaml`, the
+form written to disk and printed, also masks credentials written literally in a URL
+(``s3://user:pass@…``); :func:`Manifest.resolved`, the form workers rebuild the manifest from, keeps them.
+
+Sink folders are checked here too: each ``path`` stays inside the run directory (see
+:func:`curate.sinks.base.check_sink_path`), and no two sinks share a folder, nest one inside another,
+or share a stats label (``sink:<last folder name>``), compared case-insensitively.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +31,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from curate.errors import ConfigError
+from curate.secrets import SECRET_VALUES, redact_obj, register  # noqa: F401  (SECRET_VALUES: re-exported)
 
 Loc = tuple[Any, ...]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY)(?:$|_)", re.I)
-#: Secret values seen by interpolation in this process, redacted from log records.
-SECRET_VALUES: set[str] = set()
 
 
 class _Envelope(BaseModel):
@@ -100,6 +106,7 @@ class Manifest:
         sink_prefix: Loc = ("sink",)
         sinks = [_part(s, sink_prefix + ((i,) if isinstance(env.sink, list) else ()), "sink", errors)
                  for i, s in enumerate(sink_items)]
+        _check_sink_folders([s for s in sinks if s], errors)
         executor = _part(env.executor, ("executor",), "executor", errors)
         stages = _stages(env.stages, errors)
         tokenizer = _tokenizer(env.tokenizer, errors) if env.tokenizer is not None else None
@@ -137,7 +144,10 @@ class Manifest:
         return _restore_secrets(out, self.secrets)
 
     def resolved_yaml(self, *, with_executor: bool = True) -> str:
-        return yaml.safe_dump(self.resolved(with_executor=with_executor), sort_keys=False, allow_unicode=True)
+        """:meth:`resolved` as YAML, for the disk and the console: known secret values and URL
+        credentials (``scheme://user:pass@``) are masked as ``***``."""
+        return yaml.safe_dump(redact_obj(self.resolved(with_executor=with_executor)), sort_keys=False,
+                              allow_unicode=True)
 
 
 def load(path: str | os.PathLike, *, output: str | None = None) -> Manifest:
@@ -253,8 +263,7 @@ def _interpolate(value: Any, loc: Loc, errors: _Errors) -> tuple[Any, dict[Loc, 
                 return ""
             if _SECRET_NAME.search(name):
                 secrets[at] = v
-                if got:
-                    SECRET_VALUES.add(got)
+                register(got)
             return got
 
         return _VAR.sub(sub, v)
@@ -271,7 +280,8 @@ def _restore_secrets(data: dict[str, Any], secrets: dict[Loc, str]) -> dict[str,
             parent[loc[-1]] = template
         elif isinstance(parent, list) and isinstance(loc[-1], int) and loc[-1] < len(parent):
             parent[loc[-1]] = template
-    return _redact(data)
+    # URL credentials written literally stay: workers rebuild the manifest from this dict
+    return redact_obj(data, urls=False)
 
 
 def _lookup(data: Any, loc: Loc) -> Any:
@@ -284,17 +294,6 @@ def _lookup(data: Any, loc: Loc) -> Any:
         else:
             return None
     return data
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    if isinstance(value, str):
-        for secret in SECRET_VALUES:
-            value = value.replace(secret, "***")
-    return value
 
 
 def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part | None:
@@ -320,6 +319,45 @@ def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part
         errors.pydantic(e, loc, f"{_field_name(loc)} ({kind})", list(params_cls.model_fields))
         return None
     return Part(kind, params, loc)
+
+
+def _sink_folder(part: Part) -> tuple[str, ...]:
+    """The sink's folder inside the run directory as normalized parts (``path`` or its kind)."""
+    path = getattr(part.params, "path", None) or part.kind
+    return tuple(p for p in path.split("/") if p not in ("", "."))
+
+
+def _check_sink_folders(sinks: list[Part], errors: _Errors) -> None:
+    """Refuse two sinks that write the same folder, one inside the other, or with the same stats
+    label (``sink:<last folder name>``). Names compare after NFC normalization and case folding, so
+    ``Out`` and ``out`` clash (they are one folder on macOS and Windows)."""
+
+    def key(parts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(unicodedata.normalize("NFC", p).casefold() for p in parts)
+
+    seen: list[tuple[Part, tuple[str, ...]]] = []
+    for part in sinks:
+        folder = _sink_folder(part)
+        if not folder:  # an invalid path, already reported by its validator
+            continue
+        mine = key(folder)
+        where = part.loc + (("path",) if getattr(part.params, "path", None) else ())
+        for other, theirs in seen:
+            shown, other_shown = "/".join(folder), "/".join(_sink_folder(other))
+            other_name = _field_name(other.loc)
+            if mine == theirs:
+                problem = f"writes to {shown!r}, as {other_name} does"
+            elif mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine:
+                problem = f"{shown!r} and {other_name}'s {other_shown!r} are nested folders"
+            elif mine[-1] == theirs[-1]:
+                problem = (f"{shown!r} has the same last folder name as {other_name}'s {other_shown!r} "
+                           f"(both would be counted as sink:{folder[-1]})")
+            else:
+                continue
+            errors.add(where, problem + "; give one of them another `path`")
+            break
+        else:
+            seen.append((part, mine))
 
 
 def _tokenizer(section: dict[str, Any], errors: _Errors) -> BaseModel | None:

@@ -123,6 +123,26 @@ class RunDir:
         self.write_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
     # ------------------------------------------------------------------ fingerprint
+    def check_claimable(self, restart: bool) -> None:
+        """Refuse a folder that is not a run directory (unless ``restart``); create the root.
+
+        Raises :class:`ConfigError` when the folder cannot be created or written.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{self.root}: exists and is not a folder; choose another output")
+        if (self.root.is_dir() and not self.fingerprint.exists() and not restart
+                and any(p.name not in ("lock", "logs") for p in self.root.iterdir())):
+            raise ConfigError(f"{self.root}: exists, is not empty and is not a curate run directory; "
+                              "choose another output (or pass --restart to write into it anyway)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{TMP_PREFIX}probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{self.root}: cannot create or write the run directory: "
+                              f"{e.strerror or e}") from None
+
     def check_fingerprint(self, fingerprint: dict[str, Any], restart: bool) -> bool:
         """Claim the directory for this fingerprint; True when it resumes an earlier run.
 
@@ -141,7 +161,8 @@ class RunDir:
                     "or choose another output"
                 )
             self.clear()
-        elif self.root.exists() and any(self.root.iterdir()) and not restart:
+        elif (self.root.exists() and any(p.name not in ("lock", "logs") for p in self.root.iterdir())
+              and not restart):
             raise ConfigError(f"{self.root}: exists, is not empty and is not a curate run directory; "
                               "choose another output (or pass --restart to write into it anyway)")
         self.create()
@@ -149,8 +170,10 @@ class RunDir:
         return False
 
     def clear(self) -> None:
-        """Remove everything in the run directory (used by --restart)."""
+        """Remove everything in the run directory but its lock (used by --restart)."""
         for child in self.root.iterdir():
+            if child.name in ("lock", "locks"):
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

@@ -17,18 +17,50 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate import faults
 from curate.context import READ_LABEL, RunContext
+from curate.errors import RetryableError
 from curate.planner import Phase, Plan
 from curate.readers.arrow_ipc import open_ipc
 from curate.readers.base import Shard
 from curate.rundir import AtomicFile, RunDir
+from curate.secrets import redact, redact_obj
+from curate.stage import ShardPartial
 from curate.stats import StageStats
 
 Progress = Callable[[int, int], None]
 
 
+def run_shard_retrying(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None = None, *,
+                       retries: int = 2, backoff: float = 2.0) -> dict[str, Any]:
+    """:func:`run_shard`, retried up to ``retries`` times when it raises :class:`RetryableError`.
+
+    The delay before attempt ``k`` is ``backoff * 2**(k-1)`` seconds with ±50% jitter (from the
+    shard name and attempt, so reruns wait alike). Other exceptions are not retried: they would
+    fail the same way again.
+    """
+    import random
+
+    attempt = 0
+    while True:
+        try:
+            return run_shard(plan, phase, shard, progress)
+        except RetryableError as e:
+            attempt += 1
+            if attempt > retries:
+                raise
+            delay = backoff * 2 ** (attempt - 1) * random.Random(f"{shard.name}/{attempt}").uniform(0.5, 1.5)
+            logging.getLogger("curate").warning("shard %s phase %d: %s; retry %d of %d in %.1fs",
+                                                shard.name, phase.index, redact(str(e)), attempt, retries, delay)
+            time.sleep(delay)
+
+
 def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None = None) -> dict[str, Any]:
-    """Process one shard of one phase; return its stats. Raises on anything but bad records."""
+    """Process one shard of one phase; return its stats. Raises on anything but bad records.
+
+    An exception leaving this function carries ``curate_stage`` (the label of the stage, ``read`` or
+    sink that raised it) and ``curate_input`` (the shard's input file), for the driver's message.
+    """
     rd = plan.run_dir
     ctx = RunContext(plan.manifest.seed, shard, rd, phase.index, _progress=progress)
     handler = _shard_log(rd, ctx)
@@ -42,12 +74,14 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
         # output, already counted, so their input counter is not kept.
         upstream = ctx.stats[READ_LABEL] if phase.index == 0 else StageStats()
         clock = _Clock()
-        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None, clock)
+        first = READ_LABEL if phase.index == 0 else f"phase {phase.index - 1} output"
+        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None, clock, label=first)
         for stage in stages:
             st = ctx.stats[stage.label]
             inner = clock
             clock = _Clock()
-            batches = _instrument(stage.run(batches, ctx), st, upstream, clock, inner)
+            batches = _instrument(stage.run(batches, ctx), st, upstream, clock, inner, label=stage.label,
+                                  where=(shard.name, phase.index))
             upstream = st
         outputs = _write_sinks(plan, shard, batches, ctx) if phase.last else _write_intermediate(
             plan, phase, shard, batches, ctx)
@@ -56,14 +90,17 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
             read = ctx.stats[READ_LABEL]
             read.rows_in = read.rows_out + sum(read.drops.values())
         stats = ctx.stats.to_dict()
-        rd.write_json(rd.stats / f"{ctx.shard_id}.json", stats)
-        rd.write_json(rd.completion_path(ctx.shard_id), {
+        rd.write_json(rd.stats / f"{ctx.shard_id}.json", redact_obj(stats))
+        faults.check("completion", shard=shard.name, phase=phase.index)
+        rd.write_json(rd.completion_path(ctx.shard_id), redact_obj({
             "shard": shard.name, "key": shard.key, "phase": phase.index, "outputs": outputs,
-            "seconds": round(time.perf_counter() - started, 3)})
+            "seconds": round(time.perf_counter() - started, 3)}))
         ctx.log.info("shard %s phase %d: done in %.2fs", shard.name, phase.index, time.perf_counter() - started)
         return stats
-    except BaseException:
+    except BaseException as e:
         ctx.log.error("shard %s phase %d failed:\n%s", shard.name, phase.index, traceback.format_exc())
+        ctx.abort()
+        _tag(e, "curate_input", shard.uri)
         raise
     finally:
         logging.getLogger("curate").removeHandler(handler)
@@ -94,10 +131,24 @@ class _Clock:
     seconds = 0.0
 
 
+def _tag(error: BaseException, name: str, value: str) -> None:
+    """Attach ``value`` to ``error`` unless an inner frame already did (the first tag wins)."""
+    if getattr(error, name, None) is None:
+        try:
+            setattr(error, name, value)
+        except AttributeError:  # a built-in exception type that takes no attributes
+            pass
+
+
 def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: StageStats | None,
-                clock: _Clock, inner: _Clock | None = None):
-    """Count rows in/out, tokens and Arrow bytes, and the seconds spent in this stage alone."""
+                clock: _Clock, inner: _Clock | None = None, *, label: str = "", where=None):
+    """Count rows in/out, tokens and Arrow bytes, and the seconds spent in this stage alone.
+
+    An exception raised by this generator's source (and not by an earlier stage) is tagged with
+    ``label`` as ``curate_stage``.
+    """
     it = iter(batches)
+    n_batches = 0
 
     def spent(t0: float, up0: float) -> float:
         total = time.perf_counter() - t0
@@ -111,7 +162,17 @@ def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: Sta
         except StopIteration:
             st.seconds += spent(t0, up0)
             break
+        except BaseException as e:
+            _tag(e, "curate_stage", label)
+            raise
         st.seconds += spent(t0, up0)
+        n_batches += 1
+        if where is not None:
+            try:
+                faults.check("stage", shard=where[0], phase=where[1], label=label, count=n_batches)
+            except BaseException as e:
+                _tag(e, "curate_stage", label)
+                raise
         st.rows_out += batch.num_rows
         st.bytes_out += batch.nbytes
         st.tokens_out += _tokens(batch)
@@ -126,20 +187,31 @@ def _write_sinks(plan: Plan, shard: Shard, batches, ctx: RunContext) -> dict[str
     writers = [sink.writer(shard.name) for sink in plan.sinks]
     labels = [sink.label for sink in plan.sinks]
     schema = None
+    n_batches = 0
     try:
         for batch in batches:
             schema = schema or batch.schema
             for w, label in zip(writers, labels):
                 t0 = time.perf_counter()
-                w.write(batch)
+                try:
+                    w.write(batch)
+                except BaseException as e:
+                    _tag(e, "curate_stage", label)
+                    raise
                 st = ctx.stats[label]
                 st.seconds += time.perf_counter() - t0
                 st.rows_in += batch.num_rows
             ctx.report(batch.num_rows, _tokens(batch))
+            n_batches += 1
+            faults.check("sink", shard=shard.name, phase=ctx.phase, count=n_batches)
         outputs = {}
         for w, label in zip(writers, labels):
             t0 = time.perf_counter()
-            files = w.close()
+            try:
+                files = w.close()
+            except BaseException as e:
+                _tag(e, "curate_stage", label)
+                raise
             st = ctx.stats[label]
             st.seconds += time.perf_counter() - t0
             st.rows_out = sum(f["samples"] for f in files)
@@ -157,15 +229,26 @@ def _write_intermediate(plan: Plan, phase: Phase, shard: Shard, batches, ctx: Ru
     nxt = plan.phases[phase.index + 1]
     observer = plan.stages[nxt.global_stage]
     observer.setup(ctx)
+    partial = ShardPartial()  # this shard's alone: dropped with it if anything below fails
+    observed = ctx.stats[observer.label]
     fh = AtomicFile(intermediate_path(plan.run_dir, phase.index, shard))
     writer = None
-    rows = 0
+    rows = n_observed = 0
     try:
         for batch in batches:
             if writer is None:
                 writer = pa.ipc.new_file(fh, batch.schema)
             writer.write_batch(batch)
-            observer.observe(batch, ctx)
+            t0 = time.perf_counter()
+            try:
+                observer.observe(batch, ctx, partial)
+            except BaseException as e:
+                _tag(e, "curate_stage", f"{observer.label} (observe)")
+                raise
+            observed.seconds += time.perf_counter() - t0
+            n_observed += 1
+            faults.check("observe", shard=shard.name, phase=phase.index, label=observer.label,
+                         count=n_observed)
             rows += batch.num_rows
             ctx.report(batch.num_rows, _tokens(batch))
         if writer is None:  # an empty shard still needs a readable (empty) file
@@ -175,13 +258,19 @@ def _write_intermediate(plan: Plan, phase: Phase, shard: Shard, batches, ctx: Ru
     except BaseException:
         fh.abort()
         raise
-    partial = observer.partial(ctx)
-    if partial is not None:
-        path = plan.run_dir.global_dir / observer.label / f"{ctx.shard_id}.arrow"
+    table = partial.table()
+    path = plan.run_dir.global_dir / observer.label / f"{ctx.shard_id}.arrow"
+    if table is None:
+        path.unlink(missing_ok=True)
+    else:
         pf = AtomicFile(path)
-        with pa.ipc.new_file(pf, partial.schema) as w:
-            w.write_table(partial)
-        pf.commit()
+        try:
+            with pa.ipc.new_file(pf, table.schema) as w:
+                w.write_table(table)
+            pf.commit()
+        except BaseException:
+            pf.abort()
+            raise
     return {"intermediate": fh.path.name, "rows": rows}
 
 
@@ -191,24 +280,25 @@ def _tokens(batch: pa.RecordBatch) -> int:
     return 0
 
 
-class _Redact(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        from curate.manifest import SECRET_VALUES
+class RedactingFormatter(logging.Formatter):
+    """Formats a record (tracebacks included), then masks secrets and URL credentials in the text."""
 
-        if SECRET_VALUES:
-            msg = record.getMessage()
-            for secret in SECRET_VALUES:
-                msg = msg.replace(secret, "***")
-            record.msg, record.args = msg, ()
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        from curate.secrets import redact
+
+        return redact(super().format(record))
 
 
-def _shard_log(rd: RunDir, ctx: RunContext) -> logging.Handler:
-    rd.logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(rd.logs / f"{ctx.shard_id}.log", mode="w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_Redact())
+def log_handler(path) -> logging.Handler:
+    """A file handler on the ``curate`` logger whose every line goes through :func:`curate.secrets.redact`."""
+    handler = logging.FileHandler(path, mode="a" if path.name == "run.log" else "w", encoding="utf-8")
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("curate")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return handler
+
+
+def _shard_log(rd: RunDir, ctx: RunContext) -> logging.Handler:
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    return log_handler(rd.logs / f"{ctx.shard_id}.log")

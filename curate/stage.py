@@ -5,8 +5,10 @@ or Slurm object. Workers rebuild stages from the resolved manifest; nothing live
 
 Global stages (dedup clustering, top-fraction selection, grouping) need to see every shard before
 they can act. They say so with ``is_global`` and implement the three-step protocol
-``observe`` (per shard, in the phase before them) → ``combine`` (once, in the driver) → ``run``
-(per shard, in the next phase, with the combined state from ``ctx.global_state``).
+``observe`` (per shard, in the phase before them, into a :class:`ShardPartial` the runner creates for
+that shard) → ``combine`` (once, in the driver) → ``run`` (per shard, in the next phase, with the
+combined state from ``ctx.global_state``). A stage object may serve many shards in one worker, so
+nothing that belongs to one shard is ever kept on it.
 """
 
 from __future__ import annotations
@@ -64,30 +66,30 @@ class Stage(ABC):
         """The columns after this stage, given those before it (used by ``curate plan``)."""
         return columns_in + [c for c in self.provides if c not in columns_in]
 
+    def score_names(self) -> list[str] | None:
+        """The metrics this configured stage writes under ``scores.<label>``; None when not known in
+        advance (the planner then accepts any ``scores.<label>.<metric>`` path after it), ``[]`` when it
+        writes none."""
+        return None
+
+    def model_refs(self) -> dict[str, str]:
+        """The models this configured stage loads: parameter name → reference, checked by the planner
+        (:func:`curate.checks.check_model_ref`) before any work. A reference is a local file or folder or
+        a Hugging Face Hub name; ``local:<path>`` marks a local path that is never downloaded."""
+        return {}
+
     @abstractmethod
     def run(self, batches: Iterator[pa.RecordBatch], ctx: RunContext) -> Iterator[pa.RecordBatch]:
         """Consume batches and yield batches; the only method every stage must write."""
 
     # ---- the global protocol (only for stages whose is_global is True) ----
-    def observe(self, batch: pa.RecordBatch, ctx: RunContext) -> None:
-        """See one batch of the previous phase's output (per shard)."""
+    def observe(self, batch: pa.RecordBatch, ctx: RunContext, partial: ShardPartial) -> None:
+        """See one batch of the previous phase's output (per shard) and add to ``partial``.
 
-    def keep_partial(self, table: pa.Table) -> None:
-        """Add rows to what this shard contributes; the default ``partial`` returns them all."""
-        self.__dict__.setdefault("_observed", []).append(table)
-
-    def kept_partial_rows(self) -> int:
-        """Rows passed to :meth:`keep_partial` so far on this shard."""
-        return sum(t.num_rows for t in self.__dict__.get("_observed", []))
-
-    def partial(self, ctx: RunContext) -> pa.Table | None:
-        """What this shard contributes to the global state, as an Arrow table (None: nothing).
-
-        The default concatenates what ``observe`` passed to :meth:`keep_partial` and forgets it, so the
-        stage object is clean for the next shard.
+        ``partial`` belongs to this shard alone: the runner creates it when the shard starts and
+        throws it away with the shard, so rows observed by a shard that then fails never reach
+        another shard's contribution. Keep nothing per shard on ``self``.
         """
-        parts = self.__dict__.pop("_observed", [])
-        return pa.concat_tables(parts) if parts else None
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
         """Reduce all shards' partials to the JSON-serializable state ``run`` will read.
@@ -96,6 +98,29 @@ class Stage(ABC):
         ``state.json`` and ``run`` reads them with ``ctx.global_table(label, name)``.
         """
         return {}
+
+
+class ShardPartial:
+    """What one shard contributes to one global stage: Arrow tables added by ``observe``.
+
+    Created by the runner for each (shard, global stage) and saved as
+    ``global/<label>/<phase>-<shard>.arrow`` only when the shard completes.
+    """
+
+    def __init__(self) -> None:
+        self._tables: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Add rows to this shard's contribution."""
+        self._tables.append(table)
+        self.rows += table.num_rows
+
+    def table(self) -> pa.Table | None:
+        """Everything added, as one table (None when nothing was added)."""
+        if not self._tables:
+            return None
+        return pa.concat_tables(self._tables, promote_options="default")
 
 
 def concat_partials(partials: list[pa.Table]) -> pa.Table | None:
@@ -122,7 +147,12 @@ class Filter(Stage):
         quarantine: bool = Field(False, description="also write dropped rows to quarantine/<stage>/ with their reason")
 
     def score(self, batch: pa.RecordBatch, ctx: RunContext) -> dict[str, pa.Array]:
-        """Per-row metrics to store under ``scores.<label>``; empty when the filter keeps none."""
+        """Per-row metrics to store under ``scores.<label>``; empty when the filter keeps none.
+
+        Keys starting with ``_`` are handed to :meth:`decide` with the others but not stored: the
+        way to pass per-batch working values from ``score`` to ``decide`` without keeping them on
+        the stage object.
+        """
         return {}
 
     def decide(self, batch: pa.RecordBatch, scores: dict[str, pa.Array], ctx: RunContext) -> pa.Array:
@@ -130,13 +160,45 @@ class Filter(Stage):
         return pa.nulls(batch.num_rows, pa.string())
 
     def run(self, batches: Iterator[pa.RecordBatch], ctx: RunContext) -> Iterator[pa.RecordBatch]:
-        stats = ctx.stats[self.label]
+        """Score and decide each batch. A :class:`~curate.errors.BadRecord` raised by ``score`` or
+        ``decide`` sends that batch through row by row: the rows that raise it are dropped under its
+        reason and written to ``failures/``; the others go on."""
+        from curate.errors import BadRecord
+
         for batch in batches:
-            scores = self.score(batch, ctx)
-            if scores:
-                batch = _with_scores(batch, self.label, scores)
-            reasons = self.decide(batch, scores, ctx)
-            yield _apply_reasons(batch, reasons, stats, ctx, self.label, self.params)
+            try:
+                out = self._filter(batch, ctx)
+            except BadRecord:
+                out = self._filter_rows(batch, ctx)
+            if out is not None:
+                yield out
+
+    def _filter(self, batch: pa.RecordBatch, ctx: RunContext) -> pa.RecordBatch:
+        scores = self.score(batch, ctx)
+        stored = {k: v for k, v in scores.items() if not k.startswith("_")}
+        if stored:
+            batch = _with_scores(batch, self.label, stored)
+        reasons = self.decide(batch, scores, ctx)
+        return _apply_reasons(batch, reasons, ctx.stats[self.label], ctx, self.label, self.params)
+
+    def _filter_rows(self, batch: pa.RecordBatch, ctx: RunContext) -> pa.RecordBatch | None:
+        from curate.errors import BadRecord
+
+        kept = []
+        for i in range(batch.num_rows):
+            row = batch.slice(i, 1)
+            try:
+                kept.append(self._filter(row, ctx))
+            except BadRecord as e:
+                doc_id = row.column("id")[0].as_py() if "id" in row.schema.names else None
+                ctx.failure(e.reason, f"stage {self.label}, row {doc_id!r}: {e.detail}", file=e.file,
+                            line=e.line, record=doc_id, stage=self.label, dropped=True)
+        kept = [b for b in kept if b.num_rows]
+        if not kept:
+            return None
+        table = pa.Table.from_batches(kept) if all(b.schema.equals(kept[0].schema) for b in kept) else \
+            pa.concat_tables([pa.Table.from_batches([b]) for b in kept], promote_options="default")
+        return table.combine_chunks().to_batches()[0]
 
 
 def _with_scores(batch: pa.RecordBatch, label: str, scores: dict[str, pa.Array]) -> pa.RecordBatch:

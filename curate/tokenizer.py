@@ -5,9 +5,13 @@ byte-level BPE to be trained on the source at run time (``train``; what the offl
 Before the first phase the driver resolves it once into ``RUN/tokenizer/``:
 
 - ``tokenizer.json`` — the exact tokenizer the corpus was made with, canonically serialized;
-- ``specials.json`` — the id of every special token the stages asked for (UtK knots, ``<D>`` …),
-  reusing the tokenizer's own reserved tokens where it has free ones, else added at the end of the
-  vocabulary;
+- ``specials.json`` — the id of every special token the stages asked for (UtK knots, ``<D>`` …), keyed
+  by the name the stage uses (``ids``), and the string that id has in ``tokenizer.json`` (``strings``).
+  A stage's marker never shares an id with anything the tokenizer already uses: not with its own
+  specials (BOS/EOS/PAD/UNK…: ``<s>`` is Llama's BOS and also UtK's backtrace separator), not with
+  an ordinary vocabulary piece (text would encode to it). A colliding name gets a free reserved token
+  of the tokenizer, else a new token spelled ``<|curate_NAME|>``; only an existing *non-role* special
+  token with the very same string (a tokenizer a previous run already extended) is reused as it is;
 - ``vocab_sha256`` — a digest of the vocabulary and merges, recorded in ``stats.json``.
 
 Workers load that folder (``ctx.tokenizer``). Encoding is the Rust ``encode_batch`` (all cores).
@@ -42,6 +46,14 @@ RESERVED_PATTERNS = (
     r"<SPECIAL_\d+>",  # Mistral Tekken
 )
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
+#: Spellings tokenizers use for their own roles (BOS/EOS/PAD/UNK/CLS/SEP/MASK, chat turns): never a marker's id.
+ROLE_SPELLINGS = EOS_CANDIDATES + (
+    "<s>", "<unk>", "<pad>", "<mask>", "<bos>", "<|startoftext|>", "<|begin_of_text|>", "<|eot_id|>",
+    "<|im_start|>", "<|im_end|>", "<|padding|>", "<|pad|>", "<|unk|>", "[CLS]", "[PAD]", "[UNK]", "[MASK]",
+    "[BOS]", "[EOS]",
+)
+#: Role keys of ``tokenizer_config.json`` / ``special_tokens_map.json``.
+ROLE_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class TrainSpec(StageParams):
@@ -55,7 +67,7 @@ class TokenizerSpec(StageParams):
 
     path: str | None = Field(None, description="tokenizer folder (tokenizer.json, or anything AutoTokenizer loads) or Hub name")
     train: TrainSpec | None = Field(None, description="train a byte-level BPE on the source instead")
-    special_tokens: dict[str, str] = Field(default_factory=dict, description="rename special tokens: name → string")
+    special_tokens: dict[str, str] = Field(default_factory=dict, description="spell special tokens differently: name → string")
     reuse_reserved: bool = Field(True, description="map new special tokens onto the tokenizer's unused reserved tokens")
     split_chars: int = Field(100_000, ge=1000, description="cut documents longer than this before encoding")
 
@@ -188,12 +200,19 @@ class CurateTokenizer:
 
 # ---------------------------------------------------------------------- preparation (driver side)
 def prepare(spec: TokenizerSpec, folder: Path, wanted: list[str], training_texts) -> dict[str, Any]:
-    """Resolve the run tokenizer into ``folder`` once; returns the metadata written there."""
+    """Resolve the run tokenizer into ``folder`` once; returns the metadata written there.
+
+    ``wanted`` are the special-token names the stages asked for. The metadata maps each name to its id
+    (``ids``) and to its string in the written ``tokenizer.json`` (``strings``); every id is distinct
+    and none is an id the tokenizer already uses for a role or for text (see :func:`_assign_specials`).
+    """
     meta_path = folder / "specials.json"
     if meta_path.exists():
         return orjson.loads(meta_path.read_bytes())
     tk = train_bpe(spec.train, training_texts()) if spec.train else load_base(spec.path)
-    ids = _assign_specials(tk, [spec.special_tokens.get(w, w) for w in wanted], spec.reuse_reserved)
+    roles = role_tokens(tk, spec.path)
+    ids, strings = _assign_specials(tk, {w: spec.special_tokens.get(w, w) for w in wanted}, spec.reuse_reserved,
+                                    roles, renamed=set(spec.special_tokens))
     folder.mkdir(parents=True, exist_ok=True)
     canonical = orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)
     from curate.rundir import AtomicFile
@@ -201,8 +220,8 @@ def prepare(spec: TokenizerSpec, folder: Path, wanted: list[str], training_texts
     f = AtomicFile(folder / "tokenizer.json")
     f.write(canonical)
     f.commit()
-    meta = {"ids": ids, "split_chars": spec.split_chars, "vocab_size": tk.get_vocab_size(with_added_tokens=True),
-            "vocab_sha256": vocab_digest(tk)}
+    meta = {"ids": ids, "strings": strings, "split_chars": spec.split_chars,
+            "vocab_size": tk.get_vocab_size(with_added_tokens=True), "vocab_sha256": vocab_digest(tk)}
     f = AtomicFile(meta_path)
     f.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     f.commit()
@@ -246,26 +265,124 @@ def train_bpe(spec: TrainSpec, texts: Iterable[str]):
     return tk
 
 
-def _assign_specials(tk, tokens: list[str], reuse_reserved: bool) -> dict[str, int]:
-    """Ids for ``tokens``: existing token, else a free reserved token, else a newly added one."""
+def role_tokens(tk, path: str | None = None) -> set[str]:
+    """Strings ``tk`` uses for its own roles (BOS/EOS/PAD/UNK/CLS/SEP/MASK …), as far as can be told.
+
+    From the model's ``unk_token``, the post-processor's special tokens, the role keys of a
+    ``tokenizer_config.json`` / ``special_tokens_map.json`` beside ``path`` (a local folder or file), and
+    the usual spellings (:data:`ROLE_SPELLINGS`) present in the vocabulary.
+    """
+    vocab = tk.get_vocab(with_added_tokens=True)
+    roles = {t for t in ROLE_SPELLINGS if t in vocab}
+    spec = orjson.loads(tk.to_str())
+    model = spec.get("model") or {}
+    if isinstance(model.get("unk_token"), str):
+        roles.add(model["unk_token"])
+    if model.get("type") == "Unigram" and model.get("unk_id") is not None and model.get("vocab"):
+        roles.add(model["vocab"][model["unk_id"]][0])
+    stack = [spec.get("post_processor")]
+    while stack:
+        proc = stack.pop()
+        if not isinstance(proc, dict):
+            continue
+        stack += proc.get("processors") or []
+        roles.update((proc.get("special_tokens") or {}).keys())
+        roles.update(proc[k][0] for k in ("sep", "cls") if isinstance(proc.get(k), list) and proc[k])
+    if path:
+        p = Path(os.path.expanduser(path))
+        folder = p.parent if p.is_file() else p
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                config = orjson.loads((folder / name).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            for key in ROLE_KEYS:
+                value = config.get(key) if isinstance(config, dict) else None
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    roles.add(value)
+    return roles
+
+
+def _fresh_strings(name: str):
+    """Candidate strings for a special token whose own name collides: ``<|curate_NAME|>``, then ``…_2|>`` …"""
+    core = re.sub(r"[^A-Za-z0-9]+", "_", name.replace("/", "end_")).strip("_") or "special"
+    yield f"<|curate_{core}|>"
+    k = 2
+    while True:
+        yield f"<|curate_{core}_{k}|>"
+        k += 1
+
+
+def _assign_specials(tk, wanted: dict[str, str], reuse_reserved: bool, roles: set[str] = frozenset(),
+                     renamed: set[str] = frozenset()) -> tuple[dict[str, int], dict[str, str]]:
+    """Ids and strings for the special tokens ``wanted`` (name → string); new ones are added to ``tk``.
+
+    Contract: every returned id is distinct, and no id is one the tokenizer already uses for a role
+    (``roles``) or for ordinary text. A string already in the tokenizer keeps its id only when it is an
+    added *special* token that is not a role (a tokenizer an earlier run extended). Otherwise the name
+    collides and takes, in this order: an existing non-role special ``<|curate_NAME|>`` (an earlier run's
+    answer to the same collision), a free reserved token (with ``reuse_reserved``), or a new token
+    spelled ``<|curate_NAME|>`` (or its own string when that did not collide). A string chosen in the
+    manifest (``renamed``) that collides is a :class:`ConfigError` rather than silently respelled.
+    """
     from tokenizers import AddedToken
 
-    ids: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    for name, string in wanted.items():
+        if string in seen:
+            raise ConfigError(f"tokenizer.special_tokens: {string!r} is given to more than one special token "
+                              f"({seen[string]!r} and {name!r})")
+        seen[string] = name
     vocab = tk.get_vocab(with_added_tokens=True)
-    reserved = sorted((i for t, i in vocab.items() if any(re.fullmatch(p, t) for p in RESERVED_PATTERNS)))
-    new = []
-    for token in dict.fromkeys(tokens):
-        if token in vocab:
-            ids[token] = vocab[token]
-        elif reuse_reserved and reserved:
-            ids[token] = reserved.pop(0)
+    special = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+
+    def reusable(string: str) -> bool:
+        return string in special and string not in roles and vocab[string] not in taken
+
+    ids: dict[str, int] = {}
+    strings: dict[str, str] = {}
+    taken: set[int] = set()
+    for name, string in wanted.items():  # pass 1: strings the tokenizer already has as our kind of token
+        if string in vocab and reusable(string):
+            ids[name], strings[name] = vocab[string], string
+            taken.add(vocab[string])
+        elif string in vocab and name in renamed:
+            raise ConfigError(f"tokenizer.special_tokens: {name!r} → {string!r} is already used by the tokenizer "
+                              "(a role such as BOS/EOS/PAD/UNK, ordinary text, or another special token); "
+                              "choose a string it does not have")
+    reserved = sorted(i for t, i in vocab.items()
+                      if i not in taken and any(re.fullmatch(p, t) for p in RESERVED_PATTERNS))
+    pending: dict[str, str] = {}  # name → string to add
+    for name, string in wanted.items():  # pass 2: everything that needs an id of its own
+        if name in ids:
+            continue
+        if string in vocab or string in pending.values():
+            string = None
+            for candidate in _fresh_strings(name):  # ends: the vocabulary is finite
+                if candidate in vocab and reusable(candidate):
+                    ids[name], strings[name] = vocab[candidate], candidate
+                    taken.add(vocab[candidate])
+                    break
+                if candidate not in vocab and candidate not in pending.values():
+                    string = candidate
+                    break
+            if string is None:
+                continue
+        if reuse_reserved and reserved:
+            ids[name] = reserved.pop(0)
+            strings[name] = tk.id_to_token(ids[name])
+            taken.add(ids[name])
         else:
-            new.append(token)
-    if new:
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
-        for token in new:
-            ids[token] = tk.token_to_id(token)
-    return ids
+            pending[name] = string
+    if pending:
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in pending.values()])
+        for name, string in pending.items():
+            ids[name], strings[name] = tk.token_to_id(string), string
+    role_ids = {vocab[r] for r in roles if r in vocab}
+    if len(set(ids.values())) != len(ids) or role_ids & set(ids.values()):  # the contract, checked
+        raise AssertionError(f"special token ids collide: {ids}")
+    return {n: ids[n] for n in wanted}, {n: strings[n] for n in wanted}
 
 
 def vocab_digest(tk) -> str:

@@ -5,17 +5,20 @@ Shared by the model-based text scorers (``perplexity``, ``long_dependency``, ``d
 ``device: auto`` takes CUDA when present, in float16 there, float32 on the CPU. :meth:`CausalLM.nll`
 takes token-id sequences of any lengths, sorts them by length into batches (little padding) and returns,
 per sequence, the NLL of every token after the first (and, when asked, whether the model's top guess
-was that token).
+was that token). :meth:`CausalLM.encode_joined` tokenizes a prompt and its continuation as one text and
+says where the continuation starts (from the tokenizer's character offsets). Scores a stage cannot
+compute are written with :func:`nullable`: null, never NaN.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
+import pyarrow as pa
 from pydantic import Field
 
 from curate.errors import MissingDependency
@@ -25,6 +28,29 @@ _LOADED: dict[tuple[str, str], CausalLM] = {}
 #: On the CPU a batch holds at most this many padded tokens: bigger batches run slower there, because
 #: the (batch × length × vocabulary) logits fall out of cache (measured in benchmarks/perplexity_throughput.py).
 CPU_BATCH_TOKENS = 1024
+
+
+def nullable(values) -> pa.Array:
+    """A float64 score column in which NaN (a row that could not be scored) is written as null."""
+    arr = np.ascontiguousarray(values, dtype=np.float64)
+    return pa.array(arr, pa.float64(), mask=np.isnan(arr))
+
+
+def safe_exp(x: float) -> float:
+    """``exp`` that overflows to ``inf`` (as torch and numpy do) instead of raising."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+@dataclass
+class Joined:
+    """One ``head + tail`` text tokenized as one: its ids, how many added special tokens lead and trail
+    them, and ``start``, the index of the first token whose character span ends inside ``tail``
+    (``len(ids) - trail`` when none does: an empty tail)."""
+
+    ids: list[int]
+    lead: int
+    trail: int
+    start: int
 
 
 @dataclass
@@ -67,6 +93,41 @@ class CausalLM:
     def encode(self, texts: list[str], special: bool = True) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
+    def encode_joined(self, heads: list[str], tails: list[str], special: bool = True) -> list[Joined]:
+        """Tokenize each ``head + tail`` as ONE text and find where ``tail`` starts among its tokens.
+
+        Tokenizing the two parts apart would split a word from the space before it (``"Response: "`` +
+        ``"Paris"`` is not ``"Response: Paris"``); here the tail starts at the first token whose character
+        span ends inside the tail (from the fast tokenizer's offsets), so a token that straddles the join
+        belongs to the tail. Slow tokenizers have no offsets: the tail then starts where the joint ids stop
+        agreeing with the ids of the head tokenized alone.
+        """
+        texts = [h + t for h, t in zip(heads, tails)]
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._joined_by_prefix(heads, texts, special)
+        enc = self.tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True,
+                             return_special_tokens_mask=True)
+        out = []
+        for head, ids, offsets, mask in zip(heads, enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+            lead, trail = _ends(mask)
+            cut = len(head)
+            start = next((k for k in range(lead, len(ids) - trail) if not mask[k] and offsets[k][1] > cut),
+                         len(ids) - trail)
+            out.append(Joined(list(ids), lead, trail, start))
+        return out
+
+    def _joined_by_prefix(self, heads: list[str], texts: list[str], special: bool) -> list[Joined]:
+        enc = self.tokenizer(texts, add_special_tokens=special, return_special_tokens_mask=True)
+        alone = self.tokenizer(heads, add_special_tokens=special)["input_ids"]
+        out = []
+        for ids, mask, head in zip(enc["input_ids"], enc["special_tokens_mask"], alone):
+            lead, trail = _ends(mask)
+            same = 0
+            while same < min(len(ids) - trail, len(head)) and ids[same] == head[same]:
+                same += 1
+            out.append(Joined(list(ids), lead, trail, max(same, lead)))
+        return out
+
     def nll(self, seqs: list[list[int]], batch_size: int = 8, correct: bool = False) -> list[TokenScores]:
         """Token NLLs of each sequence (length-sorted batches; sequences must fit the context).
 
@@ -107,6 +168,17 @@ class CausalLM:
         nll = nll.cpu().numpy()
         return [TokenScores(nll[i, : len(s) - 1], correct[i, : len(s) - 1] if correct is not None else None)
                 for i, s in enumerate(seqs)]
+
+
+def _ends(mask: list[int]) -> tuple[int, int]:
+    """How many added special tokens lead and trail a sequence (from its special-tokens mask)."""
+    lead = 0
+    while lead < len(mask) and mask[lead]:
+        lead += 1
+    trail = 0
+    while trail < len(mask) - lead and mask[len(mask) - 1 - trail]:
+        trail += 1
+    return lead, trail
 
 
 class LMScorer(Filter):

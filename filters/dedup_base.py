@@ -55,11 +55,11 @@ class GlobalDedup(Filter):
         """A cluster label per row of ``table`` (rows in input order); equal labels are duplicates."""
 
     # ---------------------------------------------------------------- global protocol
-    def observe(self, batch: pa.RecordBatch, ctx) -> None:
+    def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
         texts = [t or "" for t in batch.column(self.params.text_column).to_pylist()]
         cols = {"id": batch.column("id"), "n_chars": numeric([len(t) for t in texts], np.int64)}
         cols.update(self.keys(texts, batch.column("id").to_pylist()))
-        self.keep_partial(pa.table(cols))
+        partial.add(pa.table(cols))
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
         table = concat_partials(partials)
@@ -79,27 +79,22 @@ class GlobalDedup(Filter):
         members = self._members(ctx)
         n = batch.num_rows
         if members is None:
-            self._dup = None
             return {"cluster_size": numeric(np.ones(n, np.int32)), "cluster": pa.nulls(n, pa.int64())}
         at = pc.index_in(batch.column("id"), value_set=members["id"])
         found = at.is_valid()
         size = pc.if_else(found, pc.take(members["cluster_size"], at), 1).cast(pa.int32())
         cluster = pc.take(members["cluster"], at)
-        self._dup = pc.and_(found, pc.invert(pc.fill_null(pc.take(members["kept"], at), True)))
-        return {"cluster_size": size, "cluster": cluster}
+        dup = pc.and_(found, pc.invert(pc.fill_null(pc.take(members["kept"], at), True)))
+        return {"cluster_size": size, "cluster": cluster, "_duplicate": dup}
 
     def _members(self, ctx) -> dict[str, pa.Array] | None:
-        """The members table as contiguous arrays, read once per process (None when nothing repeats)."""
-        if not hasattr(self, "_member_arrays"):
-            self._member_arrays = None
-            if ctx.global_state(self.label)["clusters"]:
-                table = ctx.global_table(self.label, "members").combine_chunks()
-                self._member_arrays = {name: table.column(name).chunk(0) for name in table.column_names}
-        return self._member_arrays
+        """The members table as contiguous arrays (None when nothing repeats)."""
+        if not ctx.global_state(self.label)["clusters"]:
+            return None
+        return ctx.global_columns(self.label, "members")
 
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
-        dup = getattr(self, "_dup", None)
-        self._dup = None
+        dup = scores.get("_duplicate")
         if dup is None or not self.params.drop:
             return pa.nulls(batch.num_rows, pa.string())
         return pc.if_else(dup, pa.scalar("duplicate"), pa.scalar(None, pa.string()))

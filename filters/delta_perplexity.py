@@ -1,16 +1,22 @@
 """``delta_perplexity``: how much a long context helps the model, LongWanjuan-style, as score columns.
 
-The document (tokenized with the model's special tokens) is cut into ``window``-token chunks; a
-document shorter than one window but longer than ``short_window`` is one chunk. In each chunk the last
-``tail`` tokens are scored twice: (a) with the whole chunk before them, (b) with only the chunk's last
-``short_window`` tokens as input (``short_window − tail`` tokens of context). Over all chunks' tails:
+The document (tokenized without special tokens, as LongWanjuan's SentencePiece ``encode``) is cut into
+``window``-token chunks (the last partial one dropped); a document shorter than one window but longer
+than ``short_window`` is one chunk. In each chunk the last ``tail`` tokens are scored twice: (a) with
+the whole chunk before them, (b) with only the chunk's last ``short_window`` tokens as input
+(``short_window − tail`` tokens of context). Per chunk ``c``: ``ppl_c = exp(mean NLL of the tail)`` and
+``acc_c`` = the tail's top-1 accuracy; over the document's chunks (up to ``max_windows``), as
+LongWanjuan's code aggregates them:
 
-* ``ppl_full``, ``ppl_short`` — perplexities of (a) and (b); ``ppl_delta = ppl_short − ppl_full`` and
-  ``ppl_ratio = ppl_delta / ppl_short`` (larger: the distant context helps more, a "holistic" text);
-* ``acc_full``, ``acc_short`` — top-1 accuracy of (a) and (b); ``acc_delta``, ``acc_ratio = acc_delta / acc_full``;
+* ``ppl_full``, ``ppl_short`` — the mean of the per-chunk perplexities of (a), (b);
+  ``ppl_delta = ppl_short − ppl_full`` and ``ppl_ratio = ppl_delta / ppl_short`` (larger: the distant
+  context helps more, a "holistic" text);
+* ``acc_full``, ``acc_short`` — the mean of the per-chunk accuracies; ``acc_delta``,
+  ``acc_ratio = acc_delta / acc_full``;
 * ``comp_rate`` (tokens per character) and ``dedup_rate`` (distinct tokens / tokens).
 
-Documents too short to compare get null deltas. Defaults are LongWanjuan's (4096 / 1024 / 2048).
+A value that cannot be computed (a document too short to compare, ``acc_full = 0``) is null, never
+NaN. Defaults are LongWanjuan's (4096 / 1024 / 2048).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pydantic import Field, model_validator
 
 from curate.errors import ConfigError
 from curate.registry import register_stage
-from filters.causal_lm import LMScorer
+from filters.causal_lm import LMScorer, nullable, safe_exp
 
 METRICS = ("ppl_full", "ppl_short", "ppl_delta", "ppl_ratio", "acc_full", "acc_short", "acc_delta", "acc_ratio",
            "comp_rate", "dedup_rate")
@@ -53,7 +59,7 @@ class DeltaPerplexity(LMScorer):
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
         p = self.params
         texts = batch.column(p.text_column).to_pylist()
-        ids = self.lm.encode(texts)
+        ids = self.lm.encode(texts, special=False)
         chunks = []  # (doc, full chunk, short input)
         for d, row in enumerate(ids):
             starts = range(0, len(row) - p.window + 1, p.window) if len(row) >= p.window else \
@@ -66,18 +72,19 @@ class DeltaPerplexity(LMScorer):
         seqs = [c[1] for c in chunks] + [c[2] for c in chunks]
         scored = self.lm.nll(seqs, p.batch_size, correct=True)
         n = len(texts)
-        sums = {k: np.zeros(n) for k in ("nll_f", "nll_s", "acc_f", "acc_s")}
+        # per document: sums over its chunks of the per-chunk perplexity and accuracy
+        sums = {k: np.zeros(n) for k in ("ppl_f", "ppl_s", "acc_f", "acc_s")}
         count = np.zeros(n)
         for c, (d, _, _) in enumerate(chunks):
             full, short = scored[c], scored[len(chunks) + c]
-            sums["nll_f"][d] += full.nll[-p.tail:].sum()
-            sums["nll_s"][d] += short.nll[-p.tail:].sum()
-            sums["acc_f"][d] += full.correct[-p.tail:].sum()
-            sums["acc_s"][d] += short.correct[-p.tail:].sum()
-            count[d] += p.tail
+            sums["ppl_f"][d] += safe_exp(float(full.nll[-p.tail:].mean()))
+            sums["ppl_s"][d] += safe_exp(float(short.nll[-p.tail:].mean()))
+            sums["acc_f"][d] += float(full.correct[-p.tail:].mean())
+            sums["acc_s"][d] += float(short.correct[-p.tail:].mean())
+            count[d] += 1
         with np.errstate(invalid="ignore", divide="ignore"):
             c = np.where(count > 0, count, np.nan)
-            ppl_f, ppl_s = np.exp(sums["nll_f"] / c), np.exp(sums["nll_s"] / c)
+            ppl_f, ppl_s = sums["ppl_f"] / c, sums["ppl_s"] / c
             acc_f, acc_s = sums["acc_f"] / c, sums["acc_s"] / c
             chars = np.array([max(len(t), 1) for t in texts], float)
             toks = np.array([len(r) for r in ids], float)
@@ -88,4 +95,4 @@ class DeltaPerplexity(LMScorer):
                 "comp_rate": toks / chars,
                 "dedup_rate": np.array([len(set(r)) / len(r) if r else np.nan for r in ids]),
             }
-        return {k: pa.array(values[k], pa.float64(), mask=np.isnan(values[k])) for k in METRICS}
+        return {k: nullable(values[k]) for k in METRICS}

@@ -2,10 +2,12 @@
 
 Each row is rendered with ``template`` from its ``context``, ``instruction`` and ``response`` fields
 (columns, or keys of the row's ``meta`` JSON — where readers keep a record's other fields);
-two models of one family score the **response only** (the prompt before it is context, its tokens carry
-no loss): ``short_model`` (a short-context model) and ``long_model`` (its long-context sibling). Inputs
-longer than a model's window keep their last tokens (left truncation). Over the whole dataset each
-perplexity list is min-max normalized; per row
+two models of one family score the **response only** (the rendered text is tokenized as one and the
+prompt's tokens carry no loss): ``short_model`` (a short-context model) and ``long_model`` (its
+long-context sibling). Inputs longer than a model's window keep their last tokens (left truncation, as
+GATEAU's tokenizer truncates), so a response longer than the window keeps its end. Over the whole
+dataset each perplexity list is min-max normalized (rows with no score — an empty response — take no
+part and get null scores); per row
 
 * ``gap = norm(PPL_short) − norm(PPL_long)`` — high when the response is hard for the short model but
   easy for the long one, i.e. it needs the long context;
@@ -17,7 +19,6 @@ Scores: ``ppl_short``, ``ppl_long``, ``gap``, ``hmg``. The models run in the pha
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.arrays import numeric
 from curate.registry import register_stage
 from curate.stage import Filter, concat_partials
-from filters.causal_lm import CausalLM
+from filters.causal_lm import CausalLM, nullable, safe_exp
 
 
 @register_stage("homologous_gap")
@@ -63,15 +63,14 @@ class HomologousGap(Filter):
         return True
 
     # ---------------------------------------------------------------- models (observe step)
-    def observe(self, batch: pa.RecordBatch, ctx) -> None:
+    def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
         p = self.params
         prefix, response = self._split(batch)
         short = response_perplexity(CausalLM.shared(p.short_model, p.device), prefix, response, p.max_length,
                                     p.batch_size)
         long = response_perplexity(CausalLM.shared(p.long_model, p.device), prefix, response, p.max_length,
                                    p.batch_size)
-        self.keep_partial(pa.table({"id": batch.column("id"), "ppl_short": numeric(short),
-                                    "ppl_long": numeric(long)}))
+        partial.add(pa.table({"id": batch.column("id"), "ppl_short": nullable(short), "ppl_long": nullable(long)}))
 
     def _split(self, batch: pa.RecordBatch) -> tuple[list[str], list[str]]:
         p = self.params
@@ -84,42 +83,53 @@ class HomologousGap(Filter):
         table = concat_partials(partials)
         if table is None:
             return {"rows": 0}
-        short, long = (table.column(c).to_numpy() for c in ("ppl_short", "ppl_long"))
+        # null (nothing scored) → NaN here; NaN or infinite perplexities take no part in the ranges
+        short, long = (_finite(table.column(c).to_numpy()) for c in ("ppl_short", "ppl_long"))
         gap = _minmax(short) - _minmax(long)
         finite = np.isfinite(gap)
         hmg = np.full(len(gap), np.nan)
         if finite.any():
             z = np.exp(gap[finite] - gap[finite].max())
             hmg[finite] = z / z.sum()
-        scores = table.append_column("gap", numeric(gap)).append_column("hmg", numeric(hmg))
-        return {"rows": table.num_rows, "ppl_short": _range(short), "ppl_long": _range(long),
-                "_tables": {"scores": scores}}
+        scores = table.append_column("gap", nullable(gap)).append_column("hmg", nullable(hmg))
+        return {"rows": table.num_rows, "scored": int(finite.sum()), "ppl_short": _range(short),
+                "ppl_long": _range(long), "_tables": {"scores": scores}}
 
     # ---------------------------------------------------------------- per row
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
-        if not hasattr(self, "_table"):
-            table = ctx.global_table(self.label, "scores").combine_chunks()
-            self._table = {name: table.column(name).chunk(0) for name in table.column_names}
-        at = pc.index_in(batch.column("id"), value_set=self._table["id"])
-        return {name: pc.take(self._table[name], at) for name in ("ppl_short", "ppl_long", "gap", "hmg")}
+        table = ctx.global_columns(self.label, "scores")
+        at = pc.index_in(batch.column("id"), value_set=table["id"])
+        return {name: pc.take(table[name], at) for name in ("ppl_short", "ppl_long", "gap", "hmg")}
 
 
 def response_perplexity(lm: CausalLM, prefix: list[str], response: list[str], max_length: int | None,
                         batch_size: int) -> np.ndarray:
-    """Perplexity of each response given its prefix (left-truncated to the window); NaN if empty."""
+    """Perplexity of each response given its prefix; NaN where no response token is scored.
+
+    ``prefix + response`` is tokenized as ONE text (special tokens as the tokenizer adds them) and the
+    prompt's tokens carry no loss; the response starts at the first token that covers one of its
+    characters (:meth:`CausalLM.encode_joined`). A text longer than the window keeps its LAST tokens
+    (left truncation, the added special tokens at both ends kept, as a left-truncating Hugging Face
+    tokenizer does): the prompt is cut first, then the response's beginning.
+    """
     width = min(max_length or lm.context, lm.context)
-    heads = lm.encode(prefix)
-    tails = lm.encode(response, special=False)
-    seqs, scored_len = [], []
-    for h, t in zip(heads, tails):
-        t = t[: width - 1]
-        seq = (h + t)[-width:]
-        seqs.append(seq)
-        scored_len.append(min(len(t), len(seq) - 1))
+    seqs, first = [], []
+    for j in lm.encode_joined(prefix, response):
+        ids, start = j.ids, j.start
+        over = len(ids) - width
+        if over > 0:
+            if j.lead + j.trail < width:
+                body = ids[j.lead:len(ids) - j.trail]
+                ids = ids[:j.lead] + body[over:] + ids[len(ids) - j.trail:]
+                start = max(start - over, j.lead)
+            else:  # no room for the special tokens: plain left truncation
+                ids, start = ids[over:], max(start - over, 0)
+        seqs.append(ids)
+        first.append(max(start, 1))  # the first token has no context and is never scored
     out = np.full(len(seqs), np.nan)
-    todo = [i for i, n in enumerate(scored_len) if n > 0]
+    todo = [i for i, s in enumerate(seqs) if first[i] < len(s)]
     for i, s in zip(todo, lm.nll([seqs[i] for i in todo], batch_size)):
-        out[i] = math.exp(float(s.nll[-scored_len[i]:].mean()))
+        out[i] = safe_exp(float(s.nll[first[i] - 1:].mean()))  # nll[k] is the loss of token k + 1
     return out
 
 
@@ -134,11 +144,20 @@ def field_values(batch: pa.RecordBatch, name: str) -> list:
     return [orjson.loads(m).get(name) if m else None for m in batch.column("meta").to_pylist()]
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(np.isfinite(x), x, np.nan)
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = np.nanmin(x), np.nanmax(x)
-    return np.zeros_like(x) if hi == lo else (x - lo) / (hi - lo)
+    """Min-max normalization over the finite values; NaN stays NaN; all equal → 0."""
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.full(len(x), np.nan)
+    lo, hi = x[ok].min(), x[ok].max()
+    return np.where(ok, 0.0, np.nan) if hi == lo else (x - lo) / (hi - lo)
 
 
-def _range(x: np.ndarray) -> dict[str, float]:
-    return {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
-
+def _range(x: np.ndarray) -> dict[str, float | None]:
+    ok = np.isfinite(x)
+    return {"min": float(x[ok].min()), "max": float(x[ok].max())} if ok.any() else {"min": None, "max": None}

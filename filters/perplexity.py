@@ -6,7 +6,9 @@ sliding window: windows of ``max_length`` tokens advancing by ``stride``; each t
 the first window where it is new, with up to ``max_length − stride`` tokens of context before it.
 Windows from many documents are batched by length (sorted, so padding is small). ``device: auto`` uses
 CUDA when present, in float16 there; float32 on the CPU. ``max_perplexity`` drops documents above it
-(reason ``perplexity_above_max``), though the usual way is to keep the score and ``select`` later.
+(reason ``perplexity_above_max``; a document with nothing to score — fewer than two tokens — has null
+scores and is dropped as ``perplexity_missing``), though the usual way is to keep the score and
+``select`` later.
 
 **KenLM backend** (``backend: kenlm``, or automatically when ``model`` is a ``.arpa``/``.bin``/``.klm``
 file): CCNet's document perplexity ``10^(−Σ_lines log10 P(line) / Σ_lines (tokens(line) + 1))`` (the
@@ -30,7 +32,7 @@ from pydantic import Field
 from curate.arrays import numeric, strings
 from curate.errors import MissingDependency
 from curate.registry import register_stage
-from filters.causal_lm import LMScorer
+from filters.causal_lm import LMScorer, nullable
 
 
 @register_stage("perplexity")
@@ -82,7 +84,9 @@ class Perplexity(LMScorer):
             nll[d] += float(tokens.nll[len(tokens.nll) - new:].sum())
             count[d] += new
         mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
-        return {"perplexity": numeric(np.exp(mean)), "mean_nll": numeric(mean), "n_scored": numeric(count)}
+        with np.errstate(over="ignore", invalid="ignore"):
+            ppl = np.exp(mean)
+        return {"perplexity": nullable(ppl), "mean_nll": nullable(mean), "n_scored": numeric(count)}
 
     def _setup_kenlm(self) -> None:
         try:
@@ -110,9 +114,10 @@ class Perplexity(LMScorer):
                 pieces = self.spm.encode(line, out_type=str) if self.spm is not None else line.split()
                 log10[d] += self.ngram.score(" ".join(pieces), bos=True, eos=True)
                 count[d] += len(pieces) + 1
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = np.where(count > 0, -log10 * np.log(10) / np.maximum(count, 1), np.nan)
-        return {"perplexity": numeric(np.exp(mean)), "mean_nll": numeric(mean), "n_scored": numeric(count)}
+            ppl = np.exp(mean)
+        return {"perplexity": nullable(ppl), "mean_nll": nullable(mean), "n_scored": numeric(count)}
 
     def _windows(self, doc: int, ids: list[int]):
         """(doc, window ids, number of new tokens at its end) covering every token but the first once."""
@@ -131,9 +136,12 @@ class Perplexity(LMScorer):
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         if self.params.max_perplexity is None:
             return pa.nulls(batch.num_rows, pa.string())
-        ppl = scores["perplexity"].to_numpy(zero_copy_only=False)
-        over = ~(ppl <= self.params.max_perplexity)  # NaN (nothing to score) counts as over
-        return strings(["perplexity_above_max" if o else None for o in over])
+        ppl = scores["perplexity"].to_numpy(zero_copy_only=False)  # null (nothing to score) → NaN
+        missing = np.isnan(ppl)
+        with np.errstate(invalid="ignore"):
+            over = ppl > self.params.max_perplexity
+        return strings(["perplexity_missing" if m else "perplexity_above_max" if o else None
+                        for m, o in zip(missing, over)])
 
 
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)

@@ -6,7 +6,12 @@ fraction of the survivors by one column. A top fraction is global: every shard's
 gathered first (the planner starts a phase here), the cut-off is exact, and ties at the cut-off are
 broken by a stable hash of ``(seed, stage, id)``, so exactly ``round(fraction * n)`` rows stay.
 
-Drop reasons: ``<column>_below_min``, ``<column>_above_max``, ``<column>_missing`` (null score),
+A null or NaN score is *missing*: outside every bound, never a ``top`` candidate (so never the
+cut-off, never kept, not counted in ``n``). ``±inf`` are ordinary values. The cut-off reported in the
+combined state (``stats.json → global.<label>``) is the score's own value; JSON has no infinity, so
+``±inf`` are written as the strings ``"inf"`` / ``"-inf"``.
+
+Drop reasons: ``<column>_below_min``, ``<column>_above_max``, ``<column>_missing`` (null or NaN score),
 ``<column>_not_in_top``.
 """
 
@@ -70,62 +75,80 @@ class Select(Filter):
         if top is None:
             return reasons
         state = ctx.global_state(self.label)
-        value, tb = _key(batch, top, ctx.seed, self.label)
-        cut_v, cut_t = state["value"], state["tiebreak"]
-        if cut_v is None:  # nothing survived the bounds anywhere
-            inside = pa.array(np.zeros(batch.num_rows, bool))
+        value = _values(batch, top.column)
+        missing = np.isnan(value)
+        key, tb = _key(batch, value, top, ctx.seed, self.label)
+        if state["value"] is None:  # nothing survived the bounds anywhere
+            inside = np.zeros(batch.num_rows, bool)
         else:
-            above = (value > cut_v) | ((value == cut_v) & (tb >= np.uint64(cut_t)))
-            inside = pa.array(above)
-        missing = pc.is_null(score_column(batch, top.column))
-        reason = pc.if_else(missing, f"{_key_name(top.column)}_missing",
-                            pc.if_else(inside, pa.scalar(None, pa.string()), f"{_key_name(top.column)}_not_in_top"))
+            # compare sort keys, never raw values: the key of the cut-off row is rebuilt from its value
+            cut = _from_json(state["value"])
+            cut_key = cut if top.largest else -cut
+            inside = (key > cut_key) | ((key == cut_key) & (tb >= np.uint64(state["tiebreak"])))
+        name = _key_name(top.column)
+        reason = pc.if_else(pa.array(missing), f"{name}_missing",
+                            pc.if_else(pa.array(inside & ~missing), _NULL, f"{name}_not_in_top"))
         return pc.coalesce(reasons, reason)
 
     def _bounds(self, batch: pa.RecordBatch) -> pa.Array:
+        """The first failed bound of each row (``where`` order), null where every bound holds."""
         reason = pa.nulls(batch.num_rows, pa.string())
-        for bound in reversed(self.params.where):
-            col = score_column(batch, bound.column)
+        for bound in reversed(self.params.where):  # reversed: an earlier bound's reason wins
+            value = _values(batch, bound.column)
             name = _key_name(bound.column)
             if bound.max is not None:
-                reason = pc.if_else(pc.fill_null(pc.greater(col, bound.max), False), f"{name}_above_max", reason)
+                reason = pc.if_else(pa.array(value > bound.max), f"{name}_above_max", reason)
             if bound.min is not None:
-                reason = pc.if_else(pc.fill_null(pc.less(col, bound.min), False), f"{name}_below_min", reason)
-            reason = pc.if_else(pc.is_null(col), f"{name}_missing", reason)
+                reason = pc.if_else(pa.array(value < bound.min), f"{name}_below_min", reason)
+            reason = pc.if_else(pa.array(np.isnan(value)), f"{name}_missing", reason)  # null or NaN
         return reason
 
     # ---------------------------------------------------------------- global protocol
-    def observe(self, batch: pa.RecordBatch, ctx) -> None:
-        keep = pc.is_null(self._bounds(batch))
+    def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
         top = self.params.top
-        has = pc.and_(keep, pc.is_valid(score_column(batch, top.column)))
-        if not pc.any(has).as_py():
+        value = _values(batch, top.column)
+        has = pc.is_null(self._bounds(batch)).to_numpy(zero_copy_only=False) & ~np.isnan(value)
+        if not has.any():
             return
-        rows = batch.filter(has)
-        value, tb = _key(rows, top, ctx.seed, self.label)
-        self.keep_partial(pa.table({"value": value, "tiebreak": tb}))
+        rows = batch.filter(pa.array(has))
+        key, tb = _key(rows, value[has], top, ctx.seed, self.label)
+        partial.add(pa.table({"value": key, "tiebreak": tb}))
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict:
+        """The cut-off row (the k-th by sort key): its own score ``value``, ``tiebreak``, ``n`` and ``k``."""
         table = concat_partials(partials)
+        top = self.params.top
         n = table.num_rows if table is not None else 0
-        k = int(math.floor(self.params.top.fraction * n + 0.5)) if n else 0
+        k = int(math.floor(top.fraction * n + 0.5)) if n else 0
         if k == 0:
-            return {"value": None, "tiebreak": None, "n": n, "k": 0}
-        order = np.lexsort((table.column("tiebreak").to_numpy(), table.column("value").to_numpy()))[::-1]
-        pick = int(order[k - 1])
-        return {"value": float(table.column("value")[pick].as_py()),
-                "tiebreak": int(table.column("tiebreak")[pick].as_py()), "n": n, "k": k}
+            return {"value": None, "tiebreak": None, "n": n, "k": 0, "largest": top.largest}
+        key, tb = table.column("value").to_numpy(), table.column("tiebreak").to_numpy()
+        pick = int(np.lexsort((tb, key))[::-1][k - 1])
+        own = float(key[pick]) if top.largest else -float(key[pick])  # the sort key back to the score
+        return {"value": _to_json(own + 0.0), "tiebreak": int(tb[pick]), "n": n, "k": k, "largest": top.largest}
 
 
-def _key(batch: pa.RecordBatch, top: Top, seed: int, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sort key of each row: the score (negated to keep the smallest) and a stable tiebreak hash."""
-    value = score_column(batch, top.column).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    value = np.nan_to_num(value, nan=-np.inf)
-    if not top.largest:
-        value = -value
-    return value, doc_hashes(seed, label, batch.column("id").to_pylist())
+_NULL = pa.scalar(None, pa.string())
+
+
+def _values(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A column as float64, null → NaN (both are "missing")."""
+    return score_column(batch, column).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _key(batch: pa.RecordBatch, value: np.ndarray, top: Top, seed: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sort key of each row (larger is better): the score, negated to keep the smallest; and a tiebreak hash."""
+    return (value if top.largest else -value), doc_hashes(seed, label, batch.column("id").to_pylist())
+
+
+def _to_json(x: float) -> float | str:
+    """JSON has no infinity: ``±inf`` become the strings ``"inf"`` / ``"-inf"``."""
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _from_json(x: float | str) -> float:
+    return float(x)  # float("inf"), float("-inf") and plain numbers
 
 
 def _key_name(column: str) -> str:
     return column.replace("scores.", "", 1).replace(".", "_")
-

@@ -95,13 +95,13 @@ class RelatedDocs(Synthesizer):
             self._model = SentenceTransformer(resolve_model(self.params.model), device=device)
         return self._model
 
-    def observe(self, batch: pa.RecordBatch, ctx) -> None:
+    def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
         texts = [t[: self.params.text_chars] for t in batch.column("text").to_pylist()]
         emb = self._embedder().encode(texts, batch_size=self.params.batch_size, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-        start = self.kept_partial_rows()
+        start = partial.rows
         dim = emb.shape[1]
-        self.keep_partial(pa.table({
+        partial.add(pa.table({
             "id": batch.column("id"),
             "shard": strings([ctx.shard.name] * batch.num_rows),
             "row": numeric(np.arange(start, start + batch.num_rows, dtype=np.int64)),

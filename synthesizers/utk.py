@@ -12,20 +12,31 @@ Per window, following the authors' ``denoise_text_multi_hop``:
    split points are random (``split: random``), equal, or fixed ``span``-token pieces; a document
    shorter than ``n`` tokens stays whole;
 3. the boundary ``b`` between chunks ``b-1`` and ``b`` gets its own pair of knot tokens: chunk ``b-1``
-   ends with ``<|knot_b_tail|>`` and chunk ``b`` starts with ``<|knot_b_head|>`` (with fixed spans,
-   ``<|knot_head|> b <|knot_head_end|>`` / ``<|knot_tail|> b <|knot_tail_end|>`` carry the number);
+   ends with ``<|knot_b_tail|>`` and chunk ``b`` starts with ``<|knot_b_head|>``. With fixed spans the
+   knots carry the chunk's own 0-based number, as the reference numbers them: chunk ``j`` starts with
+   ``<|knot_head|> j <|knot_head_end|>`` and ends with ``<|knot_tail|> j <|knot_tail_end|>`` (so the
+   boundary between chunks ``j`` and ``j+1`` reads ``… tail j`` / ``head j+1 …``);
 4. all chunks of all documents are shuffled jointly, except the last chunk of the last document, which
    stays at the end; with ``preserve_order`` (default) each document keeps its own chunk order;
 5. with ``backtrace``, each chunk of a split document is prefixed ``<D> id </D>`` (a random 6-character
    id per chunk) and the document's last-appearing chunk is followed by ``<S> id0 <s> id1 … </S>``, the
    ids in original order;
-6. ``loss_mask`` (aligned with ``input_ids``: 1 where the token is a training target) is 0 exactly where
-   the reference masks: a target whose input (the token before) or itself is a knot, whose input lies
-   in a ``<D> … </D>`` span, that is ``<D>`` or ``<S>``, or whose input is ``</S>``.
+6. ``loss_mask`` (aligned with ``input_ids``: 1 where the token is a training target, predicted from
+   the tokens before it) is 0 exactly where the reference masks: a target whose input (the token
+   before) or itself is a knot, whose input lies in a ``<D> … </D>`` span, that is ``<D>`` or ``<S>``,
+   or whose input is ``</S>``; and, as the reference's end-of-document masking does (every document
+   there ends with EOD and the target after an EOD is masked), the first token of every chunk, of
+   every document and of the window: no trained target ever has its input in another chunk, so none
+   crosses from one document to another, augmented or not.
 
 An augmented window is one attention unit (``doc_offsets = [0, n]``): its chunks must see each other.
 Randomness is derived from ``(seed, stage, first document id)`` per window and ``(seed, stage, id)``
 per document, so the output does not depend on batching or on the number of workers.
+
+Parameters that can never be satisfied (chunk counts or spans no window can hold once augmented, ids
+that never encode to ``id_max_tokens`` tokens, weights that select nothing) are refused with a
+:class:`~curate.errors.ConfigError` naming the parameter: statically by the ``Params`` validator, and in
+:meth:`ChunkShuffle.setup` where the answer depends on the run tokenizer. Every loop is bounded.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from curate import seeds
+from curate.errors import ConfigError
 from curate.arrays import int_lists, numeric, string_lists, strings, struct_lists
 from curate.registry import register_stage
 from curate.stage import StageParams, Synthesizer
@@ -48,6 +60,10 @@ from curate.stages.tokenize import id_lists, list_parts
 D_OPEN, D_CLOSE, S_OPEN, S_SEP, S_CLOSE = "<D>", "</D>", "<S>", "<s>", "</S>"
 FIXED_KNOTS = ("<|knot_head|>", "<|knot_head_end|>", "<|knot_tail|>", "<|knot_tail_end|>")
 _ALPHABET_STR = string.ascii_letters + string.digits
+#: Random ids drawn at setup to check that ``id_max_tokens`` can be met, and the share that must fit.
+_ID_PROBES, _ID_MIN_FIT = 256, 0.01
+#: Most id draws for one document before giving up (only reachable if the probe was badly unlucky).
+_ID_MAX_DRAWS = 100_000
 
 
 def knot_pair(boundary: int) -> tuple[str, str]:
@@ -85,10 +101,20 @@ class ChunkShuffle(Synthesizer):
 
         @model_validator(mode="after")
         def _check(self):
+            """Refuse what no window could ever satisfy (what depends on the tokenizer: ``setup``)."""
             if not self.chunks or min(self.chunks) < 1:
                 raise ValueError("chunks must be positive counts")
-            if self.chunk_weights is not None and len(self.chunk_weights) != len(self.chunks):
-                raise ValueError("chunk_weights needs one weight per entry of chunks")
+            if max(self.chunks) > self.seq_len:
+                raise ValueError(f"chunks: a document split into {max(self.chunks)} chunks can never fit "
+                                 f"a window of seq_len {self.seq_len}")
+            if self.chunk_weights is not None:
+                if len(self.chunk_weights) != len(self.chunks):
+                    raise ValueError("chunk_weights needs one weight per entry of chunks")
+                if min(self.chunk_weights) < 0 or not sum(self.chunk_weights) > 0:
+                    raise ValueError("chunk_weights must be non-negative with a positive sum")
+            if self.split == "fixed" and self.span >= self.seq_len:
+                raise ValueError(f"span: fixed chunks of {self.span} tokens leave nothing to split in a window "
+                                 f"of seq_len {self.seq_len} (span must be below seq_len)")
             return self
 
     requires = ("id", "input_ids")
@@ -107,15 +133,58 @@ class ChunkShuffle(Synthesizer):
         return keep + [c for c in self.provides if c != "id"] + (["text"] if self.params.render_text else [])
 
     def setup(self, ctx) -> None:
+        """Load the marker ids and check, against the run tokenizer, that the parameters can be met.
+
+        Raises :class:`ConfigError` naming the parameter when: two markers (or a marker and the
+        end-of-text token) share an id; ``id_max_tokens`` is (almost) never met by ``id_chars``-character
+        ids; or no document piece that fits a window once augmented is long enough to be split into the
+        smallest chunk count (``chunks``) or into more than one ``span`` (``split: fixed``).
+        """
         tok = ctx.tokenizer
         self.tok = tok
-        self.sp = {t: tok.special_id(t) for t in self.special_tokens()}
         self._digits: dict[int, list[int]] = {}
+        self._knot_prefix: list[int] = [0]  # fixed split: knot tokens by chunk count (_knots_length)
+        if self.params.backtrace:
+            self._check_ids()
+        self.piece_size = self._piece_size(self.params.seq_len)
+        self._check_splittable()
+        self.sp = {t: tok.special_id(t) for t in self.special_tokens()}
+        ids = list(self.sp.values())
+        if len(set(ids)) != len(ids) or (tok.eos_id is not None and tok.eos_id in ids):
+            raise ConfigError(f"{self.label}: the run tokenizer gives UtK markers shared ids {self.sp} "
+                              f"(end-of-text {tok.eos_id}); prepare the run tokenizer again (--restart)")
+
+    def _check_ids(self) -> None:
+        p = self.params
+        rng = seeds.Stream(0, self.label, "id-probe")
+        lengths = [len(x) for x in self.tok.encode_batch([_id_text(rng, p.id_chars) for _ in range(_ID_PROBES)])]
+        fit = sum(n <= p.id_max_tokens for n in lengths) / len(lengths)
+        if fit < _ID_MIN_FIT:
+            need = sorted(lengths)[int(0.99 * len(lengths))]
+            raise ConfigError(f"{self.label}.id_max_tokens: {p.id_max_tokens} is (almost) never enough: "
+                              f"{fit:.1%} of random {p.id_chars}-character ids encode to that few tokens with "
+                              f"this tokenizer; use id_max_tokens >= {need} or fewer id_chars")
+
+    def _check_splittable(self) -> None:
+        p = self.params
+        if p.split == "fixed":
+            if self.piece_size <= p.span:
+                raise ConfigError(f"{self.label}.span: a window of seq_len {p.seq_len} holds at most "
+                                  f"{self.piece_size} document tokens once augmented, never more than one "
+                                  f"span of {p.span}; lower span or raise seq_len")
+            return
+        counts = [n for n, w in zip(p.chunks, _weights(p)) if n >= 2 and w > 0]
+        if counts and self.piece_size < min(counts):
+            raise ConfigError(f"{self.label}.chunks: a window of seq_len {p.seq_len} holds at most "
+                              f"{self.piece_size} document tokens once augmented, too few to split a document "
+                              f"into {min(counts)} chunks with its knots"
+                              f"{' and backtrace (id_max_tokens ' + str(p.id_max_tokens) + ')' if p.backtrace else ''}"
+                              "; raise seq_len or lower chunks")
 
     # ------------------------------------------------------------------ stream → windows
     def run(self, batches, ctx):
         p = self.params
-        piece_size = self._piece_size(p.seq_len)
+        piece_size = self.piece_size
         window: list[tuple[str, np.ndarray]] = []
         planned: list[_Doc] = []
         used, aug = 0, False
@@ -134,6 +203,8 @@ class ChunkShuffle(Synthesizer):
                         window, planned, used = [], [], 0
                         aug = self._augmented(ctx.seed, piece_id)
                         doc = self._plan(ctx.seed, piece_id, piece, aug)
+                    if doc.length > p.seq_len:  # _overhead_bound guarantees this never happens
+                        raise AssertionError(f"{piece_id}: {doc.length} tokens once augmented > seq_len")
                     window.append((piece_id, piece))
                     planned.append(doc)
                     used += doc.length
@@ -168,8 +239,8 @@ class ChunkShuffle(Synthesizer):
         chunk_ids = self._chunk_ids(seed, doc_id, n) if p.backtrace else None
         for j in range(n):
             pre = [self.sp[D_OPEN], *chunk_ids[j], self.sp[D_CLOSE]] if chunk_ids is not None else []
-            head = self._knot(j, head=True) if j > 0 else []
-            tail = self._knot(j + 1, head=False) if j < n - 1 else []
+            head = self._head(j) if j > 0 else []
+            tail = self._tail(j) if j < n - 1 else []
             body = tokens[bounds[j]:bounds[j + 1]]
             blocks.append(np.concatenate([np.array(pre + head, np.int64), body, np.array(tail, np.int64)]))
             kinds.append(np.repeat(np.array([2, 1, 0, 1], np.int8), [len(pre), len(head), len(body), len(tail)]))
@@ -197,45 +268,80 @@ class ChunkShuffle(Synthesizer):
         """``n`` random ids (``id_chars`` letters/digits each), encoded; ids too long to encode are redrawn.
 
         Ids come from their own stream per document, so they do not depend on how the document was split.
+        Redraws are bounded (``setup`` checked that ids fit often enough); running out raises ConfigError.
         """
         rng = seeds.Stream(seed, f"{self.label}/ids", doc_id)
         out: list[list[int]] = []
+        drawn = 0
         while len(out) < n:
+            if drawn >= _ID_MAX_DRAWS:
+                raise ConfigError(f"{self.label}.id_max_tokens: {drawn} random ids drawn for {doc_id!r} and "
+                                  f"too few encode to {self.params.id_max_tokens} tokens or fewer; raise it")
             texts = [_id_text(rng, self.params.id_chars) for _ in range(n - len(out))]
+            drawn += len(texts)
             out += [ids for ids in self.tok.encode_batch(texts) if len(ids) <= self.params.id_max_tokens]
         return out
 
-    def _knot(self, boundary: int, head: bool) -> list[int]:
+    def _number(self, j: int) -> list[int]:
+        if j not in self._digits:
+            self._digits[j] = self.tok.encode_batch([str(j)])[0]
+        return self._digits[j]
+
+    def _head(self, j: int) -> list[int]:
+        """The knot that starts chunk ``j`` (j ≥ 1)."""
         if self.params.split != "fixed":
-            tail_tok, head_tok = knot_pair(boundary)
-            return [self.sp[head_tok if head else tail_tok]]
-        if boundary not in self._digits:
-            self._digits[boundary] = self.tok.encode_batch([str(boundary)])[0]
-        open_, close = (FIXED_KNOTS[0], FIXED_KNOTS[1]) if head else (FIXED_KNOTS[2], FIXED_KNOTS[3])
-        return [self.sp[open_], *self._digits[boundary], self.sp[close]]
+            return [self.sp[knot_pair(j)[1]]]
+        return [self.sp[FIXED_KNOTS[0]], *self._number(j), self.sp[FIXED_KNOTS[1]]]
+
+    def _tail(self, j: int) -> list[int]:
+        """The knot that ends chunk ``j`` (not the last chunk)."""
+        if self.params.split != "fixed":
+            return [self.sp[knot_pair(j + 1)[0]]]
+        return [self.sp[FIXED_KNOTS[2]], *self._number(j), self.sp[FIXED_KNOTS[3]]]
+
+    def _knots_length(self, n: int) -> int:
+        """Tokens of all knots of a document split into ``n`` chunks."""
+        if self.params.split != "fixed":
+            return 2 * (n - 1)
+        prefix = self._knot_prefix  # prefix[k]: knot tokens of a document of k + 1 chunks
+        if len(prefix) < n:
+            missing = [j for j in range(n) if j not in self._digits]
+            for j, digits in zip(missing, self.tok.encode_batch([str(j) for j in missing])):
+                self._digits[j] = digits
+            for k in range(len(prefix), n):  # the boundary between chunks k-1 and k: tail k-1, head k
+                prefix.append(prefix[-1] + 4 + len(self._digits[k - 1]) + len(self._digits[k]))
+        return prefix[n - 1]
 
     def _piece_size(self, seq_len: int) -> int:
-        """The longest piece that still fits a window alone once augmented (binary search)."""
-        lo, hi = 0, seq_len
+        """The longest piece that still fits a window alone once augmented (binary search).
+
+        Valid because :meth:`_overhead_bound` never decreases with the length. At least 1: a piece too
+        short to be split gets no overhead.
+        """
+        lo, hi = 1, seq_len
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if mid + self._overhead_bound(mid) <= seq_len:
                 lo = mid
             else:
                 hi = mid - 1
-        if lo == 0:
-            raise ValueError(f"seq_len {seq_len} leaves no room for any token once augmented")
         return lo
 
     def _overhead_bound(self, length: int) -> int:
-        """Most tokens augmentation can add to a document of ``length`` tokens."""
+        """Most tokens augmentation can add to a document of ``length`` tokens (non-decreasing in length).
+
+        The largest chunk count that can apply: ``ceil(length / span)`` with fixed spans, else the largest
+        entry of ``chunks`` (of positive weight) that is at most ``length`` (shorter documents stay whole).
+        """
         p = self.params
-        n = -(-length // p.span) if p.split == "fixed" else min(max(p.chunks), length)
+        if p.split == "fixed":
+            n = -(-length // p.span)
+        else:
+            n = max((c for c, w in zip(p.chunks, _weights(p)) if c <= length and w > 0), default=1)
         if n < 2:
             return 0
-        knots = sum(len(self._knot(b, True)) + len(self._knot(b, False)) for b in range(1, n))
         back = (n * (2 + p.id_max_tokens) + 2 + n * p.id_max_tokens + (n - 1)) if p.backtrace else 0
-        return knots + back
+        return self._knots_length(n) + back
 
     # ------------------------------------------------------------------ one window
     def _emit(self, seed: int, window, planned: list[_Doc], aug: bool) -> dict:
@@ -266,7 +372,8 @@ class ChunkShuffle(Synthesizer):
             chunks.append({"doc": d, "part": j, "start": start, "end": at})
         tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
         ids = tokens
-        loss = self._loss_mask(tokens, np.concatenate(kinds) if kinds else np.zeros(0, np.int8))
+        loss = self._loss_mask(tokens, np.concatenate(kinds) if kinds else np.zeros(0, np.int8),
+                               [c["start"] for c in chunks])
         if aug:
             offsets = [0, int(len(ids))]
         else:
@@ -275,10 +382,18 @@ class ChunkShuffle(Synthesizer):
         return {"id": "utk:" + seeds.digest(*lineage, size=8).hex(), "input_ids": ids, "loss_mask": loss,
                 "doc_offsets": offsets, "lineage": lineage, "chunks": chunks}
 
-    def _loss_mask(self, tokens: np.ndarray, kinds: np.ndarray) -> np.ndarray:
-        """1 where token t is a target; 0 where the reference masks the (input t-1, label t) pair."""
+    def _loss_mask(self, tokens: np.ndarray, kinds: np.ndarray, starts: list[int]) -> np.ndarray:
+        """1 where token t is a target; 0 where the reference masks the (input t-1, label t) pair.
+
+        ``starts`` are the positions where a chunk (or an unsplit document) begins. The target there has
+        its input in the previous chunk: after a tail knot (masked as a knot), after ``</S>`` (masked),
+        or after the end of a document, where the reference has an EOD and masks the target after it.
+        All of them, and position 0 (no input in the window), are 0.
+        """
         knot, d_span = kinds == 1, kinds == 2
         masked = knot.copy()  # the label is a knot
+        starts_in = [s for s in starts if s < len(tokens)]
+        masked[starts_in] = True  # the target after a chunk or document end, and position 0
         masked[1:] |= knot[:-1] | d_span[:-1]  # the input is a knot or inside <D> … </D>
         if self.params.backtrace:
             masked |= (tokens == self.sp[D_OPEN]) | (tokens == self.sp[S_OPEN])  # label <D> or <S>
@@ -316,7 +431,7 @@ def _pick(u: float, weights: list[float]) -> int:
         acc += w
         if u < acc:
             return i
-    return len(weights) - 1
+    return max(i for i, w in enumerate(weights) if w > 0)  # rounding left u above the sum
 
 
 def _id_text(rng: seeds.Stream, chars: int) -> str:

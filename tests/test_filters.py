@@ -10,6 +10,7 @@ from curate.readers.base import Shard
 from curate.registry import get_stage
 from curate.rundir import RunDir
 from curate.schema import documents_batch, score_column, with_scores
+from curate.stage import ShardPartial
 
 
 def _ctx(tmp_path) -> RunContext:
@@ -64,9 +65,10 @@ def _scored(values):
 def test_select_where_bounds_and_missing(tmp_path):
     ctx = _ctx(tmp_path)
     stage = _stage("select", where=[{"column": "scores.m.v", "min": 0.2, "max": 0.8}])
-    out = list(stage.run(iter([_scored([0.1, 0.5, None, 0.9, 0.8])]), ctx))
+    out = list(stage.run(iter([_scored([0.1, 0.5, None, 0.9, 0.8, float("nan")])]), ctx))
     assert out[0].column("id").to_pylist() == ["d1", "d4"]
-    assert dict(ctx.stats["select"].drops) == {"m_v_below_min": 1, "m_v_missing": 1, "m_v_above_max": 1}
+    # NaN is outside every bound, like null
+    assert dict(ctx.stats["select"].drops) == {"m_v_below_min": 1, "m_v_missing": 2, "m_v_above_max": 1}
 
 
 @pytest.mark.parametrize("fraction,largest", [(0.3, True), (0.5, False), (1.0, True)])
@@ -78,9 +80,10 @@ def test_select_top_fraction_is_exact_with_ties(tmp_path, fraction, largest):
     batches = [_scored(values[:40]), _scored(values[40:])]
     batches[1] = pa.RecordBatch.from_arrays(
         [pa.array([f"e{i}" for i in range(60)])] + batches[1].columns[1:], schema=batches[1].schema)
+    partial = ShardPartial()
     for b in batches:
-        stage.observe(b, ctx)
-    state = stage.combine([stage.partial(ctx)], ctx.seed)
+        stage.observe(b, ctx, partial)
+    state = stage.combine([partial.table()], ctx.seed)
     ctx.run_dir.write_json(ctx.run_dir.global_dir / "select" / "state.json", state)
     kept = [v for b in stage.run(iter(batches), ctx) for v in score_column(b, "scores.m.v").to_pylist()]
     assert len(kept) == round(fraction * 100)
@@ -122,3 +125,20 @@ def test_select_rerun_on_scored_output_needs_no_scoring(tmp_path):
     after = pq.read_table(sorted((tmp_path / "r" / "parquet").glob("*.parquet"))).to_pylist()
     expect = [r for r in before if r["scores"]["heuristics"]["n_words"] >= 40]
     assert after == expect and 0 < len(after) < len(before)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_top_skips_nan_and_null_and_reports_the_scores_own_cut_off(tmp_path, largest):
+    values = [5.0, float("nan"), 1.0, None, 3.0, 2.0, 4.0, float("nan")]
+    stage = _stage("select", top={"column": "scores.m.v", "fraction": 0.4, "largest": largest})
+    ctx = _ctx(tmp_path)
+    batch = _scored(values)
+    partial = ShardPartial()
+    stage.observe(batch, ctx, partial)
+    state = stage.combine([partial.table()], ctx.seed)
+    assert (state["n"], state["k"]) == (5, 2)  # NaN/null rows are not candidates
+    assert state["value"] == (4.0 if largest else 2.0)  # the score itself, never the negated sort key
+    ctx.run_dir.write_json(ctx.run_dir.global_dir / "select" / "state.json", state)
+    kept = [v for b in stage.run(iter([batch]), ctx) for v in score_column(b, "scores.m.v").to_pylist()]
+    assert sorted(kept) == ([4.0, 5.0] if largest else [1.0, 2.0])
+    assert dict(ctx.stats["select"].drops) == {"m_v_missing": 3, "m_v_not_in_top": 3}

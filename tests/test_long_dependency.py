@@ -22,7 +22,7 @@ def _stage(name, **params):
 def test_lds_matches_a_hand_computed_example():
     # three segments; targets 1 and 2; PPL alone 10 and 20
     pairs = [(1, 0), (2, 0), (2, 1)]
-    total, n, n_pairs, strong = lds(pairs, {1: 10.0, 2: 20.0}, [5.0, 18.0, 10.0], n=3, threshold=0.1)
+    total, strong = lds(pairs, {1: 10.0, 2: 20.0}, [5.0, 18.0, 10.0], window_segments=3, threshold=0.1)
     # DST: 0.5, 0.1 (not above the threshold), 0.5; DDI: 1/2, 2/2, 1/2
     # DSP_1 = 1 (one sampled j); DSP_2 from deltas (2, 10): p = (1, e^8) / (1 + e^8)
     p1 = 1 / (1 + math.e ** 8)
@@ -30,9 +30,17 @@ def test_lds_matches_a_hand_computed_example():
     entropy = -(p1 * math.log(p1) + p2 * math.log(p2))
     dsp2 = (math.log(2) - entropy) / math.log(2)
     assert total == pytest.approx((0.5 + 0.5) * 1 + (0.5 + 0.5) * dsp2, rel=1e-12)
-    assert (n, n_pairs, strong) == (3, 3, 2)
+    assert strong == 2
+    # the distance is normalized by the window's segment count, not the document's: with a window of
+    # 5 segments the same three-segment document gets DDI 1/4, 2/4, 1/4
+    total5, _ = lds(pairs, {1: 10.0, 2: 20.0}, [5.0, 18.0, 10.0], window_segments=5, threshold=0.1)
+    assert total5 == pytest.approx((0.5 + 0.25) * 1 + (0.5 + 0.25) * dsp2, rel=1e-12)
     # uniform deltas mean no specificity: the pair terms vanish
-    assert lds([(2, 0), (2, 1)], {2: 20.0}, [10.0, 10.0], n=3, threshold=0.1)[0] == pytest.approx(0.0, abs=1e-12)
+    assert lds([(2, 0), (2, 1)], {2: 20.0}, [10.0, 10.0], window_segments=3, threshold=0.1)[0] == \
+        pytest.approx(0.0, abs=1e-12)
+    # a non-finite sum is 0, as in ProLong: a NaN pair perplexity makes target 2's specificity NaN, so the
+    # strong pair (2, 0) adds NaN
+    assert lds([(2, 0), (2, 1)], {2: 20.0}, [10.0, math.nan], window_segments=3, threshold=0.1) == (0.0, 1)
 
 
 def test_pair_sampling_is_exact_and_prolong_scores_short_documents_zero():
@@ -65,7 +73,7 @@ def test_lds_stage_uses_the_models_segment_perplexities(tiny_lm):
 
     pairs = sample_pairs(n, -1, np.random.default_rng(0))
     alone = {i: ppl([], segs[i]) for i in range(1, n)}
-    expected = lds(pairs, alone, [ppl(segs[j], segs[i]) for i, j in pairs], n, threshold=-1.0)
+    expected = lds(pairs, alone, [ppl(segs[j], segs[i]) for i, j in pairs], 256, threshold=-1.0)
     assert scores["lds"][0].as_py() == pytest.approx(expected[0], rel=1e-4)
     assert scores["n_pairs"][0].as_py() == len(pairs) == scores["strong_pairs"][0].as_py()
 
@@ -90,7 +98,7 @@ def test_delta_perplexity_compares_full_and_truncated_context(tiny_lm):
     s = stage.score(documents_batch(["d", "short"], [text, "too short"]), ctx)
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
-    ids = tok(text)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     chunks = [ids[k:k + 64] for k in range(0, len(ids) - 63, 64)]
     assert len(chunks) >= 2
 
@@ -107,8 +115,9 @@ def test_delta_perplexity_compares_full_and_truncated_context(tiny_lm):
     full = [tail_stats(c) for c in chunks]
     short = [tail_stats(c[-32:]) for c in chunks]
     count = 16 * len(chunks)
-    ppl_f = math.exp(sum(f[0] for f in full) / count)
-    ppl_s = math.exp(sum(f[0] for f in short) / count)
+    # LongWanjuan averages the chunks' perplexities (not the chunks' NLLs)
+    ppl_f = np.mean([math.exp(f[0] / 16) for f in full])
+    ppl_s = np.mean([math.exp(f[0] / 16) for f in short])
     assert s["ppl_full"][0].as_py() == pytest.approx(ppl_f, rel=1e-4)
     assert s["ppl_short"][0].as_py() == pytest.approx(ppl_s, rel=1e-4)
     assert s["ppl_delta"][0].as_py() == pytest.approx(ppl_s - ppl_f, rel=1e-3)
@@ -143,10 +152,12 @@ def test_homologous_gap_normalizes_over_the_dataset(tmp_path, tiny_lm):
     def response_ppl(folder, row):
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        head = tok(f"Context:\n{row['context']}\n\nInstruction: {row['instruction']}\n\nResponse: ")["input_ids"]
-        resp = tok(row["response"], add_special_tokens=False)["input_ids"]
-        seq = (head + resp)[-model.config.n_positions:]
-        labels = [-100] * (len(seq) - len(resp)) + resp
+        # one tokenization of the whole text, left-truncated; the response's tokens found by offsets
+        head = f"Context:\n{row['context']}\n\nInstruction: {row['instruction']}\n\nResponse: "
+        enc = tok(head + row["response"], return_offsets_mapping=True)
+        seq = enc["input_ids"][-model.config.n_positions:]
+        ends = [end for _, end in enc["offset_mapping"]][-model.config.n_positions:]
+        labels = [t if end > len(head) else -100 for t, end in zip(seq, ends)]
         with torch.no_grad():
             return math.exp(model(torch.tensor([seq]), labels=torch.tensor([labels])).loss.item())
 

@@ -13,6 +13,7 @@ from curate.context import RunContext
 from curate.readers.base import Shard
 from curate.registry import get_stage
 from curate.rundir import RunDir
+from curate.stage import ShardPartial
 
 
 def _batches(n_per_domain: dict[str, int], tokens: dict[str, int]):
@@ -29,9 +30,10 @@ def _mix(tmp_path, batches, seed=0, **params):
     rd = RunDir(tmp_path)
     rd.create()
     ctx = RunContext(seed, Shard("00000", "k", "mem"), rd, phase=1)
+    partial = ShardPartial()
     for b in batches:
-        stage.observe(b, ctx)
-    state = stage.combine([stage.partial(ctx)], seed)
+        stage.observe(b, ctx, partial)
+    state = stage.combine([partial.table()], seed)
     rd.write_json(rd.global_dir / "mix" / "state.json", state)
     out = pa.Table.from_batches(list(stage.run(iter(batches), ctx)))
     shares = Counter()

@@ -89,6 +89,27 @@ def test_byte_range_shards_match_whole_file(tmp_path):
     assert [f["line"] for f in failures(rd2)] == [778] == [f["line"] for f in failures(rd1)]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_byte_ranges_with_long_lines_and_small_blocks(tmp_path, monkeypatch, seed):
+    """Lines longer than a range (ranges with no line start), blank lines, and range starts that fall on,
+    just after or inside a line, with blocks smaller than a range: every line once, exact numbers."""
+    import random
+
+    from curate.readers import jsonl
+
+    monkeypatch.setattr(jsonl, "_BLOCK", 997)
+    monkeypatch.setattr(jsonl, "_TAIL", 7)
+    rng = random.Random(seed)
+    rows = [{"text": make_text(i, rng.choice([1, 5, 40, 900]))} if rng.random() > 0.05 else "" for i in range(300)]
+    rows[rng.randrange(300)] = "{broken"
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    whole, _, rd1 = read_all("jsonl", tmp_path / "w", paths=[str(tmp_path / "big.jsonl")])
+    split, ctxs, rd2 = read_all("jsonl", tmp_path / "s", paths=[str(tmp_path / "big.jsonl")],
+                                shard_bytes=rng.choice([511, 1024, 3000]))
+    assert len(ctxs) > 20 and whole == split
+    assert [f["line"] for f in failures(rd2)] == [f["line"] for f in failures(rd1)]
+
+
 def test_batches_are_bounded_by_bytes(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x" * 10_000} for _ in range(50)])
     reader_cls = kinds_of("source")["jsonl"]

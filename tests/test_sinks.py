@@ -147,11 +147,13 @@ def test_partitioned_sink_writes_one_folder_per_value(tmp_path):
     w = sink.writer("00003")
     w.write(batch)
     files = w.close()
-    assert [f["name"] for f in files] == ["bucket_8/00003-0000.parquet", "bucket_9/00003-0000.parquet",
-                                          "bucket_10/00003-0000.parquet"]
+    assert [f["name"] for f in files] == ["bucket_10/00003-0000.parquet", "bucket_8/00003-0000.parquet",
+                                          "bucket_9/00003-0000.parquet"]  # in folder-name order
     index = write_index(sink, files, ["id", "bucket"])
-    assert index["partitions"] == {k: {"samples": n, "bytes": index["partitions"][k]["bytes"]}
-                                   for k, n in (("bucket_10", 2), ("bucket_8", 5), ("bucket_9", 3))}
+    assert index["partitions"] == {k: {"value": v, "type": "int64", "samples": n,
+                                       "bytes": index["partitions"][k]["bytes"]}
+                                   for k, v, n in (("bucket_10", 10, 2), ("bucket_8", 8, 5), ("bucket_9", 9, 3))}
+    assert all("partition" not in e for e in index["shards"])
     sub = json.loads((sink.directory / "bucket_8" / "index.json").read_text())
     assert sub["total_samples"] == 5 and sub["shards"][0]["name"] == "00003-0000.parquet"
     assert pq.read_table(sink.directory / "bucket_9" / "00003-0000.parquet").column("id").to_pylist() == ["r1", "r5", "r8"]

@@ -67,8 +67,9 @@ def test_literal_special_strings_in_text_stay_text(tmp_path, texts):
 
 
 def test_reserved_tokens_are_reused_before_growing_the_vocab(tmp_path, bpe):
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer
 
+    bpe = Tokenizer.from_str(bpe.to_str())  # a copy: the fixture is shared
     bpe.add_special_tokens([AddedToken(f"<|reserved_special_token_{i}|>", special=True) for i in range(3)])
     folder = tmp_path / "base"
     folder.mkdir()
@@ -77,9 +78,67 @@ def test_reserved_tokens_are_reused_before_growing_the_vocab(tmp_path, bpe):
     spec = TokenizerSpec(path=str(folder), special_tokens={"<D>": "<|doc|>"})
     meta = prepare(spec, tmp_path / "run", ["<D>", "</D>", "<S>", "<s>"], lambda: iter([]))
     reserved = [bpe.token_to_id(f"<|reserved_special_token_{i}|>") for i in range(3)]
-    assert [meta["ids"][t] for t in ("<|doc|>", "</D>", "<S>")] == reserved
+    assert [meta["ids"][t] for t in ("<D>", "</D>", "<S>")] == reserved  # keyed by the name stages use
+    assert meta["strings"]["<D>"] == "<|reserved_special_token_0|>"
     assert meta["ids"]["<s>"] == size  # no reserved token left: added at the end
-    assert meta["vocab_size"] == size + 1
+    assert meta["strings"]["<s>"] == "<s>" and meta["vocab_size"] == size + 1
+    assert CurateTokenizer.load_run(tmp_path / "run").special_id("<D>") == reserved[0]
+
+
+def _base_with(tmp_path, bpe, added, config=None):
+    """A tokenizer folder: the fixture's BPE plus ``added`` tokens (string → special?) and a config."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tk = Tokenizer.from_str(bpe.to_str())
+    for token, special in added.items():
+        (tk.add_special_tokens if special else tk.add_tokens)([AddedToken(token, special=special, normalized=False)])
+    folder = tmp_path / "base"
+    folder.mkdir()
+    tk.save(str(folder / "tokenizer.json"))
+    if config:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, tk
+
+
+def test_a_special_token_never_takes_an_id_the_tokenizer_already_uses(tmp_path, bpe):
+    """Roles (BOS ``<s>`` …) and ordinary text pieces are never shared; a non-role special is reused."""
+    folder, tk = _base_with(tmp_path, bpe, {"<s>": True, "[BEGIN]": True, "<D>": True, "</D>": False},
+                            config={"bos_token": "[BEGIN]"})
+    size = tk.get_vocab_size(with_added_tokens=True)
+    meta = prepare(TokenizerSpec(path=str(folder)), tmp_path / "run", ["<D>", "</D>", "<s>", "[BEGIN]"],
+                   lambda: iter([]))
+    ids, strings = meta["ids"], meta["strings"]
+    assert ids["<D>"] == tk.token_to_id("<D>")  # an existing non-role special: an earlier run's marker
+    for name in ("</D>", "<s>", "[BEGIN]"):  # text piece, well-known role, role named by the config
+        assert ids[name] >= size and ids[name] != tk.token_to_id(name)
+        assert strings[name].startswith("<|curate_")
+    assert len(set(ids.values())) == 4
+    tok = CurateTokenizer.load_run(tmp_path / "run")
+    assert tok.decode([ids["<s>"], ids["</D>"]]) == "<s></D>"  # shown by the names stages use
+    text = "a <s> b </D> c <|curate_s|>"
+    assert not set(tok.encode_batch([text])[0]) & set(ids.values())  # data never becomes a marker
+    # a tokenizer an earlier run extended keeps the same ids
+    again = prepare(TokenizerSpec(path=str(tmp_path / "run" / "tokenizer.json")), tmp_path / "run2",
+                    ["<D>", "</D>", "<s>", "[BEGIN]"], lambda: iter([]))
+    assert again["ids"] == {n: i for n, i in ids.items() if n != "[BEGIN]"} | {"[BEGIN]": again["ids"]["[BEGIN]"]}
+
+
+def test_a_colliding_name_prefers_a_free_reserved_token(tmp_path, bpe):
+    folder, tk = _base_with(tmp_path, bpe, {"<s>": True, "<|reserved_special_token_0|>": True})
+    meta = prepare(TokenizerSpec(path=str(folder)), tmp_path / "run", ["<s>"], lambda: iter([]))
+    assert meta["ids"]["<s>"] == tk.token_to_id("<|reserved_special_token_0|>")
+
+
+def test_a_chosen_string_the_tokenizer_already_uses_is_a_config_error(tmp_path, bpe):
+    from curate.errors import ConfigError
+
+    folder, _ = _base_with(tmp_path, bpe, {"</s>": True})
+    with pytest.raises(ConfigError, match="tokenizer.special_tokens: '<S>' → '</s>'"):
+        prepare(TokenizerSpec(path=str(folder), special_tokens={"<S>": "</s>"}), tmp_path / "run", ["<S>"],
+                lambda: iter([]))
+    with pytest.raises(ConfigError, match="more than one"):
+        prepare(TokenizerSpec(path=str(folder), special_tokens={"<S>": "<x>", "<D>": "<x>"}), tmp_path / "r2",
+                ["<S>", "<D>"], lambda: iter([]))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -136,11 +137,13 @@ def test_utk_invariants(run_dir, docs, params, seed):
         # the last chunk of the last document stays at the end
         last_doc = len(row["lineage"]) - 1
         assert parsed["order"][-1] == (last_doc, max(p for (dd, p) in parsed["order"] if dd == last_doc))
-        # the loss mask: exactly knots, <D> … </D> inputs, label <D>/<S>, input </S>
+        # the loss mask: exactly knots, <D> … </D> inputs, label <D>/<S>, input </S>, and the first
+        # token of every chunk (the target after a document's end, as the reference's EOD masking)
         sp = stage.sp
+        starts = {c["start"] for c in row["utk_chunks"]}
         expect = []
         for t in range(len(tokens)):
-            masked = parsed["is_knot"][t] or tokens[t] in (sp.get(D_OPEN), sp.get(S_OPEN))
+            masked = parsed["is_knot"][t] or tokens[t] in (sp.get(D_OPEN), sp.get(S_OPEN)) or t in starts
             if t > 0:
                 masked = masked or parsed["is_knot"][t - 1] or parsed["in_d"][t - 1] or tokens[t - 1] == sp.get(S_CLOSE)
             expect.append(0 if masked else 1)
@@ -188,3 +191,180 @@ def test_augment_fraction_is_respected(run_dir):
     stage, rows = _run(run_dir, docs, 5, seq_len=200, augment_fraction=0.8, chunks=[2, 3])
     augmented = sum(len(r["utk_chunks"]) > len(r["lineage"]) for r in rows)
     assert 0.72 < augmented / len(rows) < 0.88, augmented / len(rows)
+
+
+# ---------------------------------------------------------------------- no target crosses documents
+DOC_BASE = 100_000  # document i's tokens are DOC_BASE + 1000 i + (0 … 998); DOC_BASE + 1000 i + 999 ends it
+
+
+def _value_coded_docs(lengths: list[int]) -> list[list[int]]:
+    """Documents whose every token says which document it is; the last token plays its EOD."""
+    return [[DOC_BASE + 1000 * i + k % 999 for k in range(n)] + [DOC_BASE + 1000 * i + 999]
+            for i, n in enumerate(lengths)]
+
+
+def _owners(tokens: list[int], closing: set[int]) -> list[int | None]:
+    """The document of every token, derived from token values alone (not from the stage's columns).
+
+    A text token names its document. Marker tokens (knots, ``<D> id </D>``, ``<S> … </S>``) sit in runs
+    between text tokens: a run's tokens up to its last closing marker (a tail knot or ``</S>``) close
+    the chunk before, the rest open the chunk after.
+    """
+    owner: list[int | None] = [(t - DOC_BASE) // 1000 if t >= DOC_BASE else None for t in tokens]
+    i = 0
+    while i < len(tokens):
+        if owner[i] is not None:
+            i += 1
+            continue
+        j = i
+        while j < len(tokens) and owner[j] is None:
+            j += 1
+        before = owner[i - 1] if i else None
+        after = owner[j] if j < len(tokens) else None
+        last_close = max((k for k in range(i, j) if tokens[k] in closing), default=i - 1)
+        for k in range(i, j):
+            owner[k] = before if k <= last_close else after
+        i = j
+    return owner
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 150), min_size=1, max_size=8),
+       split=st.sampled_from(["random", "equal", "fixed"]), backtrace=st.booleans(), preserve_order=st.booleans(),
+       chunks=st.lists(st.integers(1, 4), min_size=1, max_size=3), span=st.integers(3, 40),
+       augment_fraction=st.sampled_from([1.0, 0.5]), seq_len=st.integers(200, 600), seed=st.integers(0, 2**31))
+def test_no_trained_target_crosses_from_one_document_to_another(run_dir, lengths, split, backtrace, preserve_order,
+                                                                chunks, span, augment_fraction, seq_len, seed):
+    """For every t with loss_mask[t] == 1 (token t predicted from t-1), tokens t-1 and t share a document."""
+    docs = _value_coded_docs(lengths)
+    stage, rows = _run(run_dir, docs, seed, seq_len=seq_len, chunks=chunks, split=split, span=span,
+                       backtrace=backtrace, preserve_order=preserve_order, augment_fraction=augment_fraction)
+    sp = stage.sp
+    closing = {i for name, i in sp.items() if name.endswith("_tail|>") or name in (FIXED_KNOTS[3], S_CLOSE)}
+    augmented = 0
+    for row in rows:
+        tokens, loss = row["input_ids"], row["loss_mask"]
+        owner = _owners(tokens, closing)
+        assert loss[0] == 0  # the window's first token has no input in the window
+        for t in range(1, len(tokens)):
+            if loss[t]:
+                assert owner[t - 1] == owner[t] is not None, (t, tokens[t - 1:t + 1])
+        augmented += len(row["utk_chunks"]) > len(row["lineage"])
+    if augment_fraction == 1.0 and split != "fixed" and min(chunks) > 1 and min(lengths) >= 4:
+        assert augmented  # the property was exercised on augmented windows
+
+
+def test_a_plain_chunk_end_meeting_another_document_is_masked(run_dir):
+    """Without backtrace, the last chunk of one document runs straight into another document's chunk."""
+    docs = _value_coded_docs([60] * 12)
+    stage, rows = _run(run_dir, docs, 4, seq_len=400, chunks=[2], augment_fraction=1.0, backtrace=False)
+    met = 0
+    for row in rows:
+        tokens, loss = row["input_ids"], row["loss_mask"]
+        for t in range(1, len(tokens)):
+            a, b = tokens[t - 1], tokens[t]
+            if a >= DOC_BASE and b >= DOC_BASE and (a - DOC_BASE) // 1000 != (b - DOC_BASE) // 1000:
+                met += 1
+                assert loss[t] == 0
+    assert met > 0
+
+
+def test_fixed_span_knots_carry_each_chunks_own_number(run_dir):
+    """As the reference numbers them: chunk j starts with head(j) and ends with tail(j)."""
+    docs = [[DOC_BASE + k for k in range(95)]]
+    stage, rows = _run(run_dir, docs, 0, seq_len=400, split="fixed", span=20, augment_fraction=1.0, backtrace=False)
+    (row,) = rows
+    sp, tok = stage.sp, stage.tok
+    text = tok.decode(row["input_ids"])
+    numbers = {}
+    for kind, open_, close in (("head", FIXED_KNOTS[0], FIXED_KNOTS[1]), ("tail", FIXED_KNOTS[2], FIXED_KNOTS[3])):
+        ids = row["input_ids"]
+        found = []
+        for i, t in enumerate(ids):
+            if t == sp[open_]:
+                found.append(tok.decode(ids[i + 1:ids.index(sp[close], i)]).strip())
+        numbers[kind] = found
+    assert numbers["head"] == ["1", "2", "3", "4"] and numbers["tail"] == ["0", "1", "2", "3"], (numbers, text)
+
+
+# ---------------------------------------------------------------------- parameters that cannot be met
+def _manifest(utk: str) -> str:
+    return ("name: x\nsource: {kind: stdlib_docs}\ntokenizer: {train: {vocab_size: 1000}}\n"
+            f"stages:\n  - tokenize: {{}}\n  - utk: {utk}\nsink: {{kind: parquet}}\n")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("utk, field", [
+    ("{seq_len: 64, chunks: [100]}", "chunks"),
+    ("{seq_len: 4096, split: fixed, span: 4096}", "span"),
+    ("{chunks: [2, 3], chunk_weights: [0, 0]}", "chunk_weights"),
+    ("{chunks: [2, 3], chunk_weights: [1.0, -0.5]}", "chunk_weights"),
+])
+def test_impossible_parameters_are_refused_when_the_manifest_is_validated(utk, field):
+    from curate.errors import ConfigError
+    from curate.manifest import loads
+
+    with pytest.raises(ConfigError, match=rf"stages\[1\] \(utk\).*{field}"):
+        loads(_manifest(utk), "m.yaml")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("params, field", [
+    ({"id_chars": 12, "id_max_tokens": 1}, "id_max_tokens"),  # used to redraw ids forever
+    ({"seq_len": 64, "chunks": [30]}, "chunks"),  # 30 chunks, their knots and backtrace never fit 64 tokens
+    ({"seq_len": 64, "chunks": [2], "id_max_tokens": 40}, "chunks"),  # two ids of up to 40 tokens, twice
+    ({"seq_len": 64, "split": "fixed", "span": 60}, "span"),  # no window holds more than one span
+])
+def test_impossible_parameters_are_refused_at_setup_with_the_tokenizer(run_dir, params, field):
+    from curate.errors import ConfigError
+
+    docs = [list(range(1, 300))] * 3
+    with pytest.raises(ConfigError, match=rf"utk\.{field}"):
+        _run(run_dir, docs, 0, augment_fraction=1.0, **params)
+
+
+# ---------------------------------------------------------------------- a real tokenizer whose BOS is <s>
+from tests.test_tokenizer import llama_folder  # noqa: E402,F401  (the fixture)
+
+
+def test_markers_never_take_a_real_tokenizers_special_ids_and_decode_back(tmp_path, llama_folder):  # noqa: F811
+    """Llama/Mistral SentencePiece: BOS is ``<s>``, UtK's backtrace separator is named ``<s>`` too."""
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    from curate.tokenizer import TokenizerSpec, prepare
+    from tests.conftest import make_text
+
+    cls = get_stage("utk")
+    wanted = list(dict.fromkeys(cls(cls.Params(chunks=[2, 3])).special_tokens()
+                                + cls(cls.Params(split="fixed", span=64)).special_tokens()))
+    assert S_SEP == "<s>" and S_SEP in wanted
+    meta = prepare(TokenizerSpec(path=str(llama_folder)), tmp_path / "tokenizer", wanted, lambda: iter([]))
+    sp_model = sentencepiece.SentencePieceProcessor(model_file=str(llama_folder / "tokenizer.model"))
+    roles = {i for i in (sp_model.bos_id(), sp_model.eos_id(), sp_model.unk_id(), sp_model.pad_id()) if i >= 0}
+    assert roles == {0, 1, 2} and sp_model.id_to_piece(sp_model.bos_id()) == "<s>"
+    marker_ids = set(meta["ids"].values())
+    assert len(marker_ids) == len(wanted) and not marker_ids & roles
+    assert meta["strings"][S_SEP] != "<s>" and meta["ids"][S_SEP] != sp_model.bos_id()
+
+    rd = RunDir(tmp_path)
+    rd.create()
+    ctx = RunContext(0, Shard("00000", "k", "mem"), rd)
+    docs = [d.tolist() for d in ctx.tokenizer.encode_arrays([make_text(i, 120) for i in range(8)])]
+    for params in ({"chunks": [3]}, {"split": "fixed", "span": 64}):
+        stage, rows = _run(rd, docs, 1, seq_len=2048, augment_fraction=1.0, **params)
+        window = max(rows, key=lambda r: len(r["utk_chunks"]))["input_ids"]
+        in_window = [t for t in window if t in marker_ids]
+        assert in_window and not set(window) & roles
+        # the run tokenizer shows every marker by its name, in order
+        names = {i: n for n, i in meta["ids"].items()}
+        shown = re.findall("|".join(re.escape(n) for n in sorted(meta["ids"], key=len, reverse=True)),
+                           stage.tok.decode(window))
+        assert shown == [names[t] for t in in_window]
+        # the written tokenizer.json (what a trainer loads) decodes each marker to its own string, which
+        # encodes back to the same single id
+        raw = Tokenizer.from_file(str(tmp_path / "tokenizer" / "tokenizer.json"))
+        again = raw.encode(raw.decode(window, skip_special_tokens=False), add_special_tokens=False).ids
+        assert [t for t in again if t in marker_ids] == in_window
+        for t in set(in_window):
+            assert raw.encode(raw.id_to_token(t), add_special_tokens=False).ids == [t]

@@ -9,32 +9,33 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from pydantic import Field
 
-from curate.executors.base import Done, Executor, Progress
+from curate.executors.base import Done, Executor, ExecutorParams, Progress
 from curate.planner import Phase, Plan
 from curate.plugins import register_executor
 from curate.readers.base import Shard
-from curate.runner import run_shard
-from curate.stage import StageParams
+from curate.runner import run_shard_retrying
 
 _worker: dict[str, Any] = {}
 
 
 @register_executor("local")
 class LocalExecutor(Executor):
-    class Params(StageParams):
+    class Params(ExecutorParams):
         workers: int | None = Field(None, gt=0, description="worker processes (null: one per core)")
 
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
         workers = min(self.params.workers or os.cpu_count() or 1, len(shards))
+        retry = {"retries": self.params.retries, "backoff": self.params.retry_backoff}
         if workers <= 1:
             for shard in shards:
                 try:
-                    done(shard, run_shard(plan, phase, shard, progress), None)
+                    done(shard, run_shard_retrying(plan, phase, shard, progress, **retry), None)
                 except Exception as e:  # noqa: BLE001 - the driver reports failed shards together
                     done(shard, None, e)
             return
@@ -44,22 +45,38 @@ class LocalExecutor(Executor):
         pump = threading.Thread(target=_pump, args=(queue, progress, stop), daemon=True)
         pump.start()
         plan_dict = plan.to_dict()
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
+                                   initargs=(plan_dict, queue, os.getpid(), retry))
         try:
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(plan_dict, queue)) as pool:
-                futures = {pool.submit(_run, phase.index, s.name): s for s in shards}
-                try:
-                    pending = set(futures)
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            err = f.exception()
-                            done(futures[f], None if err else f.result(), err)
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            futures = {pool.submit(_run, phase.index, s.name): s for s in shards}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    err = f.exception()
+                    done(futures[f], None if err else f.result(), err)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather than
+            # wait for their shards; a rerun redoes the unfinished ones.
+            _terminate(pool)
+            raise
+        else:
+            pool.shutdown(wait=True)
         finally:
             stop.set()
             pump.join(timeout=2)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
 
 
 def _pump(queue, progress: Progress, stop: threading.Event) -> None:
@@ -75,13 +92,43 @@ def _pump(queue, progress: Progress, stop: threading.Event) -> None:
         progress(rows, tokens)
 
 
-def _init(plan_dict: dict, queue) -> None:
+def _init(plan_dict: dict, queue, driver_pid: int, retry: dict) -> None:
+    _watch_driver(driver_pid)
     _worker["plan"] = Plan.from_dict(plan_dict)
     _worker["queue"] = queue
+    _worker["retry"] = retry
+
+
+def _watch_driver(driver_pid: int) -> None:
+    """Exit this worker as soon as the driver is gone (killed with -9 or -TERM, or crashed).
+
+    Linux: the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``; workers are spawned
+    by the driver's main thread, which lives as long as the driver). Everywhere: a daemon thread
+    checks twice a second that the parent is still the driver.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: the thread below suffices
+        pass
+    if os.getppid() != driver_pid:  # the driver died before we armed the signal
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != driver_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="curate-driver-watch", daemon=True).start()
 
 
 def _run(phase_index: int, shard_name: str) -> dict:
     plan: Plan = _worker["plan"]
     queue = _worker["queue"]
     shard = next(s for s in plan.shards if s.name == shard_name)
-    return run_shard(plan, plan.phases[phase_index], shard, lambda r, t: queue.put((r, t)))
+    return run_shard_retrying(plan, plan.phases[phase_index], shard, lambda r, t: queue.put((r, t)),
+                              **_worker["retry"])

@@ -3,7 +3,10 @@
 A reader turns its ``source:`` section into a list of :class:`Shard` (one per input file, or per
 byte/row-group range of a large one), and reads one shard as a stream of bounded
 ``pyarrow.RecordBatch`` in the documents (or interleaved) schema. Bad records go to
-``ctx.failure`` with file and line; they never stop the shard.
+``ctx.failure`` with file and line; they never stop the shard. A file that is not of the source's
+kind, empty or unreadable is a ConfigError from ``shards()`` naming it (see ``sniff.py``); damage
+found only while reading (a cut or corrupt stream) ends that file with one :class:`DamagedInput`
+record after every whole record before it.
 """
 
 from __future__ import annotations
@@ -96,6 +99,29 @@ class Reader(ABC):
         """Stream one shard as bounded batches; bad records go to ``ctx.failure``."""
 
 
+class DamagedInput(Exception):
+    """An input file ends early or stops decoding; raised once every whole record before it is yielded.
+
+    ``reason`` is ``truncated_input`` (the bytes end before the format says they should),
+    ``corrupt_input`` (the decoder rejects the bytes) or ``unreadable_file`` (the file cannot be read
+    at all). ``offset`` is the byte position in the file where reading stopped (for compressed files
+    the compressed position; ``detail`` names any other position). ``line`` is the last whole line
+    (1-based, 0 for none) or sample/row (0-based, None for none) before the damage; ``lost`` the
+    number of records known to be lost (at least), None when unknown.
+    """
+
+    def __init__(self, reason: str, detail: str, *, offset: int | None = None, line: int | None = None,
+                 lost: int | None = None, record: bytes | str | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.offset = reason, detail, offset
+        self.line, self.lost, self.record = line, lost, record
+
+    def record_in(self, ctx: RunContext, uri: str) -> None:
+        """Write this damage to ``failures/`` (with ``file``, ``line``, ``offset``, ``lost``) and count it."""
+        ctx.failure(self.reason, self.detail, file=uri, line=self.line, offset=self.offset, lost=self.lost,
+                    record=self.record)
+
+
 # ---------------------------------------------------------------------------------- helpers
 def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> list[tuple[str, dict, str]]:
     """Expand globs/URLs to ``(uri, info, relative name)`` sorted by uri; ConfigError if none match."""
@@ -111,10 +137,15 @@ def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> 
             uri = fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p
             found[uri] = fs.info(p)
     uris = sorted(found)
-    root = os.path.commonpath([u.split("://")[-1] for u in uris]) if len(uris) > 1 else ""
+    # relative names become each row's `source`: computed from the redacted uri, so credentials in a
+    # URL never reach the output
+    from curate.secrets import redact
+
+    shown = {u: redact(u) for u in uris}
+    root = os.path.commonpath([shown[u].split("://")[-1] for u in uris]) if len(uris) > 1 else ""
     out = []
     for u in uris:
-        path = u.split("://")[-1]
+        path = shown[u].split("://")[-1]
         rel = os.path.relpath(path, root) if root and path != root else os.path.basename(path)
         out.append((u, found[u], rel))
     return out

@@ -4,7 +4,8 @@ Maps ``text_field``/``id_field`` onto the documents schema with vectorized Arrow
 remaining (or the listed ``meta_fields``) columns become the JSON ``meta``. Columns curate itself
 writes pass through unchanged, so an output reads back as it was written: a struct ``scores``, a
 string ``source``, and a string ``meta`` (other columns are merged into its object). Rows whose
-text is null or blank are sent to ``failures/`` with the file and row number (0-based) as ``line``.
+text is null or blank (``missing_text_field``, ``empty_text``), or whose ``id_field`` is null
+(``missing_id_field``), are sent to ``failures/`` with the file and row number (0-based) as ``line``.
 """
 
 from __future__ import annotations
@@ -30,23 +31,15 @@ def needed_columns(names: list[str], p) -> list[str] | None:
 
 def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) -> pa.RecordBatch | None:
     """Convert one columnar batch; ``first_row`` is the file row number of its first row."""
-    names = batch.schema.names
-    if p.text_field not in names:
-        raise ConfigError(f"{shard.uri}: source.text_field: no column {p.text_field!r} (has {names})")
-    if p.id_field and p.id_field not in names:
-        raise ConfigError(f"{shard.uri}: source.id_field: no column {p.id_field!r} (has {names})")
-    text = batch.column(p.text_field)
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-        raise ConfigError(f"{shard.uri}: source.text_field: column {p.text_field!r} is {text.type}, not text")
-    text = text.cast(pa.string())
+    check_columns(shard.uri, batch.schema, p)
+    text = batch.column(p.text_field).cast(pa.string())
     good = pc.and_(pc.is_valid(text), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
     good = good.fill_null(False)
+    if p.id_field:
+        good = pc.and_(good, pc.is_valid(batch.column(p.id_field)))
     rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
     if not pc.all(good).as_py():
-        bad = pc.invert(good)
-        for row, value in zip(rows.filter(bad).to_pylist(), text.filter(bad).to_pylist()):
-            reason = "missing_text_field" if value is None else "empty_text"
-            ctx.failure(reason, f"column {p.text_field!r}", file=shard.uri, line=row)
+        _report_bad_rows(pc.invert(good), rows, text, shard, p, ctx)
         batch, text, rows = batch.filter(good), text.filter(good), rows.filter(good)
     if batch.num_rows == 0:
         return None
@@ -64,6 +57,30 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     if "scores" in names and pa.types.is_struct(batch.schema.field("scores").type):
         out = out.append_column("scores", batch.column("scores"))
     return out
+
+
+def _report_bad_rows(bad: pa.Array, rows: pa.Array, text: pa.Array, shard: Shard, p, ctx) -> None:
+    """Send each ``bad`` row to ``failures/`` (file, 0-based row): a null or blank text first, else a
+    null id."""
+    for row, value in zip(rows.filter(bad).to_pylist(), text.filter(bad).to_pylist()):
+        if value is None:
+            ctx.failure("missing_text_field", f"column {p.text_field!r} is null", file=shard.uri, line=row)
+        elif not value.strip():
+            ctx.failure("empty_text", f"column {p.text_field!r}", file=shard.uri, line=row)
+        else:
+            ctx.failure("missing_id_field", f"column {p.id_field!r} is null", file=shard.uri, line=row)
+
+
+def check_columns(uri: str, schema: pa.Schema, p) -> None:
+    """ConfigError naming ``uri`` when ``schema`` lacks a text ``text_field`` (or a set ``id_field``)."""
+    names = schema.names
+    if p.text_field not in names:
+        raise ConfigError(f"{uri}: source.text_field: no column {p.text_field!r} (has {names})")
+    if p.id_field and p.id_field not in names:
+        raise ConfigError(f"{uri}: source.id_field: no column {p.id_field!r} (has {names})")
+    kind = schema.field(p.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"{uri}: source.text_field: column {p.text_field!r} is {kind}, not text")
 
 
 _OWN = ("source", "meta", "scores")

@@ -17,9 +17,9 @@ from pydantic import Field
 
 from curate.errors import ConfigError
 from curate.plugins import register_source
-from curate.readers.arrow_ipc import read_ipc_shard
+from curate.readers.arrow_ipc import ipc_schema, read_ipc_shard
 from curate.readers.base import FieldParams, Reader, ReaderParams, Shard, content_key, list_files
-from curate.readers.columnar import to_documents
+from curate.readers.columnar import check_columns, to_documents
 from curate.seeds import digest
 
 
@@ -45,6 +45,8 @@ class HfDiskReader(Reader):
                 raise ConfigError(f"{root}: source.paths: not a dataset saved with save_to_disk (no state.json)")
             files += [os.path.join(root, f["filename"]) for f in json.load(open(state))["_data_files"]]
         listed = list_files(files)
+        for uri, _, _ in listed:
+            check_columns(uri, ipc_schema(uri), self.params)
         return [Shard(f"{i:05d}", content_key(uri, info), uri, rel) for i, (uri, info, rel) in enumerate(listed)]
 
     def read(self, shard: Shard, ctx) -> Iterator[pa.RecordBatch]:

@@ -5,6 +5,12 @@ rerun after a kill rewrites exactly its own files, and the same manifest gives t
 bytes whatever the number of workers. A file is closed when it reaches ``shard_bytes`` or
 ``shard_samples``; it is written as ``.tmp-<name>`` and renamed when complete. ``index.json`` (names,
 sample counts, bytes, sha256) is written last, by :func:`write_index`, when every shard is done.
+
+A sink's folder is ``<run directory>/<path>`` (default ``<kind>``); ``path`` is checked when the manifest
+is validated and never leaves the run directory (:func:`curate.sinks.paths.check_sink_path`). With
+``partition_by``, each value's rows go to their own folder ``<column>_<encoded value>/`` directly inside
+the sink folder (:func:`curate.sinks.paths.partition_folder`); ``index.json`` keeps each folder's
+original value.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from typing import Any, ClassVar
 
 import orjson
 import pyarrow as pa
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, field_validator
 
 from curate.rundir import TMP_PREFIX, AtomicFile
+from curate.secrets import redact_obj
+from curate.sinks.paths import check_sink_path, encode_component, json_value, partition_folder
 from curate.stage import StageParams
 
 
@@ -26,6 +34,19 @@ class SinkParams(StageParams):
     shard_bytes: ByteSize = Field(ByteSize(256_000_000), description="close a file at about this size")
     shard_samples: int | None = Field(None, gt=0, description="close a file at this many samples")
     partition_by: str | None = Field(None, description="write one folder per value of this column (`<column>_<value>/`)")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_run_directory(cls, value: str | None) -> str | None:
+        """A relative folder inside the run directory, normalized; see ``check_sink_path``."""
+        return None if value is None else check_sink_path(value)
+
+    @field_validator("partition_by")
+    @classmethod
+    def _a_column_name(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must name a column")
+        return value
 
 
 class Encoder(ABC):
@@ -146,32 +167,61 @@ class ShardWriter:
 
 
 class PartitionedWriter:
-    """One :class:`ShardWriter` per value of ``partition_by``, in folders ``<column>_<value>/``."""
+    """One :class:`ShardWriter` per value of ``partition_by``, in folders ``<column>_<value>/`` named by
+    :func:`~curate.sinks.paths.partition_folder` (every value encoded: nothing is written outside the
+    sink folder). Rows are grouped by folder name, so NaN values share one folder and keep their rows.
+    :meth:`close` returns entries named ``<folder>/<file>`` with a ``partition`` key (column, original
+    value as :func:`~curate.sinks.paths.json_value` gives it, Arrow type) for :func:`write_index`."""
 
     def __init__(self, sink: Sink, shard_name: str):
+        import glob
+
         self.sink, self.prefix, self.column = sink, shard_name, sink.params.partition_by
-        self.writers: dict[object, ShardWriter] = {}
-        for folder in sink.directory.glob(f"{self.column}_*"):
-            _remove_previous(folder, shard_name, sink.extension)
+        self.writers: dict[str, ShardWriter] = {}
+        self.values: dict[str, Any] = {}
+        self.type: str | None = None
+        if sink.directory.is_dir():
+            column = glob.escape(encode_component(self.column, fold_case=False))
+            for folder in sink.directory.glob(column + "_*"):
+                if folder.is_dir():
+                    _remove_previous(folder, shard_name, sink.extension)
 
     def write(self, batch: pa.RecordBatch) -> None:
-        import pyarrow.compute as pc
-
+        if batch.num_rows == 0:
+            return
         if self.column not in batch.schema.names:
             raise KeyError(f"partition_by: no column {self.column!r} in {batch.schema.names}")
         col = batch.column(self.column)
-        for value in sorted(pc.unique(col).to_pylist(), key=lambda v: (v is None, v)):
-            part = batch.filter(pc.is_null(col) if value is None else pc.equal(col, value))
-            if value not in self.writers:
-                folder = self.sink.directory / f"{self.column}_{value}"
-                self.writers[value] = ShardWriter(self.sink, self.prefix, folder)
-            self.writers[value].write(part)
+        if pa.types.is_nested(col.type):
+            raise TypeError(f"partition_by: column {self.column!r} is a {col.type}; "
+                            "a partition column holds strings, numbers, booleans or dates")
+        self.type = str(col.type)
+        folders: dict[Any, str] = {}
+        rows: dict[str, list[int]] = {}
+        for i, value in enumerate(col.to_pylist()):
+            # cache only where equal values have equal text (0.0 == -0.0, Decimal("1") == Decimal("1.0"))
+            key = (type(value), value) if value is None or isinstance(value, (str, bytes, int)) else None
+            folder = folders.get(key) if key is not None else None
+            if folder is None:
+                folder = partition_folder(self.column, value)
+                if key is not None:
+                    folders[key] = folder
+                self.values.setdefault(folder, json_value(value))
+            rows.setdefault(folder, []).append(i)
+        for folder in sorted(rows):
+            part = batch if len(rows) == 1 else batch.take(pa.array(rows[folder], pa.int64()))
+            writer = self.writers.get(folder)
+            if writer is None:
+                writer = ShardWriter(self.sink, self.prefix, self.sink.directory / folder)
+                self.writers[folder] = writer
+            writer.write(part)
 
     def close(self) -> list[dict[str, Any]]:
         files = []
-        for value in sorted(self.writers, key=lambda v: (v is None, v)):
-            for f in self.writers[value].close():
-                files.append({**f, "name": f"{self.column}_{value}/{f['name']}"})
+        for folder in sorted(self.writers):
+            partition = {"column": self.column, "value": self.values[folder], "type": self.type}
+            for f in self.writers[folder].close():
+                files.append({**f, "name": f"{folder}/{f['name']}", "partition": partition})
         return files
 
     def abort(self) -> None:
@@ -199,8 +249,22 @@ def _remove_previous(directory: Path, prefix: str, extension: str) -> None:
 
 
 def write_index(sink: Sink, entries: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
-    """Write ``index.json`` for ``sink`` (the commit point of the output) and return it."""
+    """Write ``index.json`` for ``sink`` (the commit point of the output) and return it.
+
+    ``entries`` are the writers' file entries (``name``, ``samples``, ``bytes``, ``sha256``; a
+    partitioned sink's also carry ``partition``). With ``partition_by``, each folder also gets its own
+    ``index.json``, and the top-level one maps folder → ``{"value": original value, "type": Arrow type,
+    "samples", "bytes"}`` (``value`` absent for entries written before values were recorded). Column
+    names pass through :func:`curate.secrets.redact_obj`; file names and partition values do not: they
+    are row data, written as they are (like the rows), and must match the folders.
+    """
     entries = sorted(entries, key=lambda e: e["name"])
+    partitions: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if "partition" in e:
+            partitions.setdefault(e["name"].partition("/")[0], e["partition"])
+    entries = [{k: v for k, v in e.items() if k != "partition"} for e in entries]
+    columns = redact_obj(list(columns))
     index = {
         "format": sink.kind,
         "shards": entries,
@@ -217,7 +281,11 @@ def write_index(sink: Sink, entries: list[dict[str, Any]], columns: list[str]) -
         for folder, part in sorted(groups.items()):
             sub = {"format": sink.kind, "shards": part, "total_samples": sum(e["samples"] for e in part),
                    "total_bytes": sum(e["bytes"] for e in part), "columns": columns}
-            index["partitions"][folder] = {"samples": sub["total_samples"], "bytes": sub["total_bytes"]}
+            info: dict[str, Any] = {}
+            if folder in partitions:
+                info = {"value": partitions[folder].get("value"), "type": partitions[folder].get("type")}
+            index["partitions"][folder] = {**info, "samples": sub["total_samples"],
+                                           "bytes": sub["total_bytes"]}
             _write_json(sink.directory / folder / "index.json", sub)
     _write_json(sink.directory / "index.json", index)
     return index

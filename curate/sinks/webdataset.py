@@ -2,9 +2,12 @@
 
 One sample per row, key ``<file stem>_<row>``. Members: ``txt`` for a ``text`` column; images of an
 interleaved row as their own files (``000.jpg``, ``001.png`` … by position); integer lists (token
-ids, masks, offsets) as ``<column>.npy``; every other column in one ``json`` member (``meta`` parsed
-back into an object, interleaved ``texts`` with ``images`` as file names). Tar headers carry a fixed
-mtime, user and group, so the same rows give the same bytes.
+ids, masks, offsets) as ``<column>.npy`` in the column's own Arrow width (``input_ids`` int32 →
+``<i4``, ``loss_mask`` uint8 → ``|u1``; ``np.load`` gives back the same dtype and values); every
+other column in one ``json`` member (``meta`` parsed back into an object, interleaved ``texts`` with
+``images`` as file names). An integer list that is null, or holds nulls, has no ``.npy`` form and goes
+into ``json`` as it is. Tar headers carry a fixed mtime, user and group, so the same rows give the
+same bytes.
 """
 
 from __future__ import annotations
@@ -32,15 +35,25 @@ class WebDatasetEncoder(Encoder):
         self.tar = tarfile.open(fileobj=fh, mode="w|", format=tarfile.USTAR_FORMAT)
         self.stem = fh.path.name.split(".")[0]
         self.count = 0
-        self.npy = [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_integer(f.type.value_type)]
+        self.npy = [f.name for f in schema if _is_int_list(f.type)]
 
     def write(self, batch: pa.RecordBatch) -> None:
         for start in range(0, batch.num_rows, 128):  # Python rows in small slices: bounded memory
-            self._write_rows(batch.slice(start, 128).to_pylist())
+            part = batch.slice(start, 128)
+            # integer lists go to numpy straight from Arrow buffers, in their own dtype
+            arrays = {c: _row_arrays(part.column(c)) for c in self.npy if c in part.schema.names}
+            rest = part.select([n for n in part.schema.names if n not in arrays])
+            self._write_rows(rest.to_pylist(), arrays, part)
 
-    def _write_rows(self, rows: list[dict]) -> None:
-        for row in rows:
-            sample = self._sample(row)
+    def _write_rows(self, rows: list[dict], arrays: dict[str, list], part: pa.RecordBatch) -> None:
+        for i, row in enumerate(rows):
+            npy = {}
+            for col, per_row in arrays.items():
+                if per_row[i] is None:  # null list or null elements: keep it in json
+                    row[col] = part.column(col)[i].as_py()
+                else:
+                    npy[col] = per_row[i]
+            sample = self._sample(row, npy)
             key = sample.pop("__key__")
             for field in sorted(sample):
                 data = sample[field]
@@ -50,7 +63,7 @@ class WebDatasetEncoder(Encoder):
                 self.tar.addfile(info, io.BytesIO(data))
             self.count += 1
 
-    def _sample(self, row: dict) -> dict:
+    def _sample(self, row: dict, npy: dict[str, np.ndarray]) -> dict:
         sample: dict = {"__key__": f"{self.stem}_{self.count:07d}"}
         if "text" in row and isinstance(row["text"], str):
             sample["txt"] = row.pop("text").encode()
@@ -64,11 +77,10 @@ class WebDatasetEncoder(Encoder):
                 sample[name] = image["bytes"]
                 names.append({"file": name, **{k: v for k, v in image.items() if k != "bytes"}})
             row["images"] = names
-        for col in self.npy:
-            if col in row:
-                buf = io.BytesIO()
-                np.save(buf, np.asarray(row.pop(col)), allow_pickle=False)
-                sample[f"{col}.npy"] = buf.getvalue()
+        for col, array in npy.items():
+            buf = io.BytesIO()
+            np.save(buf, array, allow_pickle=False)
+            sample[f"{col}.npy"] = buf.getvalue()
         if isinstance(row.get("meta"), str):
             row["meta"] = orjson.loads(row["meta"])
         sample["json"] = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
@@ -76,6 +88,33 @@ class WebDatasetEncoder(Encoder):
 
     def close(self) -> None:
         self.tar.close()
+
+
+def _is_int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _row_arrays(column: pa.Array) -> list[np.ndarray | None]:
+    """Each row of an integer-list column as a numpy array of the column's value type (a view into
+    one buffer per slice), or None for a null row or a row holding nulls."""
+    offsets = column.offsets.to_numpy()  # honours the slice; ``values`` does not, offsets index it
+    values = column.values
+    dtype = np.dtype(values.type.to_pandas_dtype())
+    nulls = column.is_null().to_numpy(zero_copy_only=False)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    window = values.slice(lo, hi - lo)
+    flat = None if window.null_count else window.to_numpy()
+    out: list[np.ndarray | None] = []
+    for i in range(len(column)):
+        a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
+        if nulls[i]:
+            out.append(None)
+        elif flat is not None:
+            out.append(np.ascontiguousarray(flat[a:b], dtype=dtype))
+        else:  # nulls somewhere in this slice: check the row itself
+            row = window.slice(a, b - a)
+            out.append(None if row.null_count else np.ascontiguousarray(row.to_numpy(), dtype=dtype))
+    return out
 
 
 @register_sink("webdataset")

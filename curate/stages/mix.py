@@ -44,10 +44,6 @@ class Mix(Stage):
 
     requires = ("id", "n_tokens")
 
-    def __init__(self, params, label=None):
-        super().__init__(params, label)
-        self._counts: dict[str, int] = {}
-
     @property
     def is_global(self) -> bool:
         return True
@@ -59,15 +55,12 @@ class Mix(Stage):
         key = by[5:]
         return [(orjson.loads(m).get(key) if m else None) for m in batch.column("meta").to_pylist()]
 
-    def observe(self, batch: pa.RecordBatch, ctx) -> None:
+    def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
+        counts: dict[str, int] = {}
         for domain, n in zip(self._domains(batch), batch.column("n_tokens").to_pylist()):
-            self._counts[str(domain)] = self._counts.get(str(domain), 0) + n
-
-    def partial(self, ctx) -> pa.Table:
-        table = pa.table({"domain": strings(list(self._counts)),
-                          "tokens": numeric(np.array(list(self._counts.values()), np.int64))})
-        self._counts = {}
-        return table
+            counts[str(domain)] = counts.get(str(domain), 0) + n
+        partial.add(pa.table({"domain": strings(list(counts)),
+                              "tokens": numeric(np.array(list(counts.values()), np.int64))}))
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
         have: dict[str, int] = {}

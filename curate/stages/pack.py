@@ -4,7 +4,8 @@ Each input row is a *unit* (a tokenized document, or a UtK window whose chunks m
 its ``loss_mask``, internal ``doc_offsets`` and ``lineage`` are carried into the packed row.
 
 - ``best_fit``: best-fit decreasing over a bounded buffer (``buffer_tokens``). A unit is never split
-  unless it is longer than ``seq_len`` (then it is cut into ``seq_len`` pieces). Rows that are not yet
+  unless it is longer than ``seq_len`` (then it is cut into ``seq_len`` pieces: the full ones are rows at
+  once, the remainder is packed, so a unit's pieces leave in their order). Rows that are not yet
   ``fill_target`` full stay open into the next buffer; everything is flushed at the end of the shard.
 - ``concat_chunk``: the classic baseline: concatenate units and cut every ``seq_len`` tokens (units
   cross row boundaries; the last row of a shard may be short).
@@ -12,7 +13,13 @@ its ``loss_mask``, internal ``doc_offsets`` and ``lineage`` are carried into the
   ``2^k (+1)`` tokens, largest first; when ``k > max_log2`` a smaller ``k`` is drawn with odds
   ``1 : 2 : 4 …`` from ``max_log2`` down to ``min_log2`` (``randomize``); a remainder shorter than
   ``2^min_log2 (+1)`` is dropped and counted (``tokens_dropped`` metric). Rows carry ``bucket = k``; a
-  sink with ``partition_by: bucket`` writes one folder per bucket.
+  sink with ``partition_by: bucket`` writes one folder per bucket. As the authors' ``make_dd_buckets``
+  does, each bucket is shuffled on its way out (``shuffle``): its pieces collect in a pool of
+  ``shuffle_pool × R`` rows (``R = shuffle_rows``, default ``min(2^(20−k), 65536)``, the authors' shard
+  size); when the pool is full it is shuffled and its first ``R`` rows leave; at the end of the shard
+  what is left is shuffled and leaves (the authors drop a last partial shard; here every row is kept).
+  The shuffle of bucket ``k`` is seeded from ``(run seed, stage, k, shard key)``, so a rerun, or a run
+  with any number of workers, writes the same bytes.
 
 Every row has ``doc_offsets`` (cu_seqlens: 0, end of unit 1, …, n_tokens), ``n_tokens`` and ``lineage``.
 ``repeat`` upsamples long units (ProLong-style length mixing): a unit with at least ``min_tokens`` tokens
@@ -65,12 +72,15 @@ class Pack(Stage):
     class Params(StageParams):
         seq_len: int = Field(32768, ge=2, description="tokens per packed row")
         strategy: Literal["best_fit", "concat_chunk", "decompose"] = Field("best_fit", description="how units are packed")
-        buffer_tokens: int | None = Field(None, description="best_fit buffer (default 32 × seq_len)")
+        buffer_tokens: int | None = Field(None, ge=1, description="best_fit buffer (default 32 × seq_len)")
         fill_target: float = Field(0.99, gt=0, le=1, description="best_fit keeps rows below this fill open")
         min_log2: int = Field(8, ge=1, description="decompose: smallest bucket 2^k")
         max_log2: int = Field(13, ge=1, description="decompose: largest bucket 2^k")
         plus_one: bool = Field(True, description="decompose: pieces of 2^k + 1 tokens (the +1 is the last label)")
         randomize: bool = Field(True, description="decompose: draw k below max_log2 with odds 1:2:4…")
+        shuffle: bool = Field(True, description="decompose: shuffle each bucket through a pool as it is written")
+        shuffle_pool: int = Field(20, ge=1, description="decompose: the pool holds shuffle_pool × shuffle_rows rows per bucket")
+        shuffle_rows: int | None = Field(None, ge=1, description="decompose: rows leaving a full pool at once (default min(2^(20−k), 65536))")
         repeat: list[Repeat] = Field(default_factory=list, description="upsample long units")
 
         @model_validator(mode="after")
@@ -132,10 +142,13 @@ class Pack(Stage):
         buffer: list[Unit] = []
         held = 0
         for unit in units:
-            for a in range(0, len(unit), seq_len):
-                piece = unit if len(unit) <= seq_len else unit.slice(a, min(a + seq_len, len(unit)))
-                buffer.append(piece)
-                held += len(piece)
+            if len(unit) > seq_len:  # full pieces are full rows now, so the remainder's row comes after them
+                whole = len(unit) // seq_len * seq_len
+                yield [(unit.slice(a, a + seq_len), None) for a in range(0, whole, seq_len)]
+                unit = unit.slice(whole, len(unit))
+            if len(unit):
+                buffer.append(unit)
+                held += len(unit)
             if held >= budget:
                 open_bins, full = self._fit(buffer, open_bins)
                 yield [(_join(b), None) for b in full]
@@ -182,9 +195,11 @@ class Pack(Stage):
             yield [(_join(pending), None)]
 
     def _decompose(self, units, ctx):
+        """Cut each unit into ``2^k (+1)``-token pieces; yield them bucket by bucket through the shuffle pools."""
         p = self.params
         stats = ctx.stats[self.label]
         extra = 1 if p.plus_one else 0
+        pools: dict[int, _Pool] = {}
         for unit in units:
             rng = seeds.rng(ctx.seed, self.label, unit.lineage[0] if unit.lineage else "")
             out, start, n = [], 0, len(unit)
@@ -200,8 +215,27 @@ class Pack(Stage):
                 start += size
             if n - start:
                 stats.metric("tokens_dropped").add_many(1, n - start, n - start, n - start)
-            if out:
-                yield out
+            if not p.shuffle:
+                if out:
+                    yield out
+                continue
+            leaving = []
+            for piece, k in out:
+                if k not in pools:
+                    pools[k] = _Pool(ctx.rng(f"{self.label}/bucket_{k}"), p.shuffle_pool, self._shuffle_rows(k))
+                leaving += [(row, k) for row in pools[k].add(_own(piece))]
+            if leaving:
+                yield leaving
+        for k in sorted(pools):
+            rest = pools[k].drain()
+            if rest:
+                yield [(row, k) for row in rest]
+
+    def _shuffle_rows(self, k: int) -> int:
+        """Rows that leave a full pool of bucket ``k`` (the authors' shard size by default)."""
+        if self.params.shuffle_rows is not None:
+            return self.params.shuffle_rows
+        return min(1 << (20 - k), 65536) if k < 20 else 1
 
     # ------------------------------------------------------------------ output
     def _batch(self, rows: list[tuple[Unit, int | None]], ctx, first: int) -> pa.RecordBatch:
@@ -248,6 +282,39 @@ def _take(pending: list[Unit], size: int) -> tuple[Unit, list[Unit], int]:
         rest = [u.slice(cut, len(u))] + pending[i + 1:]
         break
     return _join(row_units), rest, sum(map(len, rest))
+
+
+class _Pool:
+    """One bucket's shuffle pool: holds up to ``factor × rows`` pieces; when full, shuffles and lets ``rows`` go.
+
+    The same sequence of pieces and the same generator give the same output order (no clocks, no hashes).
+    """
+
+    def __init__(self, rng: np.random.Generator, factor: int, rows: int):
+        self.rng, self.rows, self.cap = rng, rows, factor * rows
+        self.items: list[Unit] = []
+
+    def add(self, unit: Unit) -> list[Unit]:
+        self.items.append(unit)
+        if len(self.items) < self.cap:
+            return []
+        self._shuffle()
+        out, self.items = self.items[:self.rows], self.items[self.rows:]
+        return out
+
+    def drain(self) -> list[Unit]:
+        self._shuffle()
+        out, self.items = self.items, []
+        return out
+
+    def _shuffle(self) -> None:
+        order = self.rng.permutation(len(self.items))
+        self.items = [self.items[i] for i in order]
+
+
+def _own(unit: Unit) -> Unit:
+    """``unit`` with its own copies of the arrays, so a pooled piece does not pin its whole input batch."""
+    return Unit(np.array(unit.tokens), np.array(unit.loss), unit.offsets, unit.lineage)
 
 
 def _draw_k(rng: np.random.Generator, p) -> int:
