@@ -195,14 +195,20 @@ def check_column(value: str, mode: str, reach: Reach, later: dict[str, str] | No
         if value in cols:
             return None
         if mode == "meta_path" and value.startswith("meta."):
-            return None if "meta" in cols else f"no `meta` column reaches this stage to read {value[5:]!r} from{here}"
-        what = " (a column, or `meta.<key>`)" if mode == "meta_path" else " (a top-level column name)"
-        return f"no column {value!r}{what}{_hint(value, [c for c in cols if c != 'scores'])}{here}"
+            if "meta" in cols:
+                return None
+            return f"no `meta` column reaches this stage to read {value[5:]!r} from{here}"
+        names = [c for c in cols if c != "scores"]
+        if mode == "meta_path":
+            meta = "meta" in cols and "." not in value
+            hint = f" (did you mean 'meta.{value}'?)" if meta else _hint(value, names)
+            return f"no column {value!r} (a column, or `meta.<key>` for a field of the JSON meta){hint}{here}"
+        return f"no column {value!r} (a top-level column name){_hint(value, names)}{here}"
     parts = value.split(".")
     if parts[0] not in cols:
         if parts[0] == "scores":
-            return (f"no `scores` reach this stage (no scoring stage before it, or a stage that builds new rows "
-                    f"dropped them){_later(parts, later)}{_hint(value, reach.paths())}{here}")
+            return (f"no `scores` reach this stage (no scoring stage before it, or a stage that builds "
+                    f"new rows dropped them){_later(parts, later)}{_hint(value, reach.paths())}{here}")
         return f"no column {value!r} reaches this stage{_hint(value, reach.paths())}{here}"
     if parts[0] != "scores":
         if len(parts) > 1 and parts[0] in _FLAT_COLUMNS:
@@ -236,13 +242,20 @@ def _later(parts: list[str], later: dict[str, str] | None) -> str:
 def _hint(value: str, candidates: list[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest candidates, else empty."""
     close = difflib.get_close_matches(value, candidates, n=2, cutoff=0.6)
+    if len(close) == 2 and _ratio(value, close[0]) - _ratio(value, close[1]) > 0.05:
+        close = close[:1]  # one clearly closer: name only it
     if not close and "." in value:  # a path: compare its last part with the candidates' last parts
         tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [tails[t] for t in difflib.get_close_matches(value.rsplit(".", 1)[-1], list(tails), n=2, cutoff=0.75)]
+        last = value.rsplit(".", 1)[-1]
+        close = [tails[t] for t in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.75)]
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 # ============================================================================ models
+def _ratio(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def looks_like_path(ref: str) -> bool:
     """True when ``ref`` can only be a filesystem path (never a Hub name): absolute, ``~``/``.``-relative,
     with two or more ``/``, a backslash, or a model-file suffix."""
@@ -354,7 +367,8 @@ def check_tokenizer(manifest: Any, stages: list, wanted: list[str]) -> None:
     for s, stage in zip(manifest.stages, stages):
         if getattr(stage.params, "append_eos", False):
             raise manifest.error(s.loc + ("append_eos",), (
-                f"the tokenizer {spec.path!r} has no end-of-text token (none of {', '.join(EOS_CANDIDATES)}); "
+                f"the tokenizer {spec.path!r} has no end-of-text token "
+                f"(none of {', '.join(EOS_CANDIDATES)}); "
                 "use a tokenizer that has one, or set append_eos: false"))
 
 

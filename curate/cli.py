@@ -178,18 +178,18 @@ def main() -> None:
     try:
         app()
     except ConfigError as e:
-        err.print(f"[red]configuration error[/red]\n{escape(redact(str(e)))}", highlight=False)
+        err.print(f"[red]configuration error[/red]\n{escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Interrupted as e:
-        err.print(f"[yellow]{escape(redact(str(e)))}[/yellow]", highlight=False)
+        err.print(f"[yellow]{escape(redact(str(e)))}[/yellow]", highlight=False, soft_wrap=True)
         sys.exit(130)
     except CurateError as e:
-        err.print(f"[red]error[/red]: {escape(redact(str(e)))}", highlight=False)
+        err.print(f"[red]error[/red]: {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as e:  # the run directory's disk, permissions or mount failed outside a shard
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         err.print(f"[red]error[/red]: {escape(redact(f'{e.strerror or e}{where}'))}; finished work is kept, "
-                  "run the same command again once the cause is fixed", highlight=False)
+                  "run the same command again once the cause is fixed", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

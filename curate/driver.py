@@ -265,6 +265,9 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             reports[stage.label] = orjson.loads(path.read_bytes())
     if reports:
         merged["global"] = reports
+    from curate.runner import duplicate_ids
+
+    merged["duplicate_ids"] = duplicate_ids(rd)
     merged["outputs"] = {s.label: {"path": str(s.directory), "files": len(entries[s.label]),
                                    "samples": sum(f["samples"] for f in entries[s.label]),
                                    "bytes": sum(f["bytes"] for f in entries[s.label])} for s in plan.sinks}
@@ -299,6 +302,11 @@ def _summarize_failures(plan: Plan, console: Console) -> None:
             reasons[entry["reason"]] += 1
             if entry["reason"] in ("truncated_input", "unreadable_file"):
                 damaged.append(entry)
+    dup = orjson.loads(plan.run_dir.stats_json.read_bytes()).get("duplicate_ids", {})
+    if dup.get("rows"):
+        console.print(f"[yellow]warning[/yellow]: {dup['rows']:,} input row(s) repeat an earlier row's id "
+                      f"({dup['ids']:,} id(s) repeat); dedup stages need unique ids — set source.id_field "
+                      "to a unique field, or leave it unset for file:line ids", highlight=False)
     if not reasons:
         return
     summary = ", ".join(f"{r}: {n:,}" for r, n in reasons.most_common())

@@ -8,21 +8,20 @@ driver ``combine``s what it saw before the next phase starts.
 
 from __future__ import annotations
 
-import importlib.util
-
 import hashlib
+import importlib.util
 import sys
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
 from typing import Any
 
+from curate import checks
 from curate.errors import ConfigError
 from curate.manifest import Manifest
 from curate.plugins import kinds_of
 from curate.readers.base import Reader, Shard
 from curate.rundir import RunDir
-from curate.schema import SCHEMAS
 
 #: Packages whose versions enter the fingerprint (their behaviour shapes the output bytes).
 FINGERPRINT_PACKAGES = ("curate-longctx", "pyarrow", "polars", "orjson", "numpy", "tokenizers", "webdataset")
@@ -48,14 +47,24 @@ class Plan:
 
     @classmethod
     def build(cls, manifest: Manifest) -> Plan:
-        """List the input shards and check the column flow; ConfigError on any problem."""
+        """List the input shards and check everything that can be checked before any work; ConfigError
+        naming the manifest line on any problem. Creates nothing on disk (no run directory).
+
+        Checked, in order: the input listing; the column flow (each stage's required columns, and every
+        column parameter — ``select``'s ``where``/``top`` columns, ``text_column``s, a sink's
+        ``partition_by`` — against the columns and ``scores.<label>.<metric>`` paths that reach it, see
+        :mod:`curate.checks`); the optional modules each stage imports; the tokenizer a stage needs;
+        every model a stage loads (:meth:`~curate.stage.Stage.model_refs`: an existing local path, or a
+        Hub name the Hub can serve or the local cache holds); the tokenizer itself (``tokenizer: {path}``
+        loaded once, with what the stages need of it); and that no two sinks share a folder.
+        """
         reader = make_reader(manifest)
         try:
             shards = reader.shards()
         except ConfigError as e:
             raise manifest.error(("source", "paths"), str(e)) from None
         plan = cls(manifest, shards)
-        plan.column_flow()  # raises on a stage whose required columns are missing
+        plan.column_flow()  # raises on a missing required column or a column parameter naming nothing
         for spec, stage in zip(manifest.stages, plan.stages):
             missing = [(m, extra) for m, extra in stage.requirements().items() if importlib.util.find_spec(m) is None]
             if missing:
@@ -64,6 +73,8 @@ class Plan:
             if stage.needs_tokenizer and manifest.tokenizer is None:
                 raise manifest.error(spec.loc, "needs a tokenizer: add a top-level `tokenizer:` section "
                                      "(`path:` to a tokenizer folder, or `train: {}` to train one on the source)")
+        plan.check_models()
+        checks.check_tokenizer(manifest, plan.stages, plan.special_tokens())
         seen: dict[str, int] = {}
         for i, sink in enumerate(plan.sinks):
             if str(sink.directory) in seen:
@@ -71,6 +82,19 @@ class Plan:
                                      f"{seen[str(sink.directory)]} does; give one of them another `path`")
             seen[str(sink.directory)] = i
         return plan
+
+    def check_models(self) -> None:
+        """Raise one ConfigError listing every model reference (:meth:`~curate.stage.Stage.model_refs`)
+        that is neither a local path nor loadable (see :func:`curate.checks.check_model_ref`), each with
+        its manifest line and parameter."""
+        problems = []
+        for spec, stage in zip(self.manifest.stages, self.stages):
+            for param, ref in stage.model_refs().items():
+                problem = checks.check_model_ref(ref, "model file or folder")
+                if problem:
+                    problems.append(str(self.manifest.error(spec.loc + (param,), problem)))
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     # ------------------------------------------------------------------ structure
     @cached_property
@@ -98,16 +122,42 @@ class Plan:
         return RunDir(self.manifest.output)
 
     def column_flow(self) -> list[tuple[str, list[str]]]:
-        """``(label, columns after it)`` from the source through every stage."""
+        """``(label, columns after it)`` from the source through every stage (see :meth:`reaches`)."""
+        return [(label, reach.columns) for label, reach in self.reaches]
+
+    @cached_property
+    def reaches(self) -> list[tuple[str, checks.Reach]]:
+        """``(label, what reaches the point after it)`` from the source through every stage.
+
+        Raises one ConfigError listing, each with its manifest line, every stage whose required columns
+        do not reach it and every column parameter of a stage (or sink ``partition_by``) that names a
+        column, score label or metric that does not reach it (with a close match when there is one).
+        """
         kind = self.reader.output_kind()
-        columns = list(SCHEMAS[kind].names)
-        flow = [(f"source ({self.manifest.source.kind})", columns)]
-        for spec, stage in zip(self.manifest.stages, self.stages):
+        reach = checks.source_reach(self.manifest, kind, self.shards)
+        flow = [(f"source ({self.manifest.source.kind})", reach)]
+        where = {s.label: f"stages[{i}] ({s.name})" for i, s in enumerate(self.manifest.stages)}
+        problems: list[str] = []
+        for i, (spec, stage) in enumerate(zip(self.manifest.stages, self.stages)):
+            columns = reach.columns
             missing = [c for c in stage.requires if c not in columns]
             if missing:
-                raise self.manifest.error(spec.loc, f"needs column(s) {missing}, but only {columns} reach it")
-            columns = stage.columns_out(columns)
-            flow.append((stage.label, columns))
+                problems.append(str(self.manifest.error(
+                    spec.loc, f"needs column(s) {missing}, but only {columns} reach it")))
+            later = {s.label: where[s.label] for s in self.manifest.stages[i + 1:]}
+            for loc, value, mode in checks.column_params(spec.name, spec.params):
+                problem = checks.check_column(value, mode, reach, later)
+                if problem:
+                    problems.append(str(self.manifest.error(spec.loc + loc, problem)))
+            reach = reach.after(stage, stage.columns_out(columns))
+            flow.append((stage.label, reach))
+        for sink in self.manifest.sinks:
+            column = getattr(sink.params, "partition_by", None)
+            problem = column and checks.check_column(column, "name", reach)
+            if problem:
+                problems.append(str(self.manifest.error(sink.loc + ("partition_by",), problem)))
+        if problems:
+            raise ConfigError("\n".join(problems))
         return flow
 
     # ------------------------------------------------------------------ identity

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -25,6 +26,7 @@ from curate.readers.arrow_ipc import open_ipc
 from curate.readers.base import Shard
 from curate.rundir import AtomicFile, RunDir
 from curate.secrets import redact, redact_obj
+from curate.seeds import doc_hashes
 from curate.stage import ShardPartial
 from curate.stats import StageStats
 
@@ -75,7 +77,11 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
         upstream = ctx.stats[READ_LABEL] if phase.index == 0 else StageStats()
         clock = _Clock()
         first = READ_LABEL if phase.index == 0 else f"phase {phase.index - 1} output"
-        batches = _instrument(_input(plan, phase, shard, ctx), upstream, None, clock, label=first)
+        ids: list[np.ndarray] = []
+        source = _input(plan, phase, shard, ctx)
+        if phase.index == 0:
+            source = _hash_ids(source, ids, plan.manifest.seed)
+        batches = _instrument(source, upstream, None, clock, label=first)
         for stage in stages:
             st = ctx.stats[stage.label]
             inner = clock
@@ -89,6 +95,8 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
         if phase.index == 0:
             read = ctx.stats[READ_LABEL]
             read.rows_in = read.rows_out + sum(read.drops.values())
+        if phase.index == 0:
+            _save_ids(rd, ctx.shard_id, ids)
         stats = ctx.stats.to_dict()
         rd.write_json(rd.stats / f"{ctx.shard_id}.json", redact_obj(stats))
         faults.check("completion", shard=shard.name, phase=phase.index)
@@ -111,6 +119,34 @@ def _input(plan: Plan, phase: Phase, shard: Shard, ctx: RunContext) -> Iterator[
     if phase.index == 0:
         return plan.reader.read(shard, ctx)
     return open_ipc(str(intermediate_path(plan.run_dir, phase.index - 1, shard)))
+
+
+def _hash_ids(batches: Iterator[pa.RecordBatch], out: list[np.ndarray], seed: int) -> Iterator[pa.RecordBatch]:
+    """Pass batches through, keeping a 64-bit hash of every row id (for the duplicate-id count)."""
+    for batch in batches:
+        if "id" in batch.schema.names:
+            out.append(doc_hashes(seed, "ids", batch.column("id").to_pylist()))
+        yield batch
+
+
+def _save_ids(rd: RunDir, shard_id: str, ids: list[np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.concatenate(ids) if ids else np.empty(0, np.uint64))
+    f = AtomicFile(rd.stats / f"ids-{shard_id}.npy")
+    f.write(buf.getvalue())
+    f.commit()
+
+
+def duplicate_ids(rd: RunDir) -> dict[str, int]:
+    """How many input rows share an id with an earlier row, and how many ids repeat (from phase 0's hashes)."""
+    parts = [np.load(p) for p in sorted(rd.stats.glob("ids-p0-*.npy"))]
+    if not parts:
+        return {"rows": 0, "ids": 0}
+    _, counts = np.unique(np.concatenate(parts), return_counts=True)
+    repeated = counts[counts > 1]
+    return {"rows": int((repeated - 1).sum()), "ids": int(len(repeated))}
 
 
 def intermediate_path(rd: RunDir, phase: int, shard: Shard | str):

@@ -36,6 +36,10 @@ class DatatroveFilter(Filter):
     #: True when the filter edits ``doc.text`` and the edit is the point (C4 line removal).
     rewrites_text: ClassVar[bool] = False
 
+    def score_names(self) -> list[str]:
+        """No scores: a datatrove rule only keeps or drops (its counters go to the stage's metrics)."""
+        return []
+
     def build(self) -> Any:
         """The configured datatrove filter instance."""
         import datatrove.pipeline.filters as filters

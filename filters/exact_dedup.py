@@ -27,6 +27,10 @@ class ExactDedup(GlobalDedup):
 
     needs = {"datatrove": "quality", "xxhash": "quality"}
 
+    def score_names(self) -> list[str]:
+        """The cluster scores every row gets (see :mod:`filters.dedup_base`)."""
+        return ["cluster_size", "cluster"]
+
     def setup(self, ctx) -> None:
         try:
             from datatrove.utils.hashing import HashConfig, create_hash_func

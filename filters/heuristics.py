@@ -40,6 +40,10 @@ class Heuristics(Filter):
     requires = ("text",)
     provides = ("scores",)
 
+    def score_names(self) -> list[str]:
+        """Every metric of :data:`METRICS`, always written."""
+        return list(METRICS)
+
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
         import polars as pl  # imported where used: ~30 MB per process, only for workers running this stage
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.arrays import numeric, strings
+from curate.checks import LOCAL
 from curate.errors import ConfigError, MissingDependency
 from curate.registry import register_stage
 from curate.stage import Filter
@@ -37,6 +38,13 @@ class LanguageId(Filter):
     requires = ("text",)
     provides = ("scores",)
     needs = {"fasttext": "quality"}
+
+    def score_names(self) -> list[str]:
+        return ["language", "language_score"]
+
+    def model_refs(self) -> dict[str, str]:
+        """The fastText model file: a local path only (nothing is downloaded)."""
+        return {"model": LOCAL + self.params.model}
 
     def setup(self, ctx) -> None:
         try:

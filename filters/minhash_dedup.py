@@ -43,6 +43,10 @@ class MinhashDedup(GlobalDedup):
 
     needs = {"datatrove": "quality", "spacy": "quality", "xxhash": "quality"}
 
+    def score_names(self) -> list[str]:
+        """The cluster scores every row gets (see :mod:`filters.dedup_base`)."""
+        return ["cluster_size", "cluster"]
+
     def setup(self, ctx) -> None:
         try:
             from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature

@@ -51,8 +51,8 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from curate import seeds
-from curate.errors import ConfigError
 from curate.arrays import int_lists, numeric, string_lists, strings, struct_lists
+from curate.errors import ConfigError
 from curate.registry import register_stage
 from curate.stage import StageParams, Synthesizer
 from curate.stages.tokenize import id_lists, list_parts
@@ -144,10 +144,12 @@ class ChunkShuffle(Synthesizer):
         self.tok = tok
         self._digits: dict[int, list[int]] = {}
         self._knot_prefix: list[int] = [0]  # fixed split: knot tokens by chunk count (_knots_length)
-        if self.params.backtrace:
+        augments = self.params.augment_fraction > 0  # with 0, nothing is ever split: nothing to check
+        if augments and self.params.backtrace:
             self._check_ids()
         self.piece_size = self._piece_size(self.params.seq_len)
-        self._check_splittable()
+        if augments:
+            self._check_splittable()
         self.sp = {t: tok.special_id(t) for t in self.special_tokens()}
         ids = list(self.sp.values())
         if len(set(ids)) != len(ids) or (tok.eos_id is not None and tok.eos_id in ids):

@@ -43,3 +43,36 @@ def test_stages_command_lists_everything():
     text = cli("stages").stdout
     for name in ("heuristics", "select", "jsonl", "stdlib_docs", "parquet", "webdataset", "local"):
         assert name in text
+
+
+def _user_docs() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", [str(p.relative_to(ROOT)) for p in _user_docs()])
+def test_docs_stand_alone(doc):
+    """No link or mention leads outside the repository (design notes, issue numbers, sibling folders)."""
+    path = ROOT / doc
+    text = path.read_text()
+    for bad in ("../shared", "shared/DESIGN", "DESIGN.md", "ALGORITHMS.md", "STYLE.md"):
+        assert bad not in text, f"{doc} mentions {bad!r}"
+    assert not re.search(r"\bissues? #?\d+", text, re.I), f"{doc} points at an issue number"
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        resolved = (path.parent / target).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc} links outside the repository: {target}"
+        assert resolved.exists(), f"{doc} links to a missing file: {target}"
+
+
+@pytest.mark.parametrize("manifest", sorted(p.name for p in (ROOT / "manifests").glob("*.yaml")))
+def test_recipe_usage_comments_name_real_files(manifest):
+    """`#   curate run manifests/x.yaml` comments point at files that exist, with commands that exist."""
+    commands = {"run", "validate", "plan", "inspect", "stats", "stages", "run-shard", "status"}
+    for line in (ROOT / "manifests" / manifest).read_text().splitlines():
+        m = re.match(r"#\s+curate (\S+)\s+(\S+)?", line)
+        if not m:
+            continue
+        assert m.group(1) in commands, line
+        if m.group(2) and m.group(2).startswith("manifests/"):
+            assert (ROOT / m.group(2)).exists(), line

@@ -328,3 +328,20 @@ def test_a_failure_that_will_repeat_does_not_promise_a_rerun_fixes_it(tmp_path):
     text = str(error)
     assert "shard 00002" in text and "part-2.jsonl" in text and "stage heuristics" in text
     assert "will happen again" in text and "logs/p0-00002.log" in text
+
+
+def test_duplicate_ids_are_counted_and_warned(tmp_path):
+    folder = tmp_path / "in"
+    write_jsonl(folder / "a.jsonl", [{"id": f"x{i % 4}", "text": make_text(i)} for i in range(10)])
+    write_jsonl(folder / "b.jsonl", [{"id": f"x{i}", "text": make_text(i + 50)} for i in range(3)])
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: dup
+        source: {{kind: jsonl, paths: ["{folder}/*.jsonl"], id_field: id}}
+        sink: {{kind: parquet}}
+        """)
+    proc = _cli_run(m, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    # a.jsonl: ids x0..x3, 10 rows → 6 repeats; b.jsonl: x0..x2 again → 3 more; 4 distinct ids repeat
+    assert stats["duplicate_ids"] == {"rows": 9, "ids": 4}
+    assert "9 input row(s) repeat an earlier row's id" in proc.stderr
