@@ -110,8 +110,10 @@ def writes_scores(stage: Any) -> tuple[bool, list[str] | None]:
 
 
 def source_reach(manifest: Any, kind: str, shards: list) -> Reach:
-    """What the source delivers: its schema's columns and, for Parquet/Arrow inputs (local or fsspec),
-    the ``scores`` labels their files carry (curate's own output read back keeps its scores)."""
+    """What the source delivers: its schema's columns and, for local Parquet/Arrow inputs, the
+    ``scores`` labels their files carry (curate's own output read back keeps its scores). Inputs whose
+    schemas are not read here (remote files, more than 256 files, other columnar sources) may carry any
+    ``scores`` label."""
     from curate.schema import SCHEMAS
 
     columns = list(SCHEMAS[kind].names)
@@ -122,7 +124,7 @@ def source_reach(manifest: Any, kind: str, shards: list) -> Reach:
     if source.kind not in ("parquet", "arrow"):
         return Reach(columns + ["scores"], {}, open_scores=True)
     uris = list(dict.fromkeys(s.uri for s in shards))
-    if len(uris) > 256:  # reading that many footers costs more than the check is worth
+    if len(uris) > 256 or any("://" in u and not u.startswith("file://") for u in uris):  # not worth the reads
         return Reach(columns + ["scores"], {}, open_scores=True)
     labels: dict[str, list[str] | None] = {}
     for uri in uris:
@@ -239,6 +241,10 @@ def _later(parts: list[str], later: dict[str, str] | None) -> str:
     return ""
 
 
+def _ratio(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def _hint(value: str, candidates: list[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest candidates, else empty."""
     close = difflib.get_close_matches(value, candidates, n=2, cutoff=0.6)
@@ -252,10 +258,6 @@ def _hint(value: str, candidates: list[str]) -> str:
 
 
 # ============================================================================ models
-def _ratio(a: str, b: str) -> float:
-    return difflib.SequenceMatcher(None, a, b).ratio()
-
-
 def looks_like_path(ref: str) -> bool:
     """True when ``ref`` can only be a filesystem path (never a Hub name): absolute, ``~``/``.``-relative,
     with two or more ``/``, a backslash, or a model-file suffix."""
@@ -324,8 +326,9 @@ def check_model_ref(ref: str, kind: str = "model") -> str | None:
     offline = hub_offline_reason()
     if offline is None or in_hf_cache(ref):
         return None
-    return (f"{where}, and {ref!r} is not in the local Hugging Face cache while the Hub cannot be used "
-            f"({offline}); download it where there is a network (`hf download {ref}`) or give a local folder")
+    return (f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be used ({offline}), nor is it "
+            f"a local path ({where}); download it where there is a network (`hf download {ref}`) or give a "
+            "local path")
 
 
 # ============================================================================ tokenizer
@@ -357,6 +360,10 @@ def check_tokenizer(manifest: Any, stages: list, wanted: list[str]) -> None:
     try:
         tok = load_tokenizer(spec, wanted)
     except ConfigError as e:
+        path = Path(os.path.expanduser(spec.path))
+        if not path.exists():  # a Hub name that the Hub could not serve: say both
+            raise manifest.error(("tokenizer", "path"), f"no {kind} at {path.absolute()}, and loading "
+                                 f"{spec.path!r} from the Hugging Face Hub failed: {e}") from None
         raise _tokenizer_error(manifest, str(e)) from None
     except Exception as e:  # noqa: BLE001 - a broken tokenizer file: say which and why
         raise manifest.error(("tokenizer", "path"), f"cannot load {spec.path!r}: {e}") from None

@@ -89,7 +89,12 @@ class Plan:
         its manifest line and parameter."""
         problems = []
         for spec, stage in zip(self.manifest.stages, self.stages):
-            for param, ref in stage.model_refs().items():
+            try:
+                refs = stage.model_refs()
+            except ConfigError as e:
+                problems.append(str(self.manifest.error(spec.loc, str(e))))
+                continue
+            for param, ref in refs.items():
                 problem = checks.check_model_ref(ref, "model file or folder")
                 if problem:
                     problems.append(str(self.manifest.error(spec.loc + (param,), problem)))

@@ -75,7 +75,8 @@ class Stage(ABC):
     def model_refs(self) -> dict[str, str]:
         """The models this configured stage loads: parameter name → reference, checked by the planner
         (:func:`curate.checks.check_model_ref`) before any work. A reference is a local file or folder or
-        a Hugging Face Hub name; ``local:<path>`` marks a local path that is never downloaded."""
+        a Hugging Face Hub name; ``local:<path>`` marks a local path that is never downloaded. A stage
+        that can tell a parameter is wrong without loading anything may raise ConfigError here."""
         return {}
 
     @abstractmethod

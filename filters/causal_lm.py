@@ -193,5 +193,8 @@ class LMScorer(Filter):
     provides = ("scores",)
     needs = {"torch": "text", "transformers": "text"}
 
+    def model_refs(self) -> dict[str, str]:
+        return {"model": self.params.model}
+
     def setup(self, ctx) -> None:
         self.lm = CausalLM.shared(self.params.model, self.params.device)

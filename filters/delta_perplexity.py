@@ -50,6 +50,9 @@ class DeltaPerplexity(LMScorer):
                 raise ValueError("need tail < short_window <= window")
             return self
 
+    def score_names(self) -> list[str]:
+        return list(METRICS)
+
     def setup(self, ctx) -> None:
         super().setup(ctx)
         if self.params.window > self.lm.context:

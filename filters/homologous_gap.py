@@ -58,6 +58,12 @@ class HomologousGap(Filter):
 
             raise ConfigError(f"{self.label}: template must end with {{response}}")
 
+    def score_names(self) -> list[str]:
+        return ["ppl_short", "ppl_long", "gap", "hmg"]
+
+    def model_refs(self) -> dict[str, str]:
+        return {"short_model": self.params.short_model, "long_model": self.params.long_model}
+
     @property
     def is_global(self) -> bool:
         return True

@@ -54,7 +54,9 @@ class LanguageId(Filter):
         path = os.path.expanduser(self.params.model)
         if not os.path.isfile(path):
             raise ConfigError(f"{self.label}: no fastText model file at {path} (give a local path; nothing is downloaded)")
-        self.ft = fasttext.load_model(path)
+        from curate.models import file_key, shared
+
+        self.ft = shared("fasttext", file_key(path), lambda: fasttext.load_model(path))
 
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
         limit = self.params.max_chars

@@ -49,6 +49,9 @@ class LongDependency(LMScorer):
         beta: float = Field(1.0, description="weight of dependency distance")
         batch_size: int = Field(16, gt=0, description="sequences per forward pass")
 
+    def score_names(self) -> list[str]:
+        return ["lds", "n_segments", "n_pairs", "strong_pairs"]
+
     def setup(self, ctx) -> None:
         super().setup(ctx)
         if 2 * self.params.chunk_size > self.lm.context:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.errors import MissingDependency
+from curate.models import shared
 from curate.registry import register_stage
 from curate.seeds import doc_hashes
 from filters.dedup_base import GlobalDedup
@@ -59,7 +60,9 @@ class MinhashDedup(GlobalDedup):
         # the output folder is never written: only the signature functions are used
         self._sig = MinhashDedupSignature(output_folder="memory://curate-unused", config=config, language=p.language)
         self._width = p.num_buckets * p.hashes_per_bucket
-        self._fast = FastShingles(p.n_grams) if p.shingles == "fast" else None
+        # the word-hash cache lives as long as the worker, shared by every shard with these n-grams
+        self._fast = shared("fast_shingles", (p.n_grams,), lambda: FastShingles(p.n_grams)) \
+            if p.shingles == "fast" else None
 
     def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         sigs = np.empty((len(texts), self._width), np.uint64)

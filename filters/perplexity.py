@@ -60,6 +60,17 @@ class Perplexity(LMScorer):
             return {"kenlm": "kenlm", **({"sentencepiece": "text"} if self.params.sentencepiece else {})}
         return dict(self.needs)
 
+    def score_names(self) -> list[str]:
+        return ["perplexity", "mean_nll", "n_scored"]
+
+    def model_refs(self) -> dict[str, str]:
+        from curate.checks import LOCAL
+
+        p = self.params
+        if not self.kenlm:
+            return {"model": p.model}
+        return {"model": LOCAL + p.model, **({"sentencepiece": LOCAL + p.sentencepiece} if p.sentencepiece else {})}
+
     def setup(self, ctx) -> None:
         p = self.params
         if self.kenlm:
@@ -93,14 +104,19 @@ class Perplexity(LMScorer):
             import kenlm
         except ImportError:
             raise MissingDependency("kenlm", "kenlm") from None
-        self.ngram = kenlm.Model(os.path.expanduser(self.params.model))
+        from curate.models import file_key, shared
+
+        model = os.path.expanduser(self.params.model)
+        self.ngram = shared("kenlm", file_key(model), lambda: kenlm.Model(model))
         self.spm = None
         if self.params.sentencepiece:
             try:
                 import sentencepiece
             except ImportError:
                 raise MissingDependency("sentencepiece", "text") from None
-            self.spm = sentencepiece.SentencePieceProcessor(model_file=os.path.expanduser(self.params.sentencepiece))
+            spm = os.path.expanduser(self.params.sentencepiece)
+            self.spm = shared("sentencepiece", file_key(spm),
+                              lambda: sentencepiece.SentencePieceProcessor(model_file=spm))
 
     def _score_kenlm(self, texts: list[str]) -> dict[str, pa.Array]:
         log10 = np.zeros(len(texts))

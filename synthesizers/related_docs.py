@@ -76,6 +76,9 @@ class RelatedDocs(Synthesizer):
         super().__init__(params, label)
         self._model = None
 
+    def model_refs(self) -> dict[str, str]:
+        return {"model": resolve_model(self.params.model)}
+
     @property
     def is_global(self) -> bool:
         return True

@@ -142,16 +142,16 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_failing_shard_is_reported_and_others_complete(tmp_path, workers):
     m = _corpus_manifest(tmp_path, files=3, docs=40, workers=workers)
-    # a stage error (here: selecting on a score no stage wrote) fails each shard loudly, with the
-    # traceback in that shard's log, and the run exits non-zero
-    text = m.read_text().replace("- select: {top: {column: scores.heuristics.n_words, fraction: 0.5}}",
-                                 "- select: {where: [{column: scores.heuristics.nope, min: 1}]}")
-    m.write_text(text)
-    proc = cli("run", str(m), "-o", str(tmp_path / "f"), "--no-progress", check=False)
+    # a stage error fails each shard loudly, with the traceback in that shard's log, and the run exits
+    # non-zero, naming each shard's input file and the stage
+    fault = '[{"point": "stage", "label": "heuristics", "action": "raise"}]'
+    proc = cli("run", str(m), "-o", str(tmp_path / "f"), "--no-progress", check=False,
+               env={"CURATE_FAULTS": fault})
     assert proc.returncode == 1
     assert "3 shard(s) failed in phase 0" in proc.stderr
+    assert "in stage heuristics" in proc.stderr and ".jsonl" in proc.stderr
     log = (tmp_path / "f" / "logs" / "p0-00000.log").read_text()
-    assert "KeyError" in log and "no column 'scores.heuristics.nope'" in log and "scores.heuristics.n_words" in log
+    assert "InjectedFault" in log and "Traceback" in log
 
 
 def test_bad_records_are_counted_in_stats_and_kept_in_failures(tmp_path):
