@@ -345,3 +345,44 @@ def test_duplicate_ids_are_counted_and_warned(tmp_path):
     # a.jsonl: ids x0..x3, 10 rows → 6 repeats; b.jsonl: x0..x2 again → 3 more; 4 distinct ids repeat
     assert stats["duplicate_ids"] == {"rows": 9, "ids": 4}
     assert "9 input row(s) repeat an earlier row's id" in proc.stderr
+
+
+def test_a_run_directory_that_cannot_be_created_is_a_clear_error(tmp_path):
+    m = _manifest(tmp_path, "  - heuristics: {min_words: 1}\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _cli_run(m, blocker / "run")
+    assert proc.returncode == 2
+    assert "cannot create or write the run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_record_raised_by_a_filter_drops_only_those_rows(tmp_path):
+    import pyarrow as pa
+
+    from curate.errors import BadRecord
+    from curate.registry import _REGISTRY, register_stage
+    from curate.stage import Filter
+
+    @register_stage("test_picky")
+    class Picky(Filter):
+        """Refuses rows whose id ends in 7: a stage-level bad record."""
+
+        def score(self, batch, ctx):
+            ids = batch.column("id").to_pylist()
+            bad = [i for i in ids if i.endswith("7")]
+            if bad:
+                raise BadRecord("picky_refused", f"id {bad[0]} ends in 7")
+            return {"n": pa.array([len(i) for i in ids], pa.int64())}
+
+    try:
+        m = _manifest(tmp_path, "  - test_picky: {}\n")
+        assert _run(m, tmp_path / "run") is None
+    finally:
+        _REGISTRY.pop("test_picky", None)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())["stages"]["test_picky"]
+    assert stats["drops"] == {"picky_refused": 6}  # f0-7, f0-17, f1-7, f1-17, f2-7, f2-17
+    assert stats["rows_in"] - stats["rows_out"] == 6
+    failures = [json.loads(line) for p in (tmp_path / "run" / "failures").glob("*.jsonl")
+                for line in p.read_text().splitlines()]
+    assert sorted(f["record"] for f in failures) == sorted(f"f{a}-{b}" for a in range(3) for b in (7, 17))
+    assert all(f["reason"] == "picky_refused" for f in failures)

@@ -50,6 +50,7 @@ def test_quickstart_output_loads_with_datasets_and_webdataset(tmp_path):
     q = pq.read_table(sorted(glob.glob(f"{run}/quarantine/heuristics/*.parquet")))
     assert q.num_rows == sum(stats["stages"]["heuristics"]["drops"].values())
     assert set(q.column("drop_reason").to_pylist()) <= set(stats["stages"]["heuristics"]["drops"])
+    _check_quickstart_table(stats)
     # the CLI reads it all back, UtK windows decoded with the run tokenizer
     shown = cli("inspect", str(run), "-n", "3").stdout
     assert "sample 0" in shown and "<|knot_1_tail|>" in shown and "backtrace" in shown
@@ -194,3 +195,21 @@ def test_run_shard_redoes_one_shard_identically(tmp_path):
     refused = cli("run-shard", str(m), "-o", str(tmp_path / "elsewhere"), "--phase", "0", "--shard", "00001",
                   check=False)
     assert refused.returncode == 2 and "not claimed by this manifest" in refused.stderr
+
+
+def _check_quickstart_table(stats: dict) -> None:
+    """docs/quickstart.md's stats table shows what the quickstart produces today."""
+    import re
+
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    table = re.search(r"```text\nstage +rows in.*?```", text, re.S).group(0).splitlines()[2:-1]
+    for line in table:
+        label, rows_in, rows_out, *rest = line.split()
+        got = stats["stages"][label]
+        assert int(rows_in.replace(",", "")) == got["rows_in"], (line, got)
+        assert int(rows_out.replace(",", "")) == got["rows_out"], (line, got)
+        drops = dict(re.findall(r"(\w+): ([\d,]+)", line))
+        assert {k: int(v.replace(",", "")) for k, v in drops.items()} == got["drops"], (line, got)
+        tokens = [t for t in rest if re.fullmatch(r"[\d,]+", t) and t not in drops.values()]
+        if tokens:
+            assert int(tokens[-1].replace(",", "")) == got["tokens_out"], (line, got)
