@@ -57,8 +57,8 @@ def check(point: str, *, shard: str | None = None, phase: int | None = None, lab
             continue
         if "label" in f and f["label"] != label:
             continue
-        if count is not None and count < int(f.get("after", 1)):
-            continue
+        if count is not None and count != int(f.get("after", 1)):
+            continue  # fires once per attempt: when the count reaches `after`
         _fire(f, point, shard, phase, label)
 
 

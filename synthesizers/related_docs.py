@@ -72,10 +72,6 @@ class RelatedDocs(Synthesizer):
     requires = ("id", "text")
     needs = {"sentence_transformers": "embed"}
 
-    def __init__(self, params, label=None):
-        super().__init__(params, label)
-        self._model = None
-
     def model_refs(self) -> dict[str, str]:
         return {"model": resolve_model(self.params.model)}
 
@@ -85,18 +81,21 @@ class RelatedDocs(Synthesizer):
 
     # ------------------------------------------------------------------ observe (per shard)
     def _embedder(self):
-        if self._model is None:
-            try:
-                from sentence_transformers import SentenceTransformer
-            except ImportError:
-                raise MissingDependency("sentence_transformers", "embed") from None
-            device = self.params.device
-            if device == "auto":
-                import torch
+        """The sentence-transformers model, loaded once per worker process (curate.models.shared)."""
+        from curate.models import file_key, shared
 
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._model = SentenceTransformer(resolve_model(self.params.model), device=device)
-        return self._model
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise MissingDependency("sentence_transformers", "embed") from None
+        device = self.params.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = resolve_model(self.params.model)
+        return shared("sentence_transformers", (file_key(path) if os.path.exists(path) else path, device),
+                      lambda: SentenceTransformer(path, device=device))
 
     def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
         texts = [t[: self.params.text_chars] for t in batch.column("text").to_pylist()]
