@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -186,10 +187,20 @@ def main() -> None:
     except CurateError as e:
         err.print(f"[red]error[/red]: {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
     except OSError as e:  # the run directory's disk, permissions or mount failed outside a shard
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         err.print(f"[red]error[/red]: {escape(redact(f'{e.strerror or e}{where}'))}; finished work is kept, "
                   "run the same command again once the cause is fixed", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - never a bare traceback (it could carry secrets); CURATE_DEBUG shows it
+        if os.environ.get("CURATE_DEBUG"):
+            raise
+        err.print(f"[red]error[/red]: {type(e).__name__}: {escape(redact(str(e)))}\n"
+                  "(this is a bug in curate or a plugin; set CURATE_DEBUG=1 to see the traceback)",
+                  highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

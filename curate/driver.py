@@ -9,6 +9,7 @@ bytes as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 import signal
@@ -25,7 +26,7 @@ from rich.markup import escape
 from curate import stats as stats_mod
 from curate import faults
 from curate.errors import CurateError, Interrupted, RetryableError
-from curate.lock import run_lock
+from curate.lock import refuse_if_steps_running, run_lock
 from curate.progress import PhaseProgress
 from curate.secrets import redact, redact_obj
 from curate.manifest import Manifest
@@ -72,6 +73,7 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
     lock.acquire()
     log_handler = None
     try:
+        refuse_if_steps_running(rd.root)
         with _terminate_as_interrupt():
             resumed = rd.check_fingerprint(plan.fingerprint(), restart)
             log_handler = _run_log(rd)
@@ -84,13 +86,14 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             skipped = 0
             for phase in plan.phases:
                 if phase.global_stage is not None:
-                    _combine(plan, phase)
+                    label = plan.stages[phase.global_stage].label
+                    _step(f"combine of {label} (before phase {phase.index + 1})", lambda: _combine(plan, phase))
                 pending = [s for s in plan.shards if not rd.is_complete(f"p{phase.index}-{s.name}")]
                 skipped += len(plan.shards) - len(pending)
                 failed = _run_phase(plan, phase, pending, executor, console, show_progress)
                 if failed:
                     raise RunFailed(_failure_message(plan, phase, failed))
-            merged, indexes = _finalize(plan)
+            merged, indexes = _step("finalize (stats.json, index.json)", lambda: _finalize(plan))
             _summarize_failures(plan, console)
             log.info("done in %.1fs", time.perf_counter() - started)
             return RunResult(str(rd.root), merged, indexes, resumed, skipped, time.perf_counter() - started)
@@ -122,8 +125,34 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-#: Exceptions that may not happen again on a rerun (full disk, lost mount, memory, transient errors).
-_TRANSIENT = (OSError, MemoryError, RetryableError)
+#: OSErrors that may not happen again on a rerun: a full disk or quota, a file-size limit, an I/O
+#: error, a stale or timed-out network mount, an interrupted call.
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ESTALE, errno.ETIMEDOUT,
+                     errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH}
+
+
+def transient(error: BaseException) -> bool:
+    """True when a rerun may succeed without changing anything (see ``_TRANSIENT_ERRNOS``)."""
+    if isinstance(error, (MemoryError, RetryableError)):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in _TRANSIENT_ERRNOS or "No space left" in str(error) or "File too large" in str(error)
+    cause = error.__cause__ or error.__context__
+    return cause is not None and cause is not error and transient(cause)
+
+
+def _step(what: str, fn):
+    """Run a driver step (a combine, the final stats and indexes); a failure becomes :class:`RunFailed`
+    naming the step, its log and whether a rerun can help — never a bare traceback."""
+    try:
+        return fn()
+    except CurateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported below with its type, message and log
+        log.exception("%s failed", what)
+        advice = ("this may be transient: run the same command again to retry (finished shards are kept)"
+                  if transient(e) else "this will happen again on a rerun: see logs/run.log")
+        raise RunFailed(f"{what} failed: {type(e).__name__}: {redact(str(e))}\n{advice}") from e
 
 
 def _failure_message(plan: Plan, phase: Phase, failed: list[tuple[Shard, BaseException]]) -> str:
@@ -136,7 +165,7 @@ def _failure_message(plan: Plan, phase: Phase, failed: list[tuple[Shard, BaseExc
                      f"{type(error).__name__}: {redact(str(error))}  [logs/p{phase.index}-{shard.name}.log]")
     if len(failed) > 10:
         lines.append(f"  … and {len(failed) - 10} more (see logs/)")
-    if all(isinstance(e, _TRANSIENT) for _, e in failed):
+    if all(transient(e) for _, e in failed):
         lines.append("these errors may be transient (I/O, memory, a service): run the same command again "
                      "to retry only the failed shards")
     else:

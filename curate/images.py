@@ -80,3 +80,24 @@ def _to_rgb(im):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def image_size(data: bytes) -> tuple[int | None, int | None]:
+    """``(width, height)`` as displayed (EXIF orientation applied) from the header alone, without
+    decoding pixels; ``(None, None)`` without Pillow or for a header it cannot read. Never raises: a
+    bomb or a broken file is the image stages' to count."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None, None
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # only the header is read here; image stages enforce their limit
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            try:
+                orientation = im.getexif().get(0x0112)
+            except Exception:  # noqa: BLE001 - a broken EXIF block leaves the stored orientation
+                orientation = None
+        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    except Exception:  # noqa: BLE001 - any header the decoder refuses
+        return None, None

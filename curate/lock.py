@@ -50,6 +50,14 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (containers on one host with one hostname can differ here)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -133,20 +141,36 @@ class FileLock:
     # ------------------------------------------------------------------ internals
     def _record(self) -> bytes:
         pid = os.getpid()
-        return orjson.dumps({"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
+        return orjson.dumps({"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": pid,
+                             "proc_start": _proc_start(pid),
                              "started": time.time(), "token": self.token, "command": self.command,
                              "mode": self.mode}, option=orjson.OPT_INDENT_2)
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
+        """Write the full record to a private file, then ``link`` it to the lock name: the link is
+        atomic and fails if the name exists (also on NFS), so nobody ever reads a half-written lock."""
+        tmp = self.path.with_name(f".tmp-{self.path.name}-{self.token}")
+        with open(tmp, "wb") as fh:
             fh.write(self._record())
             fh.flush()
             os.fsync(fh.fileno())
-        return True
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: fall back to an exclusive create
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self._record())
+                fh.flush()
+                os.fsync(fh.fileno())
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _take_over(self, stale: dict[str, Any]) -> bool:
         guard = self.path.with_name(self.path.name + ".takeover")
@@ -186,9 +210,14 @@ class FileLock:
 def stale_reason(holder: dict[str, Any], path: Path | None = None) -> str | None:
     """Why a lock record is stale, or None when its holder may still be running."""
     if holder.get("broken"):
-        return "its record is unreadable"
+        # records are written whole (link), so only a lock from elsewhere can be unreadable; give a
+        # writer on a slow filesystem time before calling it stale
+        if time.time() - holder.get("heartbeat", 0) > 10:
+            return "its record is unreadable"
+        return None
     pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+    same_ns = holder.get("pidns") in (None, _pid_namespace())
+    if holder.get("host") == socket.gethostname() and same_ns and isinstance(pid, int):
         if not _alive(pid):
             return f"pid {pid} is gone"
         start = holder.get("proc_start")
@@ -212,3 +241,12 @@ def shard_lock(root: Path, shard_id: str, command: str, notice=None) -> FileLock
     if holder is not None and holder.get("mode") == "exclusive" and stale_reason(holder) is None:
         raise LockHeld(f"{root}: a curate run owns every shard of this directory: {describe(holder)}")
     return FileLock(Path(root) / "locks" / f"{shard_id}.lock", command=command, mode="shard", notice=notice)
+
+
+def refuse_if_steps_running(root: Path) -> None:
+    """Raise :class:`LockHeld` when a ``run-shard``/``combine``/``finalize`` holds a live lock in ``root``."""
+    for path in sorted((Path(root) / "locks").glob("*.lock")):
+        holder = FileLock(path).read()
+        if holder is not None and stale_reason(holder) is None:
+            raise LockHeld(f"{root}: {path.stem} is being run by another curate process: {describe(holder)}; "
+                           "wait for the launcher's jobs to finish (or stop them)")

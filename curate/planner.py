@@ -63,6 +63,10 @@ class Plan:
             shards = reader.shards()
         except ConfigError as e:
             raise manifest.error(("source", "paths"), str(e)) from None
+        except Exception as e:  # noqa: BLE001 - any reader's listing failure is a problem with the source
+            from curate.secrets import redact
+
+            raise manifest.error(("source",), f"cannot list the input: {type(e).__name__}: {redact(str(e))}") from None
         plan = cls(manifest, shards)
         plan.column_flow()  # raises on a missing required column or a column parameter naming nothing
         for spec, stage in zip(manifest.stages, plan.stages):

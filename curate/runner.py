@@ -109,6 +109,7 @@ def run_shard(plan: Plan, phase: Phase, shard: Shard, progress: Progress | None 
         ctx.log.error("shard %s phase %d failed:\n%s", shard.name, phase.index, traceback.format_exc())
         ctx.abort()
         _tag(e, "curate_input", shard.uri)
+        _tag(e, "curate_stage", f"writing phase {phase.index} output")
         raise
     finally:
         logging.getLogger("curate").removeHandler(handler)

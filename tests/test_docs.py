@@ -46,7 +46,8 @@ def test_stages_command_lists_everything():
 
 
 def _user_docs() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "jobs" / "README.md",
+            *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("doc", [str(p.relative_to(ROOT)) for p in _user_docs()])
@@ -65,14 +66,30 @@ def test_docs_stand_alone(doc):
         assert resolved.exists(), f"{doc} links to a missing file: {target}"
 
 
+SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson", ".gz", ".zst", ".bz2", ".xz"), "parquet": (".parquet", ".pq"),
+            "webdataset": (".tar", ".tar.gz", ".tgz"), "arrow": (".arrow", ".feather", ".ipc")}
+
+
 @pytest.mark.parametrize("manifest", sorted(p.name for p in (ROOT / "manifests").glob("*.yaml")))
-def test_recipe_usage_comments_name_real_files(manifest):
-    """`#   curate run manifests/x.yaml` comments point at files that exist, with commands that exist."""
+def test_recipe_usage_comments_work_as_written(manifest, monkeypatch):
+    """`#   VAR='…' curate run manifests/x.yaml`: the command exists, the manifest exists, and with the
+    comment's variables set the manifest loads and its input pattern suits the source's kind."""
+    from curate.manifest import load
+
     commands = {"run", "validate", "plan", "inspect", "stats", "stages", "run-shard", "status"}
     for line in (ROOT / "manifests" / manifest).read_text().splitlines():
-        m = re.match(r"#\s+curate (\S+)\s+(\S+)?", line)
+        m = re.match(r"#\s+((?:\w+=\S+\s+)*)curate (\S+)\s*(\S+)?", line)
         if not m:
             continue
-        assert m.group(1) in commands, line
-        if m.group(2) and m.group(2).startswith("manifests/"):
-            assert (ROOT / m.group(2)).exists(), line
+        assert m.group(2) in commands, line
+        target = m.group(3)
+        if not (target and target.startswith("manifests/")):
+            continue
+        assert (ROOT / target).exists(), line
+        for name, value in re.findall(r"(\w+)=(\S+)", m.group(1)):
+            monkeypatch.setenv(name, value.strip("'\""))
+        loaded = load(ROOT / target)
+        kind = loaded.source.kind
+        for pattern in getattr(loaded.source.params, "paths", []) or []:
+            if kind in SUFFIXES:
+                assert pattern.endswith(SUFFIXES[kind]), f"{line}: {pattern!r} is not a {kind} input"

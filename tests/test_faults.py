@@ -185,14 +185,16 @@ def _cli_run(manifest: Path, out: Path, faults=None, fsize: int | None = None, *
     return subprocess.run(args, env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300)
 
 
-def test_write_refused_by_a_file_size_limit_then_rerun_is_identical(tmp_path):
+@pytest.mark.parametrize("stage", ["select", "exact_dedup", "minhash_dedup", "mix"])
+def test_write_refused_by_a_file_size_limit_then_rerun_is_identical(tmp_path, stage):
     """RLIMIT_FSIZE makes writes past 6 KB fail with EFBIG (Python ignores SIGXFSZ): a real I/O error."""
-    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0])
+    stages, opts = GLOBAL_STAGES[stage]
+    m = _manifest(tmp_path, stages, **opts)
     assert _run(m, tmp_path / "clean") is None
     failed = _cli_run(m, tmp_path / "run", fsize=6000)
     assert failed.returncode == 1, failed.stderr
     assert "File too large" in failed.stderr and "run the same command again" in failed.stderr
-    assert "Traceback" not in failed.stderr
+    assert "Traceback" not in failed.stderr and "stage ?" not in failed.stderr
     ok = _cli_run(m, tmp_path / "run")
     assert ok.returncode == 0, ok.stderr
     assert output_digest(tmp_path / "run") == output_digest(tmp_path / "clean")
@@ -386,3 +388,40 @@ def test_bad_record_raised_by_a_filter_drops_only_those_rows(tmp_path):
                 for line in p.read_text().splitlines()]
     assert sorted(f["record"] for f in failures) == sorted(f"f{a}-{b}" for a in range(3) for b in (7, 17))
     assert all(f["reason"] == "picky_refused" for f in failures)
+
+
+@pytest.mark.parametrize("point,where", [("combine", {"label": "select"}), ("index", {"label": "sink:parquet"}),
+                                         ("stats", {})])
+def test_driver_step_failures_are_messages_not_tracebacks(tmp_path, point, where):
+    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0])
+    assert _run(m, tmp_path / "clean") is None
+    failed = _cli_run(m, tmp_path / "run", faults=[{"point": point, **where}])
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr and "failed: InjectedFault" in failed.stderr
+    assert "logs/run.log" in failed.stderr
+    assert "InjectedFault" in (tmp_path / "run" / "logs" / "run.log").read_text()
+    ok = _cli_run(m, tmp_path / "run")
+    assert ok.returncode == 0, ok.stderr
+    assert output_digest(tmp_path / "run") == output_digest(tmp_path / "clean")
+
+
+def test_run_shard_and_run_exclude_each_other(tmp_path):
+    """A local run owns every shard: run-shard is refused; a live run-shard lock refuses a run."""
+    from curate.lock import FileLock
+
+    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0], workers=2)
+    first = _cli_run(m, tmp_path / "run", faults=SLOW, background=True)
+    try:
+        _children_when_running(first, 1)
+        proc = subprocess.run([sys.executable, "-m", "curate", "run-shard", str(m), "-o", str(tmp_path / "run"),
+                               "--phase", "0", "--shard", "00000"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "owns every shard" in proc.stderr and f"pid {first.pid}" in proc.stderr
+    finally:
+        first.communicate(timeout=120)
+    holder = FileLock(tmp_path / "run" / "locks" / "p0-00001.lock", command="curate run-shard", mode="shard")
+    holder.acquire()
+    try:
+        refused = _cli_run(m, tmp_path / "run")
+        assert refused.returncode == 1 and "p0-00001 is being run by another curate process" in refused.stderr
+    finally:
+        holder.release()

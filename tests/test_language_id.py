@@ -60,3 +60,12 @@ def test_a_missing_model_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no fastText model file"):
         _stage(tmp_path / "lid.176.bin")
+
+
+def test_the_model_loads_once_per_worker_process(lid):
+    from curate import models
+
+    models.clear()
+    for _ in range(3):  # setup runs once per shard; the model loads once per process
+        _stage(lid[0])
+    assert models.LOADS["fasttext"] == 1

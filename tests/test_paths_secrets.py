@@ -360,3 +360,55 @@ def test_webdataset_tar_is_smaller_with_native_widths(tmp_path):
     size = w.close()[0]["bytes"]
     payload = 20 * 4096 * (4 + 1)  # int64 + int64 would be 20 * 4096 * 16
     assert payload < size < payload * 1.25  # plus tar headers, .npy headers, json and record padding
+
+
+def test_a_secret_in_the_input_path_appears_nowhere_under_the_run_directory(tmp_path):
+    """A ${VAR} secret in the input folder and file names, with bad records, a cut .gz, quarantine, a
+    failed first attempt and three sinks: no file under the run directory, no file name, no console
+    line and no decoded Parquet value holds it."""
+    import gzip
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import make_text, write_jsonl, write_manifest
+
+    secret = "s3cr3t-T0ken-value"
+    folder = tmp_path / f"in-{secret}"
+    write_jsonl(folder / f"a-{secret}.jsonl", [{"text": make_text(i, 5 + i)} for i in range(20)] + ["{broken"])
+    data = gzip.compress(b"".join(json.dumps({"text": make_text(i)}).encode() + b"\n" for i in range(30)))
+    (folder / "b.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])  # cut short: a truncation record
+    m = write_manifest(tmp_path / "m.yaml", """
+        name: secretive
+        source: {kind: jsonl, paths: ["${DATA_ROOT}/in-${MY_API_KEY}/*"]}
+        stages:
+          - heuristics: {min_words: 10, quarantine: true}
+          - select: {top: {column: scores.heuristics.n_words, fraction: 0.5}}
+        sink:
+          - {kind: parquet}
+          - {kind: jsonl}
+          - {kind: webdataset}
+        executor: {kind: local, workers: 1}
+        """)
+    env = {**os.environ, "MY_API_KEY": secret, "DATA_ROOT": str(tmp_path), "COLUMNS": "200"}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "curate", "run", str(m), "-o", str(run), "--no-progress"]
+    fault = json.dumps([{"point": "stage", "label": "heuristics", "shard": "00000", "action": "raise"}])
+    first = subprocess.run(cmd, env={**env, "CURATE_FAULTS": fault}, capture_output=True, text=True)
+    assert first.returncode == 1, first.stderr
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert "truncated_input" in second.stderr  # the damaged file is reported …
+    for proc in (first, second):
+        assert secret not in proc.stdout + proc.stderr  # … without the secret
+    seen = 0
+    for path in run.rglob("*"):
+        assert secret not in str(path.relative_to(run))
+        if path.is_file():
+            seen += 1
+            assert secret.encode() not in path.read_bytes(), path
+            if path.suffix == ".parquet":
+                assert secret not in json.dumps(pq.read_table(path).to_pylist(), default=str), path
+    assert seen > 20
+    assert (run / "failures").glob("*.jsonl") and (run / "quarantine" / "heuristics").is_dir()

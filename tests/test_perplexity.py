@@ -90,3 +90,17 @@ def test_kenlm_backend_is_ccnet_document_perplexity(tmp_path):
         assert s["perplexity"][i].as_py() == pytest.approx(e, rel=1e-5)
     assert s["n_scored"].to_pylist() == [3, 6, 3, 0]
     assert s["perplexity"][3].as_py() is None  # null (never NaN): nothing to score
+
+
+def test_kenlm_and_shingle_caches_load_once_per_worker_process(tmp_path):
+    pytest.importorskip("kenlm", reason="the `kenlm` extra is not installed")
+    pytest.importorskip("datatrove", reason="the `quality` extra is not installed")
+    from curate import models
+
+    model = tmp_path / "tiny.arpa"
+    model.write_text(ARPA)
+    models.clear()
+    for _ in range(3):  # three shards on one worker
+        make_stage("perplexity", model=str(model))
+        make_stage("minhash_dedup", shingles="fast")
+    assert models.LOADS == {"kenlm": 1, "fast_shingles": 1}

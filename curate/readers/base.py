@@ -125,22 +125,27 @@ class DamagedInput(Exception):
 # ---------------------------------------------------------------------------------- helpers
 def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> list[tuple[str, dict, str]]:
     """Expand globs/URLs to ``(uri, info, relative name)`` sorted by uri; ConfigError if none match."""
+    from curate.secrets import redact
+
     found: dict[str, dict] = {}
-    for pattern in patterns:
-        fs, _, expanded = fsspec.get_fs_token_paths(os.path.expanduser(pattern))
-        matches = [p for p in expanded if not fs.isdir(p)]
-        if not matches and fs.isdir(expanded[0] if expanded else pattern):
-            matches = sorted(p for p in fs.find(expanded[0]) if suffixes is None or p.endswith(suffixes))
-        if not matches:
-            raise ConfigError(f"no input files match {pattern!r}")
-        for p in matches:
-            uri = fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p
-            found[uri] = fs.info(p)
+    for pattern in _brace_expand(patterns):
+        try:
+            fs, _, expanded = fsspec.get_fs_token_paths(os.path.expanduser(pattern))
+            matches = [p for p in expanded if not fs.isdir(p)]
+            if not matches and fs.isdir(expanded[0] if expanded else pattern):
+                matches = sorted(p for p in fs.find(expanded[0]) if suffixes is None or p.endswith(suffixes))
+            if not matches:
+                raise FileNotFoundError(pattern)
+            for p in matches:
+                uri = fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p
+                found[uri] = fs.info(p)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ConfigError(f"no input files match {redact(pattern)!r}") from None
+        except (OSError, ValueError, ImportError) as e:  # a filesystem that cannot be reached or used
+            raise ConfigError(f"cannot list {redact(pattern)!r}: {type(e).__name__}: {redact(str(e))}") from None
     uris = sorted(found)
     # relative names become each row's `source`: computed from the redacted uri, so credentials in a
     # URL never reach the output
-    from curate.secrets import redact
-
     shown = {u: redact(u) for u in uris}
     root = os.path.commonpath([shown[u].split("://")[-1] for u in uris]) if len(uris) > 1 else ""
     out = []
@@ -149,6 +154,13 @@ def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> 
         rel = os.path.relpath(path, root) if root and path != root else os.path.basename(path)
         out.append((u, found[u], rel))
     return out
+
+
+def _brace_expand(patterns: list[str]) -> list[str]:
+    """``shard-{00000..00099}.tar`` and ``{a,b}`` expanded as the shell and webdataset expand them."""
+    from braceexpand import braceexpand
+
+    return [p for pattern in patterns for p in braceexpand(pattern)]
 
 
 def content_key(uri: str, info: dict, *extra: object) -> str:

@@ -55,7 +55,7 @@ class JsonlReader(Reader):
         gzip under a plain name, plain text under a ``.gz`` name …).
         """
         out: list[Shard] = []
-        for uri, info, rel in list_files(self.params.paths, (".jsonl", ".json", ".gz", ".zst", ".ndjson")):
+        for uri, info, rel in list_files(self.params.paths, (".jsonl", ".json", ".gz", ".zst", ".bz2", ".xz", ".ndjson")):
             size = info.get("size") or 0
             compression = self._compression(uri)
             check_file(uri, compression)

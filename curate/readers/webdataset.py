@@ -17,7 +17,6 @@ the position of the last whole sample, ``offset`` the byte where reading stopped
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -53,7 +52,7 @@ class WebDatasetReader(Reader):
     def shards(self) -> list[Shard]:
         """One shard per tar; ConfigError naming the file when it is empty, another format, or its
         first header is invalid."""
-        listed = list_files(self.params.paths, (".tar",))
+        listed = list_files(self.params.paths, (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
         for uri, _, _ in listed:
             check_tar(uri)
         return [Shard(f"{i:05d}", content_key(uri, info), uri, rel)
@@ -275,17 +274,10 @@ def _image(ext: str, data: bytes) -> dict:
 
 
 def _size(data: bytes) -> tuple[int | None, int | None]:
-    """Width and height from the image header, or (None, None) without Pillow or for a header it
-    cannot read; the bytes are kept either way (decoding belongs to the image stages)."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        return None, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None, None
+    """Width and height as displayed, from the header (see :func:`curate.images.image_size`)."""
+    from curate.images import image_size
+
+    return image_size(data)
 
 
 def _interleaved_batch(rows: list[dict]) -> pa.RecordBatch:
