@@ -1,4 +1,4 @@
-"""The ``curate`` command: validate, plan, run, run-shard, stages, inspect, stats."""
+"""The ``curate`` command: validate, plan, run, run-shard, combine, finalize, status, stages, inspect, stats."""
 
 from __future__ import annotations
 
@@ -87,6 +87,27 @@ def run(
     out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")
 
 
+@app.command()
+def prepare(
+    manifest: Path = ManifestArg,
+    output: Optional[str] = OutputOpt,
+    restart: bool = typer.Option(False, "--restart", help="empty the run directory and start over"),
+) -> None:
+    """Claim a run directory (fingerprint, resolved manifest, tokenizer) and list the steps to schedule."""
+    from curate.driver import prepare as prepare_run
+
+    p = prepare_run(_load(manifest, output), restart=restart, console=err)
+    rd, m = p.run_dir, str(manifest)
+    o = f" -o {rd.root}"
+    out.print(f"prepared {rd.root}: {len(p.shards)} shard(s), {len(p.phases)} phase(s). Steps, in order:")
+    for phase in p.phases:
+        if phase.global_stage is not None:
+            out.print(f"  curate combine {m}{o} --phase {phase.index}")
+        out.print(f"  curate run-shard {m}{o} --phase {phase.index} --shard NAME   "
+                  f"# NAME in {p.shards[0].name} … {p.shards[-1].name}")
+    out.print(f"  curate finalize {m}{o}")
+
+
 @app.command("run-shard")
 def run_shard_cmd(
     manifest: Path = ManifestArg,
@@ -95,31 +116,107 @@ def run_shard_cmd(
     output: Optional[str] = OutputOpt,
 ) -> None:
     """Run one shard of one phase in a run directory that `curate run` (or a launcher) claimed."""
-    import orjson as _json
-
+    from curate.lock import shard_lock
     from curate.planner import Plan
-    from curate.runner import run_shard
+    from curate.runner import run_shard_retrying
+    from curate.steps import claimed
 
     p = Plan.build(_load(manifest, output))
     rd = p.run_dir
-    if not rd.fingerprint.exists() or _json.loads(rd.fingerprint.read_bytes())["digest"] != p.fingerprint()["digest"]:
-        raise ConfigError(f"{rd.root}: not claimed by this manifest (run `curate run` or the launcher first)")
+    claimed(p)
     target = next((s for s in p.shards if s.name == shard), None)
     if target is None:
         raise ConfigError(f"no shard named {shard!r} (there are {len(p.shards)})")
     if not 0 <= phase < len(p.phases):
         raise ConfigError(f"no phase {phase} (this manifest has {len(p.phases)}: 0 to {len(p.phases) - 1})")
-    from curate.lock import shard_lock
-
     with shard_lock(rd.root, f"p{phase}-{shard}", f"curate run-shard --phase {phase} --shard {shard}",
-                    notice=lambda m: err.print(f"[yellow]note[/yellow]: {escape(m)}")):
+                    notice=_notice):
         if rd.is_complete(f"p{phase}-{shard}"):
             out.print(f"shard {shard} of phase {phase} is already complete")
             return
         if phase > 0 and not rd.global_dir.joinpath(p.stages[p.phases[phase].start].label, "state.json").exists():
             raise ConfigError(f"phase {phase} needs the combined state of "
-                              f"{p.stages[p.phases[phase].start].label!r}: combine phase {phase - 1} first")
-        run_shard(p, p.phases[phase], target)
+                              f"{p.stages[p.phases[phase].start].label!r}: run `curate combine --phase {phase}` first")
+        executor = p.manifest.executor.params
+        try:
+            run_shard_retrying(p, p.phases[phase], target, retries=getattr(executor, "retries", 2),
+                               backoff=getattr(executor, "retry_backoff", 2.0))
+        except CurateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one line naming the shard, stage and log, as `curate run` does
+            from curate.driver import RunFailed, _failure_message
+
+            raise RunFailed(_failure_message(p, p.phases[phase], [(target, e)])) from e
+    out.print(f"shard {shard} of phase {phase}: done")
+
+
+@app.command()
+def combine(
+    manifest: Path = ManifestArg,
+    phase: int = typer.Option(..., help="the phase whose global stage to combine (1 … phases-1)"),
+    output: Optional[str] = OutputOpt,
+) -> None:
+    """Combine a global stage's partials once every shard of the phase before it is complete."""
+    from curate.planner import Plan
+    from curate.steps import combine_step
+
+    p = Plan.build(_load(manifest, output))
+    done = combine_step(p, phase, notice=_notice)
+    out.print(f"phase {phase}: {'combined' if done else 'already combined'}")
+
+
+@app.command()
+def finalize(manifest: Path = ManifestArg, output: Optional[str] = OutputOpt) -> None:
+    """Write stats.json and every sink's index.json once every shard of the last phase is complete."""
+    from curate.planner import Plan
+    from curate.steps import finalize_step
+
+    merged = finalize_step(Plan.build(_load(manifest, output)), notice=_notice)
+    _print_stats(merged)
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="a run directory"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Per phase: shards done, running, failed (with log paths) and pending, from the run directory."""
+    from curate.manifest import Manifest
+    from curate.planner import Plan
+    from curate.steps import holder, status as phase_status
+
+    resolved = run_dir / "manifest.resolved.yaml"
+    if not resolved.exists():
+        raise ConfigError(f"{run_dir}: not a curate run directory (no manifest.resolved.yaml)")
+    import yaml
+
+    m = Manifest.from_dict(yaml.safe_load(resolved.read_text()), str(resolved))
+    m.output = str(run_dir)
+    plan = Plan.build(m)
+    phases = phase_status(plan)
+    finished = (run_dir / "stats.json").exists() and all(
+        (plan.sinks[i].directory / "index.json").exists() for i in range(len(plan.sinks)))
+    if as_json:
+        sys.stdout.write(orjson.dumps({"holder": holder(plan), "finished": finished, "phases": [
+            dataclasses.asdict(ph) for ph in phases]}, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table("phase", "stages", "done", "running", "failed", "pending", title=f"status of {run_dir}")
+    for ph in phases:
+        stages_text = " → ".join(ph.stages) or "(read)"
+        if ph.combined is not None:
+            stages_text += "" if ph.combined else "  (not combined yet)"
+        table.add_row(str(ph.index), escape(stages_text), str(len(ph.done)), str(len(ph.running)),
+                      str(len(ph.failed)), str(len(ph.pending)))
+    out.print(table)
+    for ph in phases:
+        for shard, log in list(ph.failed.items())[:20]:
+            out.print(f"[red]failed[/red] phase {ph.index} shard {shard}: {escape(log)}")
+    who = holder(plan)
+    out.print(f"held by {escape(who)}" if who else ("finished" if finished else "not running"))
+
+
+def _notice(message: str) -> None:
+    err.print(f"[yellow]note[/yellow]: {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

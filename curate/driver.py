@@ -75,14 +75,11 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
     try:
         refuse_if_steps_running(rd.root)
         with _terminate_as_interrupt():
-            resumed = rd.check_fingerprint(plan.fingerprint(), restart)
+            resumed = claim(plan, restart, console)
             log_handler = _run_log(rd)
             log.info("%s: %s %s (%d input shard(s), %d phase(s))", command, "resume" if resumed else "start",
                      manifest.name, len(plan.shards), len(plan.phases))
-            rd.write_atomic(rd.manifest, manifest.resolved_yaml().encode())
             executor = kinds_of("executor")[manifest.executor.kind](manifest.executor.params)
-            if manifest.tokenizer is not None:
-                _prepare_tokenizer(plan, console)
             skipped = 0
             for phase in plan.phases:
                 if phase.global_stage is not None:
@@ -106,6 +103,28 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             logging.getLogger("curate").removeHandler(log_handler)
             log_handler.close()
         lock.release()
+
+
+def claim(plan: Plan, restart: bool, console: Console) -> bool:
+    """Make the run directory this plan's (fingerprint, resolved manifest, run tokenizer); True when it
+    resumes an earlier claim. The caller holds the run lock."""
+    rd = plan.run_dir
+    resumed = rd.check_fingerprint(plan.fingerprint(), restart)
+    rd.write_atomic(rd.manifest, plan.manifest.resolved_yaml().encode())
+    if plan.manifest.tokenizer is not None:
+        _prepare_tokenizer(plan, console)
+    return resumed
+
+
+def prepare(manifest: Manifest, *, restart: bool = False, console: Console | None = None) -> Plan:
+    """Claim the run directory without running anything, for launchers that schedule the steps."""
+    console = console or Console(stderr=True)
+    plan = Plan.build(manifest)
+    plan.run_dir.check_claimable(restart)
+    with run_lock(plan.run_dir.root, "curate prepare", notice=lambda m: console.print(f"note: {escape(m)}")):
+        refuse_if_steps_running(plan.run_dir.root)
+        claim(plan, restart, console)
+    return plan
 
 
 @contextlib.contextmanager
