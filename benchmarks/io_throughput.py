@@ -64,7 +64,7 @@ def writer_only(table: pa.Table, work: Path, repeat: int) -> dict:
             folder = work / f"ours-{kind}"
             shutil.rmtree(folder, ignore_errors=True)
             cls = kinds_of("sink")[kind]
-            writer = cls(cls.Params(path=str(folder), **params), work).writer("00000")
+            writer = cls(cls.Params(path=folder.name, **params), work).writer("00000")
             for b in batches:
                 writer.write(b)
             writer.close()

@@ -75,13 +75,19 @@ def run(
     restart: bool = typer.Option(False, "--restart", help="empty the run directory and start over"),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="local worker processes"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    wait: bool = typer.Option(True, "--wait/--detach", help="cluster executors: follow the jobs, or return once submitted"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="cluster executors: write the job scripts, submit nothing"),
 ) -> None:
     """Run a manifest; a rerun resumes, skipping completed shards."""
     from curate.driver import execute
 
     command = " ".join(["curate", "run", str(manifest)] + (["-o", output] if output else []))
     result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress,
-                     command=command)
+                     command=command, wait=wait, dry_run=dry_run)
+    if result.launch is not None and not result.stats:
+        out.print(result.launch.message or f"submitted {len(result.launch.jobs)} job(s); "
+                  f"follow with: curate status {result.run_dir}")
+        return
     _print_stats(result.stats)
     note = f" (resumed: {result.skipped} shard-phase(s) already done)" if result.resumed else ""
     out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")

@@ -26,6 +26,7 @@ from rich.markup import escape
 from curate import stats as stats_mod
 from curate import faults
 from curate.errors import CurateError, Interrupted, RetryableError
+from curate.executors.base import Launcher, LaunchOptions, LaunchResult
 from curate.lock import refuse_if_steps_running, run_lock
 from curate.progress import PhaseProgress
 from curate.secrets import redact, redact_obj
@@ -54,10 +55,12 @@ class RunResult:
     skipped: int = 0
     seconds: float = 0.0
     failed: list[str] = field(default_factory=list)
+    launch: LaunchResult | None = None  # set when a cluster launcher ran the jobs
 
 
 def execute(manifest: Manifest, *, restart: bool = False, console: Console | None = None,
-            show_progress: bool = True, command: str = "curate run") -> RunResult:
+            show_progress: bool = True, command: str = "curate run", wait: bool = True,
+            dry_run: bool = False) -> RunResult:
     """Run ``manifest`` to completion (or resume it); raise :class:`RunFailed` if shards fail.
 
     The run directory is locked for the whole run (:mod:`curate.lock`): a second run on it is refused
@@ -69,7 +72,12 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
     plan = Plan.build(manifest)
     rd = plan.run_dir
     rd.check_claimable(restart)
-    lock = run_lock(rd.root, command, notice=lambda m: console.print(f"[yellow]note[/yellow]: {escape(m)}"))
+    executor_cls = kinds_of("executor")[manifest.executor.kind]
+    launcher = issubclass(executor_cls, Launcher)
+    if (dry_run or not wait) and not launcher:
+        raise CurateError(f"--dry-run and --detach need a cluster executor (this manifest's is {manifest.executor.kind!r})")
+    lock = run_lock(rd.root, command, notice=lambda m: console.print(f"[yellow]note[/yellow]: {escape(m)}"),
+                    mode="launcher" if launcher else "exclusive")
     lock.acquire()
     log_handler = None
     try:
@@ -79,7 +87,10 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             log_handler = _run_log(rd)
             log.info("%s: %s %s (%d input shard(s), %d phase(s))", command, "resume" if resumed else "start",
                      manifest.name, len(plan.shards), len(plan.phases))
-            executor = kinds_of("executor")[manifest.executor.kind](manifest.executor.params)
+            executor = executor_cls(manifest.executor.params)
+            if launcher:
+                return _launch(plan, executor, LaunchOptions(wait, dry_run, show_progress, command), console,
+                               resumed, started)
             skipped = 0
             for phase in plan.phases:
                 if phase.global_stage is not None:
@@ -103,6 +114,20 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             logging.getLogger("curate").removeHandler(log_handler)
             log_handler.close()
         lock.release()
+
+
+def _launch(plan: Plan, executor, options: LaunchOptions, console: Console, resumed: bool,
+            started: float) -> RunResult:
+    """Hand the run to a cluster launcher; finalize here when it waited for every job."""
+    rd = plan.run_dir
+    done = launched = executor.launch(plan, options, console)
+    log.info("%s: %d script(s), %d job(s) %s", executor.kind, len(done.scripts), len(done.jobs),
+             "written (dry run)" if options.dry_run else "submitted")
+    if not (options.wait and launched.complete):
+        return RunResult(str(rd.root), {}, {}, resumed, 0, time.perf_counter() - started, launch=launched)
+    merged, indexes = _step("finalize (stats.json, index.json)", lambda: _finalize(plan))
+    _summarize_failures(plan, console)
+    return RunResult(str(rd.root), merged, indexes, resumed, 0, time.perf_counter() - started, launch=launched)
 
 
 def claim(plan: Plan, restart: bool, console: Console) -> bool:

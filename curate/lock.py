@@ -230,9 +230,10 @@ def stale_reason(holder: dict[str, Any], path: Path | None = None) -> str | None
     return None
 
 
-def run_lock(root: Path, command: str, notice=None) -> FileLock:
-    """The exclusive lock of a whole run (``curate run``, combine and finalize steps)."""
-    return FileLock(Path(root) / "lock", command=command, notice=notice)
+def run_lock(root: Path, command: str, notice=None, mode: str = "exclusive") -> FileLock:
+    """The lock of a whole run. ``exclusive``: a local run that owns every shard; ``launcher``: a
+    cluster launcher whose jobs take their own step locks (``run-shard`` is allowed)."""
+    return FileLock(Path(root) / "lock", command=command, mode=mode, notice=notice)
 
 
 def shard_lock(root: Path, shard_id: str, command: str, notice=None) -> FileLock:

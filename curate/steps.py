@@ -33,7 +33,7 @@ def claimed(plan: Plan) -> None:
     """Refuse to run a step in a directory not claimed by this manifest (same fingerprint)."""
     rd = plan.run_dir
     if not rd.fingerprint.exists():
-        raise ConfigError(f"{rd.root}: not a run directory yet (run `curate run` or the launcher first)")
+        raise ConfigError(f"{rd.root}: not a run directory yet (run `curate run`, `curate prepare` or the launcher first)")
     if orjson.loads(rd.fingerprint.read_bytes())["digest"] != plan.fingerprint()["digest"]:
         raise ConfigError(f"{rd.root}: claimed by a different manifest, package versions or inputs")
 

@@ -194,7 +194,7 @@ def test_run_shard_redoes_one_shard_identically(tmp_path):
     assert _shas(run) == before
     refused = cli("run-shard", str(m), "-o", str(tmp_path / "elsewhere"), "--phase", "0", "--shard", "00001",
                   check=False)
-    assert refused.returncode == 2 and "not claimed by this manifest" in refused.stderr
+    assert refused.returncode == 2 and "not a run directory yet" in refused.stderr
 
 
 def _check_quickstart_table(stats: dict) -> None:

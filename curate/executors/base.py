@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -35,3 +36,41 @@ class Executor(ABC):
     @abstractmethod
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
         """Run every shard of ``shards`` for ``phase``; report each through ``done``."""
+
+
+@dataclass
+class LaunchOptions:
+    """How ``curate run`` drives a :class:`Launcher`."""
+
+    wait: bool = True  # follow the jobs until the run is finished (False: return once submitted)
+    dry_run: bool = False  # write the job scripts, submit nothing
+    show_progress: bool = True
+    command: str = "curate run"
+
+
+@dataclass
+class LaunchResult:
+    """What a launcher did: the scripts it wrote, the jobs it submitted, whether the run is complete."""
+
+    scripts: list[str] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
+    complete: bool = False
+    message: str = ""
+
+
+class Launcher(Executor):
+    """An executor that hands the whole run to a scheduler as jobs (one per phase, combines between,
+    a finalize at the end), each job calling ``curate run-shard`` / ``combine`` / ``finalize``.
+
+    The driver claims the run directory (fingerprint, resolved manifest, tokenizer) and holds the run
+    lock in ``launcher`` mode while :meth:`launch` runs, so the jobs' own step locks are allowed.
+    ``launch`` submits only what is incomplete, and with ``options.wait`` follows the jobs until the
+    run is finished (or a job failed: raise :class:`curate.driver.RunFailed` naming it and its log).
+    """
+
+    def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
+        raise NotImplementedError(f"the {self.kind} executor runs whole runs through launch()")
+
+    @abstractmethod
+    def launch(self, plan: Plan, options: LaunchOptions, console) -> LaunchResult:
+        """Write and submit the jobs of every incomplete step of ``plan``."""

@@ -1,0 +1,232 @@
+"""The Dask executor: the local executor's bytes, a lost worker rerun elsewhere, failed shards reported,
+runs resumed across executors, and no worker left behind by a killed driver.
+
+Every run here has a global stage (``select`` with a top fraction), so it has two phases and a combine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+psutil = pytest.importorskip("psutil")
+
+from tests.conftest import make_text, write_jsonl, write_manifest  # noqa: E402
+
+SHARDS = 4
+LOCAL = "{kind: local, workers: 1}"
+DASK = "{kind: dask, workers: 2, dashboard: false}"
+#: A shard spends 3 s in heuristics after its first batch: time to act on a running run.
+SLOW = [{"point": "stage", "label": "heuristics", "after": 1, "action": "sleep", "seconds": 3}]
+BOOKKEEPING = {"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "tokenizer", "locks"}
+
+
+def _inputs(folder: Path) -> Path:
+    for f in range(SHARDS):
+        rows = [{"id": f"f{f}-{i}", "text": make_text(f * 20 + i, 20 + (f * 20 + i) * 7 % 70)} for i in range(20)]
+        write_jsonl(folder / f"part-{f}.jsonl", rows)
+    return folder
+
+
+def _manifest(tmp: Path, data: Path, executor: str, name: str = "m") -> Path:
+    return write_manifest(tmp / f"{name}.yaml", f"""
+name: dask-test
+seed: 5
+source: {{kind: jsonl, paths: ["{data}/*.jsonl"], id_field: id, batch_rows: 5}}
+stages:
+  - heuristics: {{min_words: 1}}
+  - select: {{top: {{column: scores.heuristics.n_words, fraction: 0.5}}}}
+sink:
+  - {{kind: parquet}}
+  - {{kind: jsonl, path: out-jsonl}}
+executor: {executor}
+""")
+
+
+def output_digest(run: Path) -> dict[str, str]:
+    """sha256 of every output file (sink folders and their index.json), by path in the run directory."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        rel = p.relative_to(run)
+        if p.is_file() and rel.parts[0] not in BOOKKEEPING and len(rel.parts) > 1:
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert any(k.endswith("index.json") for k in out), f"no finished output in {run}"
+    return out
+
+
+def _execute(manifest: Path, out: Path, faults: list | None = None):
+    """Run in this process (with ``CURATE_FAULTS`` set to ``faults`` meanwhile)."""
+    from rich.console import Console
+
+    from curate.driver import execute
+    from curate.manifest import load
+
+    old = os.environ.pop("CURATE_FAULTS", None)
+    if faults:
+        os.environ["CURATE_FAULTS"] = json.dumps(faults)
+    try:
+        return execute(load(manifest, output=str(out)), console=Console(file=io.StringIO()), show_progress=False)
+    finally:
+        os.environ.pop("CURATE_FAULTS", None)
+        if old is not None:
+            os.environ["CURATE_FAULTS"] = old
+
+
+def _cli(manifest: Path, out: Path, faults: list | None = None, background: bool = False):
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("CURATE_FAULTS", None)
+    if faults:
+        env["CURATE_FAULTS"] = json.dumps(faults)
+    args = [sys.executable, "-m", "curate", "run", str(manifest), "-o", str(out), "--no-progress"]
+    if background:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The inputs, and the output digest of an uninterrupted run with the local executor."""
+    tmp = tmp_path_factory.mktemp("dask-clean")
+    data = _inputs(tmp / "in")
+    _execute(_manifest(tmp, data, LOCAL), tmp / "run")
+    return data, output_digest(tmp / "run")
+
+
+def _workers(driver: subprocess.Popen) -> list[psutil.Process]:
+    """The driver's worker processes (spawned children; not multiprocessing's resource tracker)."""
+    kids = psutil.Process(driver.pid).children(recursive=True)
+    return [k for k in kids if "spawn_main" in " ".join(k.cmdline()) and "resource_tracker" not in " ".join(k.cmdline())]
+
+
+def _when_shards_run(driver: subprocess.Popen, run: Path, n: int, timeout: float = 60) -> list[psutil.Process]:
+    """Wait until ``n`` shard logs of phase 0 exist (shards inside the slow stage); return the workers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert driver.poll() is None, driver.communicate()
+        if len(list((run / "logs").glob("p0-*.log"))) >= n:
+            time.sleep(0.5)
+            return _workers(driver)
+        time.sleep(0.1)
+    raise AssertionError("no shard started")
+
+
+def _alive(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_dask_writes_the_bytes_of_the_local_executor(tmp_path, clean):
+    data, expected = clean
+    m = _manifest(tmp_path, data, "{kind: dask, workers: 2}")
+    proc = _cli(m, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert output_digest(tmp_path / "run") == expected
+    # one session for both phases: the dashboard link is printed once
+    assert proc.stderr.count("dask dashboard: http") == 1, proc.stderr
+
+
+def test_a_worker_killed_mid_shard_is_rerun_on_another_worker(tmp_path, clean):
+    data, expected = clean
+    m = _manifest(tmp_path, data, DASK)
+    run = tmp_path / "run"
+    driver = _cli(m, run, faults=SLOW, background=True)
+    workers = _when_shards_run(driver, run, 2)
+    assert len(workers) == 2, workers
+    workers[0].kill()  # SIGKILL of one worker process, by pid, while its shard sleeps in heuristics
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 0, stderr
+    log = (run / "logs" / "run.log").read_text()
+    assert "died with it (running or queued there); running it again (1 of 3)" in log, log
+    assert "died with it" in stderr and "ERROR" not in stderr, stderr
+    assert output_digest(run) == expected
+
+
+def test_failed_shards_are_reported_with_their_logs_and_the_others_complete(tmp_path, clean):
+    """Shard 00001 raises (its own failure: reported, not rerun); shard 00002 kills its worker every
+    time (rerun ``task_retries`` times, then reported as lost)."""
+    data, expected = clean
+    m = _manifest(tmp_path, data, "{kind: dask, workers: 2, dashboard: false, task_retries: 1}")
+    run = tmp_path / "run"
+    faults = [{"point": "stage", "label": "heuristics", "shard": "00001", "after": 1, "action": "raise"},
+              {"point": "stage", "label": "heuristics", "shard": "00002", "after": 1, "action": "kill"}]
+    proc = _cli(m, run, faults=faults)
+    assert proc.returncode == 1, proc.stderr
+    assert "2 shard(s) failed in phase 0" in proc.stderr, proc.stderr
+    assert "shard 00001" in proc.stderr and "InjectedFault" in proc.stderr and "[logs/p0-00001.log]" in proc.stderr
+    assert "WorkerLost: its worker died 2 time(s)" in proc.stderr and "[logs/p0-00002.log]" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr
+    done = sorted(p.stem for p in (run / "completions").glob("*.json"))
+    assert done == ["p0-00000", "p0-00003"]
+    # a shard's own failure is not rerun: one attempt in its log; the lost one ran twice
+    assert (run / "logs" / "p0-00001.log").read_text().count("phase 0: start") == 1
+    assert (run / "logs" / "p0-00002.log").read_text().count("phase 0: start") == 2
+    # switching to the local executor resumes the same run
+    _execute(_manifest(tmp_path, data, LOCAL, "local"), run)
+    assert output_digest(run) == expected
+
+
+def test_a_partial_local_run_is_resumed_by_dask(tmp_path, clean):
+    data, expected = clean
+    run = tmp_path / "run"
+    fault = [{"point": "completion", "shard": "00002", "phase": 0, "action": "raise"}]
+    from curate.driver import RunFailed
+
+    with pytest.raises(RunFailed):
+        _execute(_manifest(tmp_path, data, LOCAL, "local"), run, faults=fault)
+    # the cluster given by its class, as a jobqueue cluster would be
+    cluster = ("{kind: dask, dashboard: false, cluster: {class: distributed.LocalCluster, n_workers: 0, "
+               "threads_per_worker: 1, processes: true, dashboard_address: null, scale: 2}}")
+    proc = _cli(_manifest(tmp_path, data, cluster), run)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed: 3 shard-phase(s) already done" in proc.stdout, proc.stdout
+    assert output_digest(run) == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_driver_leaves_no_dask_worker(tmp_path, clean, sig):
+    data, _ = clean
+    run = tmp_path / "run"
+    driver = _cli(_manifest(tmp_path, data, DASK), run, faults=SLOW, background=True)
+    workers = [w.pid for w in _when_shards_run(driver, run, 2)]
+    assert len(workers) == 2
+    t0 = time.time()
+    os.kill(driver.pid, sig)  # the driver alone, not its process group
+    _, stderr = driver.communicate(timeout=60)
+    assert _alive(workers) == [], "dask workers outlived the driver"
+    if sig == signal.SIGTERM:
+        assert driver.returncode == 130, stderr
+        assert time.time() - t0 < 10, "SIGTERM waited for the running shards"
+        assert "Run the same command again" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("executor, message", [
+    ("{kind: dask, address: 'tcp://h:8786', cluster: {class: distributed.LocalCluster}}", "not both"),
+    ("{kind: dask, cluster: {n_workers: 2}}", "needs class"),
+    ("{kind: dask, cluster: {class: no_such_module.Cluster, scale: 1}}", "is not installed"),
+    ("{kind: dask, cluster: {class: distributed.LocalCluster, scale: 1, adapt: true}}", "scale"),
+    ("{kind: dask, address: 'tcp://h:8786', workers: 4}", "workers sizes the LocalCluster"),
+    ("{kind: dask, task_retry: 2}", "did you mean 'task_retries'"),
+])
+def test_executor_settings_are_checked_with_their_line(tmp_path, executor, message):
+    from curate.errors import ConfigError
+    from curate.manifest import load
+
+    m = _manifest(tmp_path, _inputs(tmp_path / "in"), executor)
+    with pytest.raises(ConfigError) as e:
+        load(m)
+    assert message in str(e.value) and f"{m}:10" in str(e.value), str(e.value)
