@@ -468,3 +468,42 @@ def test_byte_range_shards_read_each_byte_about_once(tmp_path, monkeypatch):
     n_lines = data.count(b"\n")
     assert ids == [f"big.jsonl:{i}" for i in range(1, n_lines + 1) if i - 1 not in bad]  # each once, in order
     assert sorted(f["line"] for f in failures(rd)) == sorted(i + 1 for i in bad)
+
+
+@pytest.mark.parametrize("codec", ["bz2", "xz"])
+def test_cut_bz2_and_xz_jsonl_keep_every_whole_record(tmp_path, codec):
+    import bz2
+    import lzma
+
+    compress = {"bz2": lambda d: bz2.compress(d, 1), "xz": lzma.compress}[codec]
+    decoder = {"bz2": bz2.BZ2Decompressor, "xz": lzma.LZMADecompressor}[codec]
+    for seed in SEEDS[:3]:
+        rng = random.Random(seed)
+        full = compress(_jsonl_bytes(_records(3000, seed)))
+        cut = full[:rng.randint(len(full) // 3, len(full) - 8)]
+        path = write_bytes(tmp_path / f"s{seed}" / f"a.jsonl.{codec}", cut)
+        got, _, rd = read_all("jsonl", tmp_path / f"r{seed}", paths=[str(path)], id_field="id")
+        assert [r["id"] for r in got] == _whole_ids(decoder().decompress(cut)), seed
+        fail = _only(rd, "truncated_input")
+        assert fail["file"] == str(path)
+        assert [f["reason"] for f in failures(rd)] == ["truncated_input"]
+
+
+def test_cut_tar_gz_is_a_counted_truncation(tmp_path):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for i in range(200):
+            data = json.dumps({"n": i}).encode()
+            for ext, payload in (("txt", f"text number {i} ".encode() * 20), ("json", data)):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    full = buf.getvalue()
+    path = write_bytes(tmp_path / "in" / "a.tar.gz", full[: len(full) // 2])
+    got, _, rd = read_all("webdataset", tmp_path / "r", paths=[str(tmp_path / "in")])
+    assert 0 < len(got) < 200
+    assert [r["id"].split(":")[-1] for r in got] == [f"s{i:04d}" for i in range(len(got))]
+    assert _only(rd, "truncated_input")["file"] == str(path)

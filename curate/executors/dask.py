@@ -286,11 +286,13 @@ def _start_session(params, n_shards: int) -> _Session:
 
 
 class _LostTaskFilter(logging.Filter):
-    """Drop the scheduler's "marked as failed because N workers died" errors: curate reports each
-    lost shard itself, and reruns it."""
+    """Drop the scheduler's errors about lost tasks ("marked as failed because N workers died") and
+    lost results ("Couldn't gather keys": the task is then run again, and its result waited for):
+    curate reports each lost shard itself and reruns it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "workers died while trying to run it" not in record.getMessage()
+        text = record.getMessage()
+        return "workers died while trying to run it" not in text and "Couldn't gather keys" not in text
 
 
 def _quiet_lost_task_errors() -> None:
@@ -406,22 +408,16 @@ class _Loop:
             log.info("no worker in the cluster yet: the tasks wait for workers to join")
 
     def _finish(self, future, shard: Shard, queue: list[Shard]) -> None:
-        from distributed import KilledWorker
-
-        status = future.status
+        """Report a finished task's shard, or queue it again when its worker was lost."""
         try:
-            if status == "finished":
-                outcome = future.result()
-                if "error" not in outcome:
-                    self._report_rows(outcome["stats"])
-                    self.done(shard, outcome["stats"], None)
-                    return
-                error = outcome["error"]
-            else:
-                error = _future_error(future)
+            stats, error = _outcome(future)
         finally:
             future.release()
-        if isinstance(error, KilledWorker) or status == "cancelled":
+        if error is None:
+            self._report_rows(stats)
+            self.done(shard, stats, None)
+            return
+        if _worker_lost(error):
             if self._resubmit(shard, error, queue):
                 return
             error = _lost(shard, self.losses[shard.name], error)
@@ -447,16 +443,34 @@ class _Loop:
         self.progress(int(st.get("rows_out", 0)), int(st.get("tokens_out", 0)))
 
 
-def _future_error(future) -> BaseException:
+def _outcome(future) -> tuple[dict[str, Any] | None, BaseException | None]:
+    """(stats, None) for a shard that finished, (None, error) otherwise: the shard's own error as the
+    task returned it, or what dask raised (``KilledWorker``, a cancellation)."""
     try:
-        error = future.exception()
-    except BaseException as e:  # noqa: BLE001 - a cancelled future raises instead of returning
-        error = e
-    return error if error is not None else RuntimeError("the task ended without a result")
+        outcome = future.result()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a lost worker, a cancelled future, a task that failed to load
+        return None, e
+    if not isinstance(outcome, dict) or ("stats" not in outcome and "error" not in outcome):
+        return None, RuntimeError(f"the task returned {type(outcome).__name__}, not a shard's outcome")
+    return outcome.get("stats"), outcome.get("error")
 
 
-def _lost(shard: Shard, times: int, cause) -> WorkerLost:
-    error = WorkerLost(f"its worker died {times} time(s) while running it (the last time: {cause}); a worker "
+def _worker_lost(error: BaseException) -> bool:
+    """True for the errors dask raises when a task's worker died (or its key was cancelled)."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed import KilledWorker
+
+    return isinstance(error, (KilledWorker, asyncio.CancelledError, concurrent.futures.CancelledError))
+
+
+def _lost(shard: Shard, times: int, cause: BaseException) -> WorkerLost:
+    last = getattr(getattr(cause, "last_worker", None), "address", None)
+    where = f" (the last one: {last})" if last else ""
+    error = WorkerLost(f"its worker died {times} time(s) while the shard ran or waited there{where}; a worker "
                        "killed for using too much memory is the usual cause")
     error.curate_stage = "worker"
     error.curate_input = shard.uri

@@ -491,7 +491,7 @@ def follow(plan: Plan, steps: list[Step], folder: Path, console, poll: float, sh
             if bad and cut is None:
                 cut = min(step_of(steps, t).level for t in bad)
                 cancel([s.job for s in steps if s.level > cut])
-                reporter.failure_seen(bad)
+                reporter.failure_seen([t for t in bad if step_of(steps, t).level == cut])
             if all_ended(steps, states):
                 break
             time.sleep(poll)
@@ -614,11 +614,12 @@ def shard_error(out: Path, shard: str, shard_log: Path) -> str:
 
 
 def last_error(out: Path) -> str:
-    """The last line a combine or finalize job printed (curate's error message)."""
+    """What a combine or finalize job reported: its last ``error:`` line, else its last line."""
     from curate.secrets import redact
 
     lines = [ln.strip() for ln in (out.read_text(errors="replace") if out.exists() else "").splitlines()]
-    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    lines = errors or [ln for ln in lines if ln]
     return redact(lines[-1]) if lines else "no error was reported"
 
 
