@@ -89,7 +89,8 @@ def run(
                   f"follow with: curate status {result.run_dir}")
         return
     _print_stats(result.stats)
-    note = f" (resumed: {result.skipped} shard-phase(s) already done)" if result.resumed else ""
+    note = (f" (resumed: {result.skipped} shard-phase(s) already done)"
+            if result.resumed and result.launch is None else "")
     out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")
 
 
@@ -135,8 +136,11 @@ def run_shard_cmd(
         raise ConfigError(f"no shard named {shard!r} (there are {len(p.shards)})")
     if not 0 <= phase < len(p.phases):
         raise ConfigError(f"no phase {phase} (this manifest has {len(p.phases)}: 0 to {len(p.phases) - 1})")
-    with shard_lock(rd.root, f"p{phase}-{shard}", f"curate run-shard --phase {phase} --shard {shard}",
-                    notice=_notice):
+    from curate.driver import _terminate_as_interrupt
+
+    # SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C, so the shard lock is released at once
+    with _terminate_as_interrupt(), shard_lock(rd.root, f"p{phase}-{shard}",
+                                               f"curate run-shard --phase {phase} --shard {shard}", notice=_notice):
         if rd.is_complete(f"p{phase}-{shard}"):
             out.print(f"shard {shard} of phase {phase} is already complete")
             return

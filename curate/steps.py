@@ -40,7 +40,7 @@ def claimed(plan: Plan) -> None:
 
 def combine_step(plan: Plan, phase: int, notice=None) -> bool:
     """Combine the partials for phase ``phase``'s global stage; False when it was already combined."""
-    from curate.driver import _combine
+    from curate.driver import _combine, _step, _terminate_as_interrupt
 
     if not 0 < phase < len(plan.phases):
         raise ConfigError(f"phase {phase} has no global stage to combine (phases 1 to {len(plan.phases) - 1} do)")
@@ -50,19 +50,20 @@ def combine_step(plan: Plan, phase: int, notice=None) -> bool:
     if (rd.global_dir / label / "state.json").exists():
         return False
     _require_complete(plan, phase - 1, f"combining {label!r}")
-    with shard_lock(rd.root, f"combine-p{phase}", f"curate combine --phase {phase}", notice=notice):
-        _combine(plan, plan.phases[phase])
+    with _terminate_as_interrupt(), shard_lock(rd.root, f"combine-p{phase}", f"curate combine --phase {phase}",
+                                               notice=notice):
+        _step(f"combine of {label} (before phase {phase + 1})", lambda: _combine(plan, plan.phases[phase]))
     return True
 
 
 def finalize_step(plan: Plan, notice=None) -> dict[str, Any]:
     """Write ``stats.json`` and the indexes (again: the result is the same bytes); returns the stats."""
-    from curate.driver import _finalize
+    from curate.driver import _finalize, _step, _terminate_as_interrupt
 
     claimed(plan)
     _require_complete(plan, plan.phases[-1].index, "finalizing")
-    with shard_lock(plan.run_dir.root, "finalize", "curate finalize", notice=notice):
-        merged, _ = _finalize(plan)
+    with _terminate_as_interrupt(), shard_lock(plan.run_dir.root, "finalize", "curate finalize", notice=notice):
+        merged, _ = _step("finalize (stats.json, index.json)", lambda: _finalize(plan))
     return merged
 
 

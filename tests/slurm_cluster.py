@@ -137,7 +137,8 @@ def start_munge() -> bool:
     if not Path("/etc/munge/munge.key").exists():
         subprocess.run([which("mungekey"), "--create"], check=True, capture_output=True)
         shutil.chown("/etc/munge/munge.key", "munge", "munge")
-    proc = subprocess.run(["runuser", "-u", "munge", "--", which("munged")], capture_output=True, text=True)
+    proc = subprocess.run(["runuser", "-u", "munge", "--", which("munged")], check=False, capture_output=True,
+                          text=True, timeout=30)
     if proc.returncode != 0 or not _until(munge_works, 10):
         raise Unavailable(f"munged did not start: {proc.stderr.strip() or 'no answer'}")
     return True
@@ -160,8 +161,8 @@ def _pid(path: Path) -> int | None:
 
 def node_state(env: dict[str, str]) -> str:
     """The node's state as sinfo prints it (``idle``, ``down*``, …), empty when unknown."""
-    proc = subprocess.run([which("sinfo"), "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=10)
+    proc = subprocess.run([which("sinfo"), "-h", "-N", "-o", "%T"], check=False, capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=10)
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
@@ -192,7 +193,7 @@ def start(root: Path) -> SlurmCluster:
 def _start_daemon(cluster: SlurmCluster, name: str, argv: list[str]) -> None:
     """Start one daemon (it forks into the background) and record its pid from its pid file."""
     env = {**os.environ, **cluster.env}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=30)
     pid_file = cluster.root / "run" / f"{name}.pid"
     if proc.returncode != 0 or not _until(lambda: _pid(pid_file) is not None, 10):
         raise Unavailable(f"{name} did not start ({proc.stderr.strip()}):\n{cluster.log(name)}")
@@ -202,7 +203,7 @@ def _start_daemon(cluster: SlurmCluster, name: str, argv: list[str]) -> None:
 def stop(cluster: SlurmCluster) -> None:
     """Cancel what is left in the queue, then stop the daemons this helper started (by pid)."""
     if "slurmctld" in cluster.processes:
-        subprocess.run([which("scancel"), "--user", "root"], capture_output=True,
+        subprocess.run([which("scancel"), "--user", "root"], check=False, capture_output=True,
                        env={**os.environ, **cluster.env}, timeout=30)
     for name in ("slurmd", "slurmctld", "munged"):
         pid = cluster.processes.pop(name, None)
@@ -210,7 +211,7 @@ def stop(cluster: SlurmCluster) -> None:
             continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 15)
-        if not _until(lambda: not _alive(pid), 15):
+        if not _until(lambda pid=pid: not _alive(pid), 15):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
 
@@ -236,6 +237,8 @@ def slurm(tmp_path_factory):
         cluster = start(tmp_path_factory.mktemp("slurm"))
     except Unavailable as e:
         pytest.skip(str(e))
+    except (OSError, subprocess.SubprocessError, LookupError) as e:  # no munge user, a daemon hung, …
+        pytest.skip(f"could not start a test Slurm cluster: {type(e).__name__}: {e}")
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
@@ -249,9 +252,12 @@ def slurm(tmp_path_factory):
 
 
 def main() -> None:
+    """Start a cluster in the folder given (default /tmp/curate-slurm); Ctrl-C or SIGTERM stops it."""
+    import signal
     import sys
 
     cluster = start(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/curate-slurm"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the cluster", flush=True)
     try:
         while True:

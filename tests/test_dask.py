@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,8 +27,8 @@ from tests.conftest import make_text, write_jsonl, write_manifest  # noqa: E402
 SHARDS = 4
 LOCAL = "{kind: local, workers: 1}"
 DASK = "{kind: dask, workers: 2, dashboard: false}"
-#: A shard spends 3 s in heuristics after its first batch: time to act on a running run.
-SLOW = [{"point": "stage", "label": "heuristics", "after": 1, "action": "sleep", "seconds": 3}]
+#: A shard spends 2 s in heuristics after its first batch: time to act on a running run.
+SLOW = [{"point": "stage", "label": "heuristics", "after": 1, "action": "sleep", "seconds": 2}]
 BOOKKEEPING = {"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "tokenizer", "locks"}
 
 
@@ -130,19 +131,25 @@ def _alive(pids: list[int], timeout: float = 10) -> list[int]:
         time.sleep(0.2)
 
 
-def test_dask_writes_the_bytes_of_the_local_executor(tmp_path, clean):
+def test_dask_on_a_running_scheduler_writes_the_bytes_of_the_local_executor(tmp_path, clean):
+    from distributed import Client, LocalCluster
+
     data, expected = clean
-    m = _manifest(tmp_path, data, "{kind: dask, workers: 2}")
-    proc = _cli(m, tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster, set_as_default=False) as client:
+        m = _manifest(tmp_path, data, f"{{kind: dask, address: '{cluster.scheduler_address}'}}")
+        proc = _cli(m, tmp_path / "run")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.count("dask dashboard (if the scheduler serves one): http") == 1, proc.stderr
+        # the plan's worker plugin is taken off the shared scheduler at the end
+        plugins = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+        assert not [p for p in plugins if p.startswith("curate-plan")], plugins
     assert output_digest(tmp_path / "run") == expected
-    # one session for both phases: the dashboard link is printed once
-    assert proc.stderr.count("dask dashboard: http") == 1, proc.stderr
 
 
 def test_a_worker_killed_mid_shard_is_rerun_on_another_worker(tmp_path, clean):
     data, expected = clean
-    m = _manifest(tmp_path, data, DASK)
+    m = _manifest(tmp_path, data, "{kind: dask, workers: 2}")
     run = tmp_path / "run"
     driver = _cli(m, run, faults=SLOW, background=True)
     workers = _when_shards_run(driver, run, 2)
@@ -153,6 +160,7 @@ def test_a_worker_killed_mid_shard_is_rerun_on_another_worker(tmp_path, clean):
     log = (run / "logs" / "run.log").read_text()
     assert "died with it (running or queued there); running it again (1 of 3)" in log, log
     assert "died with it" in stderr and "ERROR" not in stderr, stderr
+    assert stderr.count("dask dashboard: http") == 1, stderr  # one session for both phases
     assert output_digest(run) == expected
 
 
@@ -172,9 +180,10 @@ def test_failed_shards_are_reported_with_their_logs_and_the_others_complete(tmp_
     assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr
     done = sorted(p.stem for p in (run / "completions").glob("*.json"))
     assert done == ["p0-00000", "p0-00003"]
-    # a shard's own failure is not rerun: one attempt in its log; the lost one ran twice
-    assert (run / "logs" / "p0-00001.log").read_text().count("phase 0: start") == 1
-    assert (run / "logs" / "p0-00002.log").read_text().count("phase 0: start") == 2
+    # a shard's own failure is not rerun; the lost one is, task_retries times
+    assert "shard 00001 phase 0: worker" not in proc.stderr
+    assert "shard 00002 phase 0: worker" in proc.stderr and "running it again (1 of 1)" in proc.stderr
+    assert "InjectedFault" in (run / "logs" / "p0-00001.log").read_text()
     # switching to the local executor resumes the same run
     _execute(_manifest(tmp_path, data, LOCAL, "local"), run)
     assert output_digest(run) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -80,16 +81,17 @@ def jobs_of(run: Path) -> dict[str, str]:
 def squeue(*jobs: str) -> list[list[str]]:
     """``[array job, task, state, reason]`` for every task of ``jobs`` the controller remembers."""
     proc = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(jobs), "-o", "%F|%K|%T|%r"],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     return [line.split("|") for line in proc.stdout.split()]
 
 
 def times(job: str) -> list[tuple[str, str]]:
     """(start, end) of each task of a job, from ``scontrol show job`` (no accounting here)."""
-    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    text = subprocess.run(["scontrol", "show", "job", job], check=False, capture_output=True,
+                          text=True).stdout
     starts = [w.split("=", 1)[1] for w in text.split() if w.startswith("StartTime=")]
     ends = [w.split("=", 1)[1] for w in text.split() if w.startswith("EndTime=")]
-    return list(zip(starts, ends))
+    return list(zip(starts, ends, strict=True))
 
 
 def until(check, seconds: float, what: str):
@@ -104,7 +106,8 @@ def until(check, seconds: float, what: str):
 
 # ------------------------------------------------------------------------------------- on the cluster
 
-def test_run_waits_and_writes_the_bytes_of_a_local_run_with_split_arrays(slurm, inputs, tmp_path):
+@pytest.mark.usefixtures("slurm")
+def test_run_waits_and_writes_the_bytes_of_a_local_run_with_split_arrays(inputs, tmp_path):
     ref = reference(tmp_path, inputs, top=True)
     m, run = manifest(tmp_path / "m.yaml", inputs, slurm_executor(max_array_size=2)), tmp_path / "run"
     proc = cli("run", str(m), "-o", str(run), env=ENV)
@@ -131,7 +134,8 @@ def test_run_waits_and_writes_the_bytes_of_a_local_run_with_split_arrays(slurm, 
     assert (run / "slurm" / f"p0-0-{jobs['p0-0']}_1.out").exists()
 
 
-def test_a_cancelled_array_task_fails_the_run_and_a_rerun_gives_the_same_bytes(slurm, inputs, tmp_path):
+@pytest.mark.usefixtures("slurm")
+def test_a_cancelled_array_task_fails_the_run_and_a_rerun_gives_the_same_bytes(inputs, tmp_path):
     ref = reference(tmp_path, inputs, top=True)
     m, run = manifest(tmp_path / "m.yaml", inputs, slurm_executor()), tmp_path / "run"
     slow = '[{"point":"stage","label":"heuristics","shard":"00001","after":1,"action":"sleep","seconds":20}]'
@@ -139,12 +143,13 @@ def test_a_cancelled_array_task_fails_the_run_and_a_rerun_gives_the_same_bytes(s
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **ENV, "CURATE_FAULTS": slow, "COLUMNS": "200"})
     try:
-        job = until(lambda: (run / "slurm" / "jobs.json").exists() and jobs_of(run).get("p0-0"), 60, "submission")
+        job = until(lambda: (run / "slurm" / "jobs.json").exists() and jobs_of(run).get("p0-0"), 60,
+                    "the submission")
         until(lambda: ["RUNNING"] == [t[2] for t in squeue(job) if t[1] == "1"]
               and (run / "logs" / "p0-00001.log").exists(), 60, "shard 00001 to start")
         time.sleep(1.0)  # inside the injected 20 s sleep
         subprocess.run(["scancel", f"{job}_1"], check=True)
-        out, err = driver.communicate(timeout=90)
+        _, err = driver.communicate(timeout=90)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -162,10 +167,12 @@ def test_a_cancelled_array_task_fails_the_run_and_a_rerun_gives_the_same_bytes(s
     assert digest(run) == ref
 
 
-def test_a_failing_shard_is_reported_with_its_logs(slurm, inputs, tmp_path):
+@pytest.mark.usefixtures("slurm")
+def test_a_failing_shard_is_reported_with_its_logs(inputs, tmp_path):
     m, run = manifest(tmp_path / "m.yaml", inputs, slurm_executor(), top=False), tmp_path / "run"
     fault = '[{"point":"stage","label":"heuristics","shard":"00003","action":"raise"}]'
-    proc = cli("run", str(m), "-o", str(run), "--no-progress", check=False, env={**ENV, "CURATE_FAULTS": fault})
+    proc = cli("run", str(m), "-o", str(run), "--no-progress", check=False,
+               env={**ENV, "CURATE_FAULTS": fault})
     assert proc.returncode == 1
     job = jobs_of(run)["p0-0"]
     assert "1 shard(s) failed" in proc.stderr
@@ -182,18 +189,21 @@ def test_a_failing_shard_is_reported_with_its_logs(slurm, inputs, tmp_path):
     assert digest(run) == reference(tmp_path, inputs, top=False)
 
 
-def test_dry_run_submits_nothing_and_detach_returns_at_once(slurm, inputs, tmp_path):
+@pytest.mark.usefixtures("slurm")
+def test_dry_run_submits_nothing_and_detach_returns_at_once(inputs, tmp_path):
     m = manifest(tmp_path / "m.yaml", inputs, slurm_executor(shards_per_task=2, array_throttle=2), top=False)
     run = tmp_path / "run"
     dry = cli("run", str(m), "-o", str(run), "--dry-run", env=ENV)
     assert "nothing submitted" in dry.stdout
     folder = run / "slurm"
-    assert sorted(p.name for p in folder.iterdir()) == ["finalize.sbatch", "p0-0.sbatch", "p0-0.shards", "submit.sh"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "finalize.sbatch", "p0-0.sbatch", "p0-0.shards", "submit.sh"]
     assert not (folder / "jobs.json").exists()
-    assert "slurmtest" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
+    queue = subprocess.run(["squeue", "-h", "-o", "%j"], check=False, capture_output=True, text=True).stdout
+    assert "slurmtest" not in queue
     assert (folder / "p0-0.shards").read_text() == "00000 00001\n00002 00003\n00004\n"  # shards_per_task: 2
     assert "#SBATCH --array=0-2%2\n" in (folder / "p0-0.sbatch").read_text()
-    assert subprocess.run(["bash", "-n", str(folder / "submit.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(folder / "submit.sh")], check=False).returncode == 0
     assert "--dependency=afterok:$j0 finalize.sbatch" in (folder / "submit.sh").read_text()
 
     started = time.monotonic()
@@ -203,19 +213,23 @@ def test_dry_run_submits_nothing_and_detach_returns_at_once(slurm, inputs, tmp_p
     shown = " ".join(detached.stdout.split())
     assert f"curate status {run}" in shown and jobs["p0-0"] in shown
     refused = cli("run", str(m), "-o", str(run), "--no-progress", check=False, env=ENV)
-    assert refused.returncode == 1 and "still queued or running" in refused.stderr
-    until(lambda: json.loads(cli("status", str(run), "--json", env=ENV).stdout)["finished"], 90, "the detached jobs")
+    assert refused.returncode == 1  # by the recorded live jobs, or by a running shard's lock
+    assert "still queued or running" in refused.stderr or "being run by another curate" in refused.stderr
+    until(lambda: json.loads(cli("status", str(run), "--json", env=ENV).stdout)["finished"], 90,
+          "the detached jobs")
     assert digest(run) == reference(tmp_path, inputs, top=False)
     again = cli("run", str(m), "-o", str(run), "--no-progress", env=ENV)  # nothing left: no new jobs
     assert "done" in again.stdout and jobs_of(run) == jobs
 
 
+@pytest.mark.usefixtures("slurm")
 @pytest.mark.skipif(importlib.util.find_spec("dask_jobqueue") is None or
                     importlib.util.find_spec("curate.executors.dask") is None,
                     reason="needs dask_jobqueue and the dask executor (pip install 'curate-longctx[dask]')")
-def test_dask_on_the_same_slurm_through_slurmcluster(slurm, inputs, tmp_path):
+def test_dask_on_the_same_slurm_through_slurmcluster(inputs, tmp_path):
     executor = ('{kind: dask, dashboard: false, cluster: {class: dask_jobqueue.SLURMCluster, queue: debug, '
-                'cores: 1, processes: 1, memory: 1GB, walltime: "00:10:00", interface: lo, scale: 2}}')
+                'cores: 1, processes: 1, memory: 1GB, walltime: "00:10:00", interface: lo, scale: 2, '
+                f'log_directory: "{tmp_path / "dask-logs"}"}}}}')
     m, run = manifest(tmp_path / "m.yaml", inputs, executor), tmp_path / "run"
     cli("run", str(m), "-o", str(run), "--no-progress", env=ENV)
     assert digest(run) == reference(tmp_path, inputs, top=True)
@@ -230,7 +244,8 @@ def test_scripts_render_from_a_custom_template_and_bad_placeholders_are_named(in
                         "--shard $s; done\n# {step} {stages} {{literal}}\n")
     setup = ["module load python/3.11", "export OMP_NUM_THREADS=1"]
     ex = slurm_executor(template=str(template), setup=setup, partition="cpu", account="proj", time="01:00:00",
-                        mem="4G", extra_directives=["--constraint=a100", "#SBATCH --exclusive"], max_array_size=10)
+                        mem="4G", extra_directives=["--constraint=a100", "#SBATCH --exclusive"],
+                        max_array_size=10)
     m, run = manifest(tmp_path / "m.yaml", inputs, ex, top=False), tmp_path / "run with space"
     cli("run", str(m), "-o", str(run), "--dry-run", env=ENV)
     script = (run / "slurm" / "p0-0.sbatch").read_text()
@@ -264,6 +279,61 @@ def test_gres_uses_the_gpu_template_and_the_manifest_must_be_a_file(inputs, tmp_
     from curate.planner import Plan
 
     monkeypatch.setenv("CURATE_SLURM_TEST_API_KEY", SECRET)
-    plan = Plan.build(loads(m.read_text().replace("executor:", "output: " + str(tmp_path / "r2") + "\nexecutor:")))
+    text = m.read_text().replace("executor:", f"output: {tmp_path / 'r2'}\nexecutor:")
+    plan = Plan.build(loads(text))  # a manifest given as text: its path is "<manifest>"
     with pytest.raises(ConfigError, match="needs the manifest as a file"):
         SlurmExecutor(plan.manifest.executor.params).launch(plan, LaunchOptions(dry_run=True), None)
+
+
+def test_squeue_failures_are_told_apart_from_forgotten_jobs(tmp_path, monkeypatch):
+    from curate.executors.slurm import SlurmUnreachable, query
+
+    fake = tmp_path / "bin" / "squeue"
+    fake.parent.mkdir()
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    fake.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert query(["41"]) == []  # long finished: the controller forgot it
+    fake.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                    "exit 1\n")
+    with pytest.raises(SlurmUnreachable, match="Unable to contact"):
+        query(["41"])
+    fake.write_text("#!/bin/sh\nprintf '41|0|COMPLETED|None\\n41|1|PENDING|DependencyNeverSatisfied\\n"
+                    "7|N/A|RUNNING|None\\n'\n")
+    states = query(["41"])
+    assert [(t.job, t.task, t.state, t.bad, t.ended) for t in states] == [
+        ("41", 0, "COMPLETED", False, True), ("41", 1, "PENDING", True, True)]
+
+
+def test_a_relaunch_refuses_live_jobs_and_cancels_jobs_that_can_never_run(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from curate.errors import CurateError
+    from curate.executors.slurm import check_no_live_jobs
+
+    bin_dir, folder = tmp_path / "bin", tmp_path / "run" / "slurm"
+    bin_dir.mkdir()
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (folder / "jobs.json").write_text(json.dumps({"jobs": [{"step": "p0-0", "job": "41"},
+                                                           {"step": "finalize", "job": "42"}]}))
+    scancel = bin_dir / "scancel"
+    scancel.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'cancelled'}\n")
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\nprintf '41|0|COMPLETED|None\\n41|1|FAILED|NonZeroExitCode\\n"
+                      "42|N/A|PENDING|DependencyNeverSatisfied\\n'\n")
+    for tool in (scancel, squeue):
+        tool.chmod(0o755)
+
+    class Plan:  # what check_no_live_jobs reads of a plan
+        class run_dir:
+            root = tmp_path / "run"
+
+    console = Console(file=io.StringIO(), width=200)
+    check_no_live_jobs(Plan, folder, console)  # nothing alive: fine; 42 can never run: cancelled
+    assert (tmp_path / "cancelled").read_text() == "42\n"
+    assert "cancelled earlier Slurm job(s) 42 that could never run" in console.file.getvalue()
+    squeue.write_text("#!/bin/sh\nprintf '41|0|COMPLETED|None\\n41|1|RUNNING|None\\n"
+                      "42|N/A|PENDING|Dependency\\n'\n")
+    with pytest.raises(CurateError, match=r"job\(s\) 41 42 of an earlier launch are still queued or running"):
+        check_no_live_jobs(Plan, folder, console)

@@ -62,19 +62,23 @@ class RunAbandoned(RuntimeError):
 
 @register_executor("dask")
 class DaskExecutor(Executor):
-    """Shards as Dask tasks; see the module docstring. ``close()`` ends the session it keeps open
-    between phases (it is also closed after the last phase, after a phase with failed shards, and on
-    any exception)."""
+    """Each shard is one Dask task: on a LocalCluster (the default), a running scheduler (`address`) or a
+    cluster class such as dask_jobqueue.SLURMCluster (`cluster`). Same bytes as `kind: local`."""
 
     class Params(ExecutorParams):
-        address: str | None = Field(None, description="scheduler to join, e.g. tcp://host:8786 (null: start a cluster)")
+        address: str | None = Field(
+            None, description="scheduler to join, e.g. tcp://host:8786 (null: start a cluster)")
         cluster: dict[str, Any] | None = Field(
-            None, description="null: a LocalCluster; or {class: dotted.ClusterClass, <kwargs>, scale: N | adapt: {...}}")
+            None, description="null: a LocalCluster; or {class: dotted.ClusterClass, <kwargs>, "
+                              "scale: N or adapt: {...}}")
         workers: int | None = Field(None, gt=0, description="LocalCluster worker processes (null: one per core)")
         threads_per_worker: int = Field(1, gt=0, description="LocalCluster threads per worker")
-        memory_limit: str | int | None = Field("auto", description="LocalCluster memory per worker ('auto': RAM / workers)")
-        max_in_flight: int | None = Field(None, gt=0, description="most tasks submitted at once (null: 2 × worker threads)")
-        task_retries: int = Field(3, ge=0, description="times a shard lost with its worker is run again elsewhere")
+        memory_limit: str | int | None = Field(
+            "auto", description="LocalCluster memory per worker ('auto': RAM / workers)")
+        max_in_flight: int | None = Field(
+            None, gt=0, description="most tasks submitted at once (null: 2 × worker threads)")
+        task_retries: int = Field(
+            3, ge=0, description="times a shard lost with its worker is run again elsewhere")
         dashboard: bool = Field(True, description="serve the dashboard and print its link once")
 
         @field_validator("cluster")
@@ -119,28 +123,35 @@ class DaskExecutor(Executor):
             self.close()
 
     def close(self, interrupted: bool = False) -> None:
-        """End the session: stop curate's own cluster (at once when ``interrupted``), unregister the
-        plan plugins from a joined scheduler, and disconnect."""
+        """End the session kept between phases: stop curate's own cluster (its workers killed at once
+        when ``interrupted``), unregister the plan plugins from a joined scheduler, and disconnect.
+
+        ``map_shards`` calls it after the last phase, after a phase with failed shards and on any
+        exception; a driver that stops between phases (a failed combine) should call it too."""
         session, self._session = self._session, None
         if session is not None:
             session.close(interrupted)
 
     # ------------------------------------------------------------------ session
     def _open(self, plan: Plan) -> _Session:
+        """The session of this run, started (and its dashboard announced) on first use."""
         if self._session is None:
             self._session = _start_session(self.params, len(plan.shards))
             self._announce(self._session)
-        self._session.install(plan)
         return self._session
 
     def _announce(self, session: _Session) -> None:
+        """Print the dashboard link once per session. A cluster curate started serves the dashboard
+        when bokeh is installed; a joined scheduler's link is printed as it reports it."""
         if not self.params.dashboard:
             return
         link = session.dashboard_link()
-        if link:
-            self._say(f"dask dashboard: {link}")
-        elif session.ours and importlib.util.find_spec("bokeh") is None:
+        if session.ours and importlib.util.find_spec("bokeh") is None:
             self._say("dask dashboard: not served (it needs bokeh: pip install 'curate-longctx[dask]')")
+        elif link and session.ours:
+            self._say(f"dask dashboard: {link}")
+        elif link:
+            self._say(f"dask dashboard (if the scheduler serves one): {link}")
 
     def _say(self, text: str, level: int = logging.INFO) -> None:
         """Tell the user (the console, or stderr) and ``logs/run.log``."""
@@ -234,14 +245,12 @@ class _Session:
         return self._limit[1]
 
     def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard address, None when it runs no HTTP server."""
         try:
-            return self.client.dashboard_link if self._serves_dashboard() else None
-        except Exception:  # noqa: BLE001 - a scheduler without a dashboard
+            services = self.client.scheduler_info(n_workers=0).get("services", {})
+            return self.client.dashboard_link if "dashboard" in services else None
+        except Exception:  # noqa: BLE001 - an older or unusual scheduler: no link then
             return None
-
-    def _serves_dashboard(self) -> bool:
-        services = self.client.scheduler_info(n_workers=0).get("services", {})
-        return "dashboard" in services
 
     def close(self, interrupted: bool) -> None:
         if interrupted and self.ours:
@@ -305,9 +314,11 @@ def _local_cluster(params, n_shards: int):
     from distributed import LocalCluster
 
     workers = max(1, min(params.workers or os.cpu_count() or 1, n_shards))
+    # Without a dashboard the scheduler still serves HTTP (health, metrics): on a free port, not 8787.
     return LocalCluster(n_workers=workers, threads_per_worker=params.threads_per_worker,
                         memory_limit=params.memory_limit, processes=True,
-                        dashboard_address=":0" if params.dashboard else None, silence_logs=logging.ERROR)
+                        dashboard_address=":0" if params.dashboard else None,
+                        scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.ERROR)
 
 
 def _kill_workers(cluster) -> None:
@@ -366,23 +377,27 @@ class _Loop:
         self.inflight: dict[Any, Shard] = {}
         self.losses: dict[str, int] = {}
         self.failed = 0
+        from distributed import as_completed
+
+        # results are gathered on the client's event loop as tasks finish, not one by one from here
+        self.ac = as_completed(loop=session.client.loop, with_results=True, raise_errors=False)
 
     def run(self, shards: list[Shard]) -> int:
         """Run every shard; return how many failed."""
-        from distributed import as_completed
-
         queue = list(reversed(shards))  # pop() from the end keeps the input order
-        self.ac = as_completed(loop=self.session.client.loop)
         try:
             self._top_up(queue)
             self._wait_for_workers()
-            for future in self.ac:
+            for future, result in self.ac:
                 shard = self.inflight.pop(future)
-                self._finish(future, shard, queue)
+                self._finish(future, result, shard, queue)
                 self._top_up(queue)
         finally:
             if self.inflight:  # interrupted: cancel what is still queued or running
-                self.session.client.cancel(list(self.inflight), force=True)
+                try:
+                    self.session.client.cancel(list(self.inflight), force=True)
+                except Exception:  # noqa: BLE001 - a lost scheduler: nothing left to cancel
+                    log.debug("cancelling the remaining tasks failed", exc_info=True)
         return self.failed
 
     def _limit(self) -> int:
@@ -407,10 +422,10 @@ class _Loop:
         if not self.session.threads():
             log.info("no worker in the cluster yet: the tasks wait for workers to join")
 
-    def _finish(self, future, shard: Shard, queue: list[Shard]) -> None:
+    def _finish(self, future, result, shard: Shard, queue: list[Shard]) -> None:
         """Report a finished task's shard, or queue it again when its worker was lost."""
         try:
-            stats, error = _outcome(future)
+            stats, error = _outcome(future, result)
         finally:
             future.release()
         if error is None:
@@ -443,18 +458,24 @@ class _Loop:
         self.progress(int(st.get("rows_out", 0)), int(st.get("tokens_out", 0)))
 
 
-def _outcome(future) -> tuple[dict[str, Any] | None, BaseException | None]:
+def _outcome(future, result) -> tuple[dict[str, Any] | None, BaseException | None]:
     """(stats, None) for a shard that finished, (None, error) otherwise: the shard's own error as the
-    task returned it, or what dask raised (``KilledWorker``, a cancellation)."""
-    try:
-        outcome = future.result()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - a lost worker, a cancelled future, a task that failed to load
-        return None, e
-    if not isinstance(outcome, dict) or ("stats" not in outcome and "error" not in outcome):
-        return None, RuntimeError(f"the task returned {type(outcome).__name__}, not a shard's outcome")
-    return outcome.get("stats"), outcome.get("error")
+    task returned it, or what dask reports (``KilledWorker``, a cancellation).
+
+    ``result`` is what ``as_completed(with_results=True, raise_errors=False)`` gives: the task's value,
+    ``(type, exception, traceback)`` for an erred task, or the exception of a cancelled one.
+    """
+    if future.status == "error" and isinstance(result, tuple) and len(result) == 3:
+        return None, result[1]
+    if isinstance(result, BaseException):
+        return None, result
+    if future.status == "cancelled":
+        import concurrent.futures
+
+        return None, concurrent.futures.CancelledError(f"task {future.key} was cancelled")
+    if not isinstance(result, dict) or ("stats" not in result and "error" not in result):
+        return None, RuntimeError(f"the task returned {type(result).__name__}, not a shard's outcome")
+    return result.get("stats"), result.get("error")
 
 
 def _worker_lost(error: BaseException) -> bool:

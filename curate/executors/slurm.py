@@ -26,6 +26,7 @@ through Slurm's default ``--export=ALL``: secrets and ``${VAR}`` values are neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -35,13 +36,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 from pydantic import Field, field_validator
 
 from curate.errors import ConfigError, CurateError
-from curate.executors.base import ExecutorParams, LaunchOptions, LaunchResult, Launcher
+from curate.executors.base import ExecutorParams, Launcher, LaunchOptions, LaunchResult
 from curate.planner import Plan
 from curate.plugins import register_executor
 
@@ -72,9 +72,9 @@ class SlurmParams(ExecutorParams):
     cpus_per_task: int | None = Field(None, gt=0, description="--cpus-per-task of every job")
     mem: str | None = Field(None, description="--mem of every job, e.g. 16G")
     gres: str | None = Field(None, description="--gres of the shard jobs, e.g. gpu:1 (uses the GPU template)")
-    array_throttle: int | None = Field(None, gt=0, description="most array tasks running at once (--array=…%N)")
-    max_array_size: int | None = Field(None, gt=0, description="most tasks per array job (null: the cluster's "
-                                       "MaxArraySize from `scontrol show config`, else 1001)")
+    array_throttle: int | None = Field(None, gt=0, description="most tasks of an array running at once (%N)")
+    max_array_size: int | None = Field(None, gt=0, description="most tasks per array job (null: MaxArraySize "
+                                       "from `scontrol show config`, else 1001)")
     extra_directives: list[str] = Field([], description="more #SBATCH lines, e.g. '--constraint=a100'")
     setup: list[str] | None = Field(None, description="shell lines run before curate in every job "
                                     "(module loads, venv); null: activate this interpreter's venv, if any")
@@ -143,7 +143,8 @@ class TaskState:
 
 @register_executor("slurm")
 class SlurmExecutor(Launcher):
-    """The run as Slurm jobs; see the module docstring."""
+    """The whole run as Slurm batch jobs: an array job per phase over its incomplete shards, a combine job
+    before each global stage, a finalize job, chained by afterok (see docs/cluster.md)."""
 
     Params = SlurmParams
 
@@ -155,15 +156,15 @@ class SlurmExecutor(Launcher):
         if not options.dry_run:
             check_no_live_jobs(plan, folder, console)
         steps = build_steps(plan, self.params, self._max_array_size())
-        if not steps:
-            return LaunchResult(complete=True, message=f"{run_root(plan)} is already complete")
+        if not steps:  # complete: nothing to submit (a waiting `curate run` still prints the stats)
+            return LaunchResult(complete=not options.dry_run, message=f"{run_root(plan)} is already complete")
         scripts = write_scripts(plan, self.params, steps, folder)
         if options.dry_run:
             return LaunchResult(scripts=scripts, message=dry_run_message(folder, scripts))
         submit(steps, folder)
         jobs = [s.job for s in steps]
-        say(console, f"slurm: submitted {len(jobs)} job(s) ({', '.join(jobs)}); scripts and .out files in "
-                      f"{folder}")
+        say(console, f"slurm: submitted {len(jobs)} job(s) ({', '.join(jobs)}); scripts and .out files "
+                     f"in {folder}")
         if not options.wait:
             return LaunchResult(scripts, jobs, message=detached_message(plan, jobs))
         follow(plan, steps, folder, console, self.params.poll_seconds, options.show_progress)
@@ -308,7 +309,8 @@ def stages_text(plan: Plan, phase: int | None) -> str:
 
 def job_name(plan: Plan, step: Step) -> str:
     """``curate-<manifest name>-<step>``, without characters a directive line cannot hold."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"curate-{plan.manifest.name}-{step.name}")
+    name = f"curate-{plan.manifest.name}-{step.name}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def directive_path(path: Path | str) -> str:
@@ -342,15 +344,17 @@ def setup_lines(params: SlurmParams) -> list[str]:
 
 def submit_script(steps: list[Step], folder: Path) -> str:
     """``submit.sh``: the ``sbatch`` calls ``curate run`` makes, for submitting by hand."""
-    lines = ["#!/bin/bash", "# Submit this run's jobs as `curate run` (executor kind slurm) does; prints the job ids.",
-             "# Written by curate for the steps incomplete at the time; rerun `curate run --dry-run` to refresh.",
+    lines = ["#!/bin/bash",
+             "# Submits this run's jobs as `curate run` (executor kind slurm) does, and prints their ids.",
+             "# Written for the steps incomplete at the time; `curate run --dry-run` writes it afresh.",
              "set -euo pipefail", f"cd {shlex.quote(str(folder))}"]
-    var = {}
+    var: dict[str, str] = {}
     for i, step in enumerate(steps):
         deps = [var[s.name] for s in steps if s.level == step.level - 1]
         dep = f" --dependency=afterok:{':'.join('$' + d for d in deps)}" if deps else ""
         var[step.name] = f"j{i}"
-        lines.append(f"j{i}=$(sbatch --parsable{dep} {shlex.quote(step.script(folder).name)}); j{i}=${{j{i}%%;*}}")
+        script = shlex.quote(step.script(folder).name)
+        lines.append(f"j{i}=$(sbatch --parsable{dep} {script}); j{i}=${{j{i}%%;*}}")
     lines.append("echo " + " ".join(f"${var[s.name]}" for s in steps))
     return "\n".join(lines) + "\n"
 
@@ -361,20 +365,28 @@ def dry_run_message(folder: Path, scripts: list[str]) -> str:
 
 
 def detached_message(plan: Plan, jobs: list[str]) -> str:
-    return (f"submitted {len(jobs)} Slurm job(s): {' '.join(jobs)}; follow with: curate status {run_root(plan)} "
-            f"(or squeue -j {','.join(jobs)}); cancel with: scancel {' '.join(jobs)}")
+    return (f"submitted {len(jobs)} Slurm job(s): {' '.join(jobs)}; follow with: curate status "
+            f"{run_root(plan)} (or squeue -j {','.join(jobs)}); cancel with: scancel {' '.join(jobs)}")
 
 
 # ---------------------------------------------------------------------------------------- Slurm calls
 
+class SlurmUnreachable(CurateError):
+    """A Slurm command failed for a reason other than unknown job ids (controller down, a timeout)."""
+
+
 def slurm(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a Slurm client command; a missing binary or (with ``check``) a failure is a CurateError."""
+    """Run a Slurm client command; a missing binary, a timeout or (with ``check``) a failure raises."""
     if shutil.which(argv[0]) is None:
-        raise CurateError(f"{argv[0]} not found: the slurm executor needs the Slurm client commands on PATH "
-                          "(use --dry-run to only write the scripts)")
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
+        raise CurateError(f"{argv[0]} not found: the slurm executor needs the Slurm client commands on "
+                          "PATH (use --dry-run to only write the scripts)")
+    try:
+        proc = subprocess.run(list(argv), check=False, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnreachable(f"{argv[0]} did not answer within 120 s") from None
     if check and proc.returncode != 0:
-        raise CurateError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise SlurmUnreachable(f"{' '.join(argv)} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
@@ -427,12 +439,15 @@ def recorded_jobs(folder: Path) -> list[str]:
 
 
 def query(jobs: list[str]) -> list[TaskState]:
-    """The state of every task of ``jobs`` that the controller still remembers (``squeue -t all``)."""
+    """The state of every task of ``jobs`` that the controller still remembers (``squeue -t all``);
+    raises :class:`SlurmUnreachable` when squeue fails for another reason than unknown ids."""
     if not jobs:
         return []
     proc = slurm("squeue", "-h", "-r", "-t", "all", "-j", ",".join(jobs), "-o", "%F|%K|%T|%r", check=False)
-    if proc.returncode != 0:  # every id unknown to the controller (long finished)
-        return []
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:  # every id long finished and forgotten
+            return []
+        raise SlurmUnreachable(f"squeue failed ({proc.returncode}): {proc.stderr.strip()}")
     states = []
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
@@ -446,26 +461,26 @@ def cancel(jobs: list[str]) -> None:
     """``scancel`` these jobs (whole arrays); a missing ``scancel`` or unknown id is not an error."""
     jobs = [j for j in jobs if j]
     if jobs and shutil.which("scancel"):
-        subprocess.run(["scancel", *jobs], capture_output=True, timeout=120)
+        subprocess.run(["scancel", *jobs], check=False, capture_output=True, timeout=120)
         log.info("slurm: cancelled job(s) %s", " ".join(jobs))
 
 
 def check_no_live_jobs(plan: Plan, folder: Path, console) -> None:
     """Refuse to submit while jobs of an earlier launch may still run; cancel those that never will."""
     earlier = recorded_jobs(folder)
-    if not earlier or shutil.which("squeue") is None:
+    if not earlier:
         return
     states = query(earlier)
     never = sorted({t.job for t in states if t.state == "PENDING" and t.reason == NEVER})
     if never:
         cancel(never)
         say(console, f"note: cancelled earlier Slurm job(s) {' '.join(never)} that could never run "
-                      "(a job they depended on failed)")
+                     "(a job they depended on failed)")
     live = sorted({t.job for t in states if not t.ended})
     if live:
-        raise CurateError(f"{run_root(plan)}: Slurm job(s) {' '.join(live)} of an earlier launch are still queued "
-                          f"or running; follow them with `curate status {run_root(plan)}`, or cancel them "
-                          f"(scancel {' '.join(live)}) and run again")
+        raise CurateError(f"{run_root(plan)}: Slurm job(s) {' '.join(live)} of an earlier launch are still "
+                          f"queued or running; follow them with `curate status {run_root(plan)}`, or cancel "
+                          f"them (scancel {' '.join(live)}) and run again")
 
 
 # ---------------------------------------------------------------------------------------- following
@@ -479,40 +494,52 @@ def follow(plan: Plan, steps: list[Step], folder: Path, console, poll: float, sh
     """Poll ``squeue`` and the run directory until every job ended; raise RunFailed if a step failed.
 
     On the first bad task, jobs of later levels (which can never run) are cancelled at once; the failed
-    level's other tasks finish. Ctrl-C or SIGTERM cancels every job of this launch."""
+    level's other tasks finish. A failing ``squeue`` (controller restarting) is waited out with a note.
+    Ctrl-C or SIGTERM cancels every job of this launch."""
     jobs = [s.job for s in steps]
     reporter = Reporter(plan, console, show_progress)
     cut: int | None = None
     try:
         while True:
-            states = query(jobs)
-            reporter.update(states)
-            bad = [t for t in states if t.bad]
-            if bad and cut is None:
-                cut = min(step_of(steps, t).level for t in bad)
-                cancel([s.job for s in steps if s.level > cut])
-                reporter.failure_seen([t for t in bad if step_of(steps, t).level == cut])
-            if all_ended(steps, states):
-                break
+            states = reporter.poll(jobs)
+            if states is not None:
+                reporter.update(states)
+                bad = [t for t in states if t.bad]
+                if bad and cut is None:
+                    cut = min(step_of(steps, t).level for t in bad)
+                    cancel([s.job for s in steps if s.level > cut])
+                    reporter.failure_seen([t for t in bad if step_of(steps, t).level == cut])
+                if all(t.ended for t in states):
+                    break
             time.sleep(poll)
     except BaseException:
         cancel(jobs)
         say(console, f"slurm: cancelled job(s) {' '.join(jobs)}; finished shards are kept")
         raise
-    failures = failed_steps(plan, steps, query(jobs), cut)
+    failures = settled_failures(plan, steps, states, cut)
     if failures:
         from curate.driver import RunFailed
 
         raise RunFailed(failure_message(plan, failures, folder))
 
 
+def settled_failures(plan: Plan, steps: list[Step], states: list[TaskState], cut: int | None,
+                     wait: float = 60.0) -> list[Failure]:
+    """:func:`failed_steps`, looked at again for up to ``wait`` seconds while Slurm says a job COMPLETED
+    that the run directory does not show yet (a shared filesystem's attribute cache lags)."""
+    deadline = time.monotonic() + wait
+    while True:
+        failures = failed_steps(plan, steps, states, cut)
+        lagging = any(f.state is not None and f.state.state == "COMPLETED" for f in failures)
+        if not lagging or time.monotonic() > deadline:
+            return failures
+        time.sleep(2.0)
+        with contextlib.suppress(OSError):
+            os.listdir(plan.run_dir.completions)  # a fresh listing makes NFS revalidate the folder
+
+
 def step_of(steps: list[Step], state: TaskState) -> Step:
     return next(s for s in steps if s.job == state.job)
-
-
-def all_ended(steps: list[Step], states: list[TaskState]) -> bool:
-    """True when no job is pending or running (a job squeue forgot has ended)."""
-    return all(t.ended for t in states)
 
 
 def step_done(plan: Plan, step: Step) -> bool:
@@ -569,8 +596,9 @@ class Failure:
         for name in self.step.tasks[self.task]:
             if not plan.run_dir.is_complete(f"p{self.step.phase}-{name}"):
                 shard_log = run_root(plan) / "logs" / f"p{self.step.phase}-{name}.log"
-                lines.append(f"  shard {name} of phase {self.step.phase}{shard_error(out, name, shard_log)}; "
-                             f"{self.job()}  [{shard_log}, {out}]")
+                said = shard_error(out, name, shard_log)
+                lines.append(f"  shard {name} of phase {self.step.phase}{said}; {self.job()}  "
+                             f"[{shard_log}, {out}]")
         return lines
 
     def transient(self, folder: Path) -> bool:
@@ -589,9 +617,9 @@ def failure_message(plan: Plan, failures: list[Failure], folder: Path) -> str:
     head = (f"{shards} shard(s) failed" if shards else "a Slurm job failed") + \
         f" (later jobs were cancelled; finished shards are kept in {run_root(plan)}):"
     if all(f.transient(folder) for f in failures):
-        advice = ("this may not happen again (the job was stopped, or the error may be transient): run the same "
-                  "command again to submit only the incomplete shards (after a TIMEOUT or OUT_OF_MEMORY, "
-                  "raise executor.time or executor.mem)")
+        advice = ("this may not happen again (the job was stopped, or the error may be transient): run the "
+                  "same command again to submit only the incomplete shards (after a TIMEOUT or "
+                  "OUT_OF_MEMORY, raise executor.time or executor.mem)")
     else:
         advice = ("fix the cause shown in the logs first, then run the same command again: only the "
                   "incomplete shards are submitted")
@@ -633,6 +661,21 @@ class Reporter:
         self.started = time.monotonic()
         self.every = 30.0
         self.printed_at = 0.0
+        self.unreachable = False
+
+    def poll(self, jobs: list[str]) -> list[TaskState] | None:
+        """The jobs' states, or None while squeue fails (said once, and again when it answers)."""
+        try:
+            states = query(jobs)
+        except SlurmUnreachable as e:
+            if not self.unreachable:
+                say(self.console, f"slurm: {e}; still waiting (Ctrl-C cancels the jobs)")
+                self.unreachable = True
+            return None
+        if self.unreachable:
+            say(self.console, "slurm: squeue answers again")
+            self.unreachable = False
+        return states
 
     def update(self, states: list[TaskState]) -> None:
         from curate.steps import status
@@ -656,7 +699,7 @@ class Reporter:
             self.last, self.printed_at = line, now
 
     def failure_seen(self, bad: list[TaskState]) -> None:
-        names = sorted({f"{t.job}" + (f"_{t.task}" if t.task is not None else "") + f" {t.state}" for t in bad})
+        names = sorted({t.job + (f"_{t.task}" if t.task is not None else "") + f" {t.state}" for t in bad})
         say(self.console, f"slurm: job(s) failed: {', '.join(names)}; cancelled the jobs that depended on "
                           "them, waiting for the other running tasks")
         log.error("slurm: job(s) failed: %s", ", ".join(names))
