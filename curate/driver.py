@@ -80,6 +80,8 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
                     mode="launcher" if launcher else "exclusive")
     lock.acquire()
     log_handler = None
+    executor = None
+    interrupted = False
     try:
         refuse_if_steps_running(rd.root)
         with _terminate_as_interrupt():
@@ -88,6 +90,8 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             log.info("%s: %s %s (%d input shard(s), %d phase(s))", command, "resume" if resumed else "start",
                      manifest.name, len(plan.shards), len(plan.phases))
             executor = executor_cls(manifest.executor.params)
+            if hasattr(executor, "console"):
+                executor.console = console
             if launcher:
                 return _launch(plan, executor, LaunchOptions(wait, dry_run, show_progress, command), console,
                                resumed, started)
@@ -106,10 +110,16 @@ def execute(manifest: Manifest, *, restart: bool = False, console: Console | Non
             log.info("done in %.1fs", time.perf_counter() - started)
             return RunResult(str(rd.root), merged, indexes, resumed, skipped, time.perf_counter() - started)
     except KeyboardInterrupt:
+        interrupted = True
         log.warning("interrupted")
         raise Interrupted(f"interrupted; finished shards are kept in {rd.root}. Run the same command again "
                           "to resume where it stopped") from None
     finally:
+        if executor is not None and hasattr(executor, "close"):
+            try:
+                executor.close(interrupted)
+            except Exception:  # noqa: BLE001 - closing a cluster must not hide the run's own error
+                log.warning("closing the %s executor failed", manifest.executor.kind, exc_info=True)
         if log_handler is not None:
             logging.getLogger("curate").removeHandler(log_handler)
             log_handler.close()

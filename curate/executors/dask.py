@@ -276,9 +276,7 @@ def _start_session(params, n_shards: int) -> _Session:
 
     if params.address:
         return _Session(Client(params.address, set_as_default=False), floor=_planned_workers(params))
-    # allowed-failures 0: a task lost with its worker comes back to the driver as KilledWorker at once,
-    # and the driver resubmits it (task_retries), logging each loss.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with dask.config.set(cluster_config()):
         if params.cluster:
             cluster = build_cluster(params.cluster)
             driver_pid = None
@@ -292,6 +290,30 @@ def _start_session(params, n_shards: int) -> _Session:
         cluster.close()
         raise
     return _Session(client, cluster, ours=True, driver_pid=driver_pid, floor=_planned_workers(params))
+
+
+#: dask settings that cost CPU the shards need, at rest: (dask's default, curate's). The 20 ms event-loop
+#: tick of every server and the 10 ms statistical profiler of every worker take about a fifth of a core
+#: on a two-worker LocalCluster doing nothing; a fifth of a two-core machine's shard time.
+QUIET = {"distributed.admin.tick.interval": ("20ms", "200ms"),
+         "distributed.worker.profile.enabled": (True, False),
+         "distributed.admin.system-monitor.interval": ("500ms", "2s")}
+
+
+def cluster_config() -> dict[str, Any]:
+    """dask settings for a cluster curate starts (its scheduler, nannies and workers inherit them).
+
+    ``allowed-failures: 0``: a task lost with its worker comes back to the driver as ``KilledWorker``
+    at once, and the driver resubmits it (``task_retries``) and says so. The :data:`QUIET` settings
+    apply where the user has left dask's default.
+    """
+    import dask
+
+    config: dict[str, Any] = {"distributed.scheduler.allowed-failures": 0}
+    for key, (default, ours) in QUIET.items():
+        if dask.config.get(key, default) == default:
+            config[key] = ours
+    return config
 
 
 class _LostTaskFilter(logging.Filter):
@@ -311,6 +333,11 @@ def _quiet_lost_task_errors() -> None:
 
 
 def _local_cluster(params, n_shards: int):
+    """A LocalCluster of worker processes. Called inside ``dask.config.set(cluster_config())``; the
+    nannies get a deep copy of that configuration, so a worker they restart has it too."""
+    import copy
+
+    import dask
     from distributed import LocalCluster
 
     workers = max(1, min(params.workers or os.cpu_count() or 1, n_shards))
@@ -318,7 +345,8 @@ def _local_cluster(params, n_shards: int):
     return LocalCluster(n_workers=workers, threads_per_worker=params.threads_per_worker,
                         memory_limit=params.memory_limit, processes=True,
                         dashboard_address=":0" if params.dashboard else None,
-                        scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.ERROR)
+                        scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.ERROR,
+                        config=copy.deepcopy(dask.config.config))
 
 
 def _kill_workers(cluster) -> None:
