@@ -193,7 +193,7 @@ def status(
     """Per phase: shards done, running, failed (with log paths) and pending, from the run directory."""
     from curate.manifest import Manifest
     from curate.planner import Plan
-    from curate.steps import holder, status as phase_status
+    from curate.steps import holder, slurm_jobs, status as phase_status
 
     resolved = run_dir / "manifest.resolved.yaml"
     if not resolved.exists():
@@ -206,9 +206,11 @@ def status(
     phases = phase_status(plan)
     finished = (run_dir / "stats.json").exists() and all(
         (plan.sinks[i].directory / "index.json").exists() for i in range(len(plan.sinks)))
+    jobs, jobs_note = slurm_jobs(plan)
     if as_json:
         sys.stdout.write(orjson.dumps({"holder": holder(plan), "finished": finished, "phases": [
-            dataclasses.asdict(ph) for ph in phases]}, option=orjson.OPT_INDENT_2).decode() + "\n")
+            dataclasses.asdict(ph) for ph in phases], "slurm_jobs": jobs, "slurm_note": jobs_note},
+            option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     table = Table("phase", "stages", "done", "running", "failed", "pending", title=f"status of {run_dir}")
     for ph in phases:
@@ -221,8 +223,21 @@ def status(
     for ph in phases:
         for shard, log in list(ph.failed.items())[:20]:
             out.print(f"[red]failed[/red] phase {ph.index} shard {shard}: {escape(log)}")
+    if jobs or jobs_note:
+        from collections import Counter
+
+        counts = Counter(j["state"].lower() for j in jobs)
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none known to squeue"
+        out.print(f"slurm jobs of the last submission: {escape(summary)}"
+                  + (f" ({escape(jobs_note)})" if jobs_note else ""))
+        for j in jobs:
+            if j["state"] == "PENDING" and j["reason"] not in ("None", "Priority", "Resources", "Dependency"):
+                out.print(f"  job {j['job']}{'_' + str(j['task']) if j['task'] is not None else ''} "
+                          f"({escape(str(j['step']))}): pending, {escape(j['reason'])}")
     who = holder(plan)
-    out.print(f"held by {escape(who)}" if who else ("finished" if finished else "not running"))
+    alive = any(j["state"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING") for j in jobs)
+    out.print(f"held by {escape(who)}" if who else ("finished" if finished else
+                                                      "queued on Slurm" if alive else "not running"))
 
 
 def _notice(message: str) -> None:

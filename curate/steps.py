@@ -138,3 +138,21 @@ def _failed(log: Path) -> bool:
     last_done = tail.rfind(b": done in ")
     last_fail = tail.rfind(b" failed:")
     return last_fail > last_done
+
+
+def slurm_jobs(plan: Plan) -> tuple[list[dict[str, Any]], str | None]:
+    """The jobs of the run's last Slurm submission (``RUN/slurm/jobs.json``) as ``squeue`` sees them now:
+    one dict per job or array task (step, job, task, state, reason), and a note when ``squeue`` could
+    not answer. Empty for runs that were never submitted to Slurm, and for jobs Slurm has forgotten."""
+    folder = plan.run_dir.root / "slurm"
+    if not (folder / "jobs.json").exists():
+        return [], None
+    from curate.executors.slurm import query, recorded_jobs
+
+    steps = {j["job"]: j["step"] for j in orjson.loads((folder / "jobs.json").read_bytes()).get("jobs", [])}
+    try:
+        states = query(recorded_jobs(folder))
+    except Exception as e:  # noqa: BLE001 - no squeue here, or the controller is down: say so, show the rest
+        return [], f"squeue could not answer: {e}"
+    return [{"step": steps.get(t.job), "job": t.job, "task": t.task, "state": t.state, "reason": t.reason}
+            for t in states], None

@@ -337,3 +337,39 @@ def test_a_relaunch_refuses_live_jobs_and_cancels_jobs_that_can_never_run(tmp_pa
                       "42|N/A|PENDING|Dependency\\n'\n")
     with pytest.raises(CurateError, match=r"job\(s\) 41 42 of an earlier launch are still queued or running"):
         check_no_live_jobs(Plan, folder, console)
+
+
+def test_status_shows_the_slurm_jobs_of_the_last_submission(tmp_path, monkeypatch):
+    """`curate status` asks squeue about RUN/slurm/jobs.json (a detached run's queued jobs)."""
+    from curate.manifest import load
+    from curate.planner import Plan
+    from curate.steps import slurm_jobs
+
+    from tests.conftest import make_text, write_jsonl, write_manifest
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": make_text(i)} for i in range(5)])
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: st
+        source: {{kind: jsonl, paths: ["{tmp_path}/in/*.jsonl"]}}
+        sink: {{kind: parquet}}
+        executor: {{kind: slurm}}
+        """)
+    plan = Plan.build(load(m, output=str(tmp_path / "run")))
+    assert slurm_jobs(plan) == ([], None)  # never submitted
+    folder = tmp_path / "run" / "slurm"
+    folder.mkdir(parents=True)
+    (folder / "jobs.json").write_text(json.dumps({"jobs": [{"step": "p0-0", "job": "41"},
+                                                           {"step": "finalize", "job": "42"}]}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "squeue"
+    fake.write_text("#!/bin/sh\nprintf '41|0|RUNNING|None\\n41|1|PENDING|Resources\\n42|N/A|PENDING|Dependency\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs, note = slurm_jobs(plan)
+    assert note is None
+    assert [(j["step"], j["job"], j["task"], j["state"]) for j in jobs] == [
+        ("p0-0", "41", 0, "RUNNING"), ("p0-0", "41", 1, "PENDING"), ("finalize", "42", None, "PENDING")]
+    fake.write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    jobs, note = slurm_jobs(plan)
+    assert jobs == [] and "Unable to contact" in note
