@@ -8,6 +8,7 @@ before the completion marker is written, so a marker always means finished outpu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -171,10 +172,8 @@ class _Clock:
 def _tag(error: BaseException, name: str, value: str) -> None:
     """Attach ``value`` to ``error`` unless an inner frame already did (the first tag wins)."""
     if getattr(error, name, None) is None:
-        try:
+        with contextlib.suppress(AttributeError):  # a built-in exception type that takes no attributes
             setattr(error, name, value)
-        except AttributeError:  # a built-in exception type that takes no attributes
-            pass
 
 
 def _instrument(batches: Iterator[pa.RecordBatch], st: StageStats, upstream: StageStats | None,

@@ -24,14 +24,21 @@ class ExecutorParams(StageParams):
     retry_backoff: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each time, ±50% jitter")
 
 
-class Executor(ABC):
-    """Base executor. ``map_shards`` calls ``done(shard, stats, error)`` as each shard finishes."""
+class ExecutorBase(ABC):
+    """What every executor kind has: a registered ``kind`` and validated ``Params``. An executor is
+    either an :class:`Executor` (a pool the driver hands one phase at a time) or a :class:`Launcher`
+    (hands the whole run to a scheduler)."""
 
     kind: ClassVar[str] = ""
     Params: ClassVar[type[StageParams]] = ExecutorParams
 
     def __init__(self, params: StageParams):
         self.params = params
+
+
+class Executor(ExecutorBase):
+    """A pool executor (local processes, Dask). ``map_shards`` calls ``done(shard, stats, error)`` as
+    each shard finishes; the driver runs the phases, combines between them and finalizes."""
 
     @abstractmethod
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
@@ -58,7 +65,7 @@ class LaunchResult:
     message: str = ""
 
 
-class Launcher(Executor):
+class Launcher(ExecutorBase):
     """An executor that hands the whole run to a scheduler as jobs (one per phase, combines between,
     a finalize at the end), each job calling ``curate run-shard`` / ``combine`` / ``finalize``.
 
@@ -67,9 +74,6 @@ class Launcher(Executor):
     ``launch`` submits only what is incomplete, and with ``options.wait`` follows the jobs until the
     run is finished (or a job failed: raise :class:`curate.driver.RunFailed` naming it and its log).
     """
-
-    def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
-        raise NotImplementedError(f"the {self.kind} executor runs whole runs through launch()")
 
     @abstractmethod
     def launch(self, plan: Plan, options: LaunchOptions, console) -> LaunchResult:

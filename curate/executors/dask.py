@@ -25,6 +25,7 @@ local executor's parent-death watchdog. The cluster is closed in a ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -260,7 +261,7 @@ class _Session:
                 try:
                     self.client.unregister_worker_plugin(name)
                 except Exception:  # noqa: BLE001 - the scheduler may be gone; nothing to clean then
-                    pass
+                    log.debug("could not unregister worker plugin %s", name, exc_info=True)
         for part in (self.client, self.cluster if self.ours else None):
             if part is not None:
                 try:
@@ -356,10 +357,8 @@ def _kill_workers(cluster) -> None:
     for nanny in list(getattr(cluster, "workers", {}).values()):
         pid = getattr(getattr(nanny, "process", None), "pid", None)
         if pid:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone, or not ours
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def plan_digest(plan_dict: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ pickled). ``workers: 1`` runs in the driver process, which is simplest to debug.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import threading
@@ -109,11 +110,9 @@ def _watch_driver(driver_pid: int) -> None:
     import ctypes
     import signal
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux/glibc: the thread below suffices
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux/glibc: the thread below suffices
-        pass
     if os.getppid() != driver_pid:  # the driver died before we armed the signal
         os._exit(1)
 
