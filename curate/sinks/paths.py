@@ -42,7 +42,7 @@ import math
 from typing import Any
 
 #: First components of a sink path that are curate's own entries of the run directory.
-RESERVED = frozenset({"completions", "failures", "logs", "stats", "global", "phases", "quarantine",
+RESERVED = frozenset({"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "cache",
                       "tokenizer", "fingerprint", "manifest.resolved.yaml", "stats.json"})
 #: Longest encoded part of a partition folder name (column and value each), in characters.
 MAX_COMPONENT = 96
