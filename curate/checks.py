@@ -116,6 +116,11 @@ def source_reach(manifest: Any, kind: str, shards: list) -> Reach:
     ``scores`` label."""
     from curate.schema import SCHEMAS
 
+    if kind == "table":  # a source that keeps its files' own columns
+        from curate.planner import make_reader
+
+        columns = make_reader(manifest).table_columns()
+        return Reach(columns, {}, open_scores="scores" in columns)
     columns = list(SCHEMAS[kind].names)
     source = manifest.source
     meta_fields = getattr(source.params, "meta_fields", None)

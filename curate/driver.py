@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from curate import stats as stats_mod
 from curate import faults
-from curate.errors import CurateError, Interrupted, RetryableError
+from curate.errors import ConfigError, CurateError, Interrupted, RetryableError
 from curate.executors.base import Launcher, LaunchOptions, LaunchResult
 from curate.lock import refuse_if_steps_running, run_lock
 from curate.progress import PhaseProgress
@@ -264,7 +264,7 @@ def _prepare_tokenizer(plan: Plan, console: Console) -> None:
         for shard in plan.shards:
             ctx = _SampleContext(plan.manifest.seed, shard, plan.run_dir)
             for batch in plan.reader.read(shard, ctx):
-                for text in batch.column("text").to_pylist():
+                for text in _training_texts(batch):
                     yield text
                     count += 1
                     if count >= limit:
@@ -274,6 +274,21 @@ def _prepare_tokenizer(plan: Plan, console: Console) -> None:
         console.print(f"training a {spec.train.vocab_size}-token BPE on the source …")
     tk.prepare(spec, plan.run_dir.root / "tokenizer", plan.special_tokens(), training_texts)
     _release_memory()  # the driver holds no tokenizer; give its pages back before workers start
+
+
+def _training_texts(batch) -> list[str]:
+    """The text of each row a tokenizer can be trained on: ``text``, the texts of an interleaved row,
+    or the contents of a chat row's ``messages``."""
+    names = batch.schema.names
+    if "text" in names:
+        return [t for t in batch.column("text").to_pylist() if t]
+    if "texts" in names:
+        return ["\n".join(t for t in row if t) for row in batch.column("texts").to_pylist() if row]
+    if "messages" in names:
+        return ["\n".join(m["content"] or "" for m in row if m) for row in batch.column("messages").to_pylist()
+                if row]
+    raise ConfigError(f"tokenizer.train: the source's rows have no text to train on (columns: {names}); "
+                      "give tokenizer.path instead")
 
 
 def _release_memory() -> None:

@@ -16,14 +16,14 @@ from pydantic import Field
 from curate.arrays import strings
 from curate.registry import register_stage
 from synthesizers.teachers.session import Ask
-from synthesizers.teachers.task import TeacherParams, TeacherTask, messages_array
+from synthesizers.teachers.task import TeacherCommon, TeacherTask, messages_array
 
 
 @register_stage("caption_fuse")
 class CaptionFuse(TeacherTask):
     """LLM fusion of candidate captions (see the module docstring)."""
 
-    class Params(TeacherParams):
+    class Params(TeacherCommon):
         candidates_column: str = Field("captions", description="list<string> column of candidate captions")
         rank_column: str | None = Field(None, description="list<number> column aligned with the candidates: "
                                         "fuse the top_k highest (null: the first top_k)")

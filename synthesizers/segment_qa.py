@@ -42,7 +42,8 @@ from synthesizers.teachers.session import Answer, Ask
 from synthesizers.teachers.task import TeacherParams, TeacherTask, messages_array
 
 EVIDENCE = pa.list_(pa.struct([("source_id", pa.string()), ("segment", pa.int32()),
-                               ("char_offset", pa.int64()), ("token_offset", pa.int32()),
+                               ("char_offset", pa.int64()), ("char_end", pa.int64()),
+                               ("token_offset", pa.int32()),
                                ("depth", pa.float32())]))
 
 
@@ -54,7 +55,7 @@ class SingleQA(BaseModel):
 class MultiHopQA(BaseModel):
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1)
-    evidence: list[int]
+    evidence: list[int] = Field(min_length=2)
 
     @field_validator("evidence")
     @classmethod
@@ -69,7 +70,7 @@ def multi_hop_model(pieces: int) -> type[MultiHopQA]:
     """The multi-hop answer for ``pieces`` shown pieces: evidence numbers must lie in 1 … pieces (in
     the JSON schema too, so guided decoding cannot name a piece that was not shown)."""
     return create_model(f"MultiHopQA{pieces}", __base__=MultiHopQA,
-                        evidence=(list[Annotated[int, Field(ge=1, le=pieces)]], ...))
+                        evidence=(list[Annotated[int, Field(ge=1, le=pieces)]], Field(min_length=2)))
 
 
 @dataclass
@@ -212,13 +213,15 @@ class SegmentQA(TeacherTask):
         if not (p.min_tokens <= n <= p.max_tokens):
             ctx.stats[self.label].drop("not_enough_distractors" if n < p.min_tokens else "context_too_long")
             return None
+        user = self.render("qa_train", context=context, question=value.question)
+        base = user.find(context)
         evidence = []
         for k in sorted(evidence_idx):
             char = offsets[k]
             t_off = len(tok.encode_arrays([context[:char]])[0]) if char else 0
-            evidence.append({"source_id": plan.doc, "segment": plan.segments[k].index, "char_offset": char,
+            evidence.append({"source_id": plan.doc, "segment": plan.segments[k].index,
+                             "char_offset": base + char, "char_end": base + char + len(plan.segments[k].text),
                              "token_offset": t_off, "depth": t_off / n})
-        user = self.render("qa_train", context=context, question=value.question)
         sources = [plan.doc] + sorted({d for d, _ in distractors})
         return {"id": plan.row, "messages": [{"role": "user", "content": user},
                                              {"role": "assistant", "content": value.answer}],

@@ -314,10 +314,9 @@ def test_segment_qa_places_evidence_at_the_recorded_depth(tmp_path):
         assert r["evidence"] and (len(r["evidence"]) >= 2) == (r["qa_type"] == "multi_hop")
         for e in r["evidence"]:
             source = sources[e["source_id"]]
-            piece = context[e["char_offset"]:]
-            # the evidence segment starts there and is a piece of its own document
-            seg_text = piece.split("\n")[0]
-            assert seg_text and seg_text in source
+            # the evidence segment is exactly there, and is a piece of its own document
+            seg_text = user["content"][e["char_offset"]:e["char_end"]]
+            assert seg_text and seg_text in source and context.find(seg_text) >= 0
             assert e["token_offset"] == len(tok.encode_arrays([context[:e["char_offset"]]])[0])
             assert e["depth"] == pytest.approx(e["token_offset"] / n, rel=1e-5)
             depths.append(e["depth"])

@@ -5,11 +5,17 @@ kind: webdataset"), an unreadable footer or a missing text/id column is a Config
 A row group that cannot be decoded at read time is counted once as ``unreadable_file`` (file, first
 row before the failure as ``line``, the group's byte ``offset``, ``lost`` = its rows not read) and the
 shard goes on with the next group.
+
+``schema: table`` reads every column as it is instead of mapping onto the documents schema: chat rows
+(``messages``) a teacher wrote, token rows, any earlier output. Rows get an ``id`` string column (from
+``id_field``, else ``<file>:<row>``); rows whose ``id_field`` is null go to ``failures/``
+(``missing_id_field``). Every file must have the same columns as the first (checked at validation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import fsspec
 import pyarrow as pa
@@ -27,12 +33,31 @@ from curate.readers.columnar import check_columns, needed_columns, to_documents
 class ParquetReader(Reader):
     class Params(ReaderParams):
         shard_rows: int = Field(1_000_000, gt=0, description="row groups are grouped into shards of about this many rows")
+        schema_: Literal["documents", "table"] = Field(
+            "documents", alias="schema", description="documents: map text/id/meta onto the documents schema; "
+            "table: keep every column as it is (chat rows, earlier outputs)")
+
+    def output_kind(self) -> str:
+        return "table" if self.params.schema_ == "table" else "documents"
+
+    def table_columns(self) -> list[str]:
+        """The columns of a ``schema: table`` source (those of its first file, with ``id``)."""
+        for uri, _, _ in list_files(self.params.paths, (".parquet", ".pq")):
+            names = footer(uri).schema.to_arrow_schema().names
+            return ["id", *[n for n in names if n != "id"]]
+        return ["id"]
 
     def shards(self) -> list[Shard]:
         out: list[Shard] = []
+        first_names = None
         for uri, info, rel in list_files(self.params.paths, (".parquet", ".pq")):
             md = footer(uri)
-            check_columns(uri, md.schema.to_arrow_schema(), self.params)
+            schema = md.schema.to_arrow_schema()
+            if self.params.schema_ == "table":
+                _check_table(uri, schema, self.params, first_names)
+                first_names = first_names or schema.names
+            else:
+                check_columns(uri, schema, self.params)
             for start, stop, first_row in _groups(md, self.params.shard_rows):
                 out.append(Shard(f"{len(out):05d}", content_key(uri, info, start, stop), uri, rel, start, stop,
                                  {"first_row": first_row}))
@@ -46,7 +71,7 @@ class ParquetReader(Reader):
             except (pa.ArrowInvalid, OSError) as e:
                 ctx.failure("unreadable_file", f"cannot open the Parquet file: {e}", file=shard.uri, offset=0)
                 return
-            cols = needed_columns(pf.schema_arrow.names, p)
+            cols = needed_columns(pf.schema_arrow.names, p) if p.schema_ == "documents" else None
             row = shard.extra.get("first_row", 0)
             stop = shard.stop if shard.stop is not None else pf.num_row_groups
             for group in range(shard.start, stop):
@@ -70,7 +95,8 @@ def _read_group(pf: pq.ParquetFile, group: int, first_row: int, cols, shard: Sha
     row = first_row
     try:
         for batch in pf.iter_batches(batch_size=p.batch_rows, row_groups=[group], columns=cols):
-            docs = to_documents(batch, row, shard, p, ctx)
+            docs = to_documents(batch, row, shard, p, ctx) if p.schema_ == "documents" else \
+                _as_table(batch, row, shard, p, ctx)
             row += batch.num_rows
             if docs is not None:
                 yield docs
@@ -78,6 +104,36 @@ def _read_group(pf: pq.ParquetFile, group: int, first_row: int, cols, shard: Sha
         ctx.failure("unreadable_file", f"row group {group} (rows {first_row}..{first_row + rows - 1}) "
                     f"cannot be decoded from row {row}: {e}", file=shard.uri, line=row - 1 if row else None,
                     offset=_group_offset(pf.metadata.row_group(group)), lost=first_row + rows - row)
+
+
+def _check_table(uri: str, schema: pa.Schema, p, first: list[str] | None) -> None:
+    if p.id_field and p.id_field not in schema.names:
+        raise ConfigError(f"{uri}: source.id_field: no column {p.id_field!r} (has {schema.names})")
+    if first is not None and sorted(schema.names) != sorted(first):
+        raise ConfigError(f"{uri}: columns {schema.names} differ from the first file's {first} "
+                          "(schema: table reads files with the same columns)")
+
+
+def _as_table(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) -> pa.RecordBatch | None:
+    """One batch as it is, with a string ``id`` first."""
+    import pyarrow.compute as pc
+
+    rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
+    if p.id_field:
+        ids = batch.column(p.id_field)
+        if ids.null_count:
+            for r in rows.filter(ids.is_null()).to_pylist():
+                ctx.failure("missing_id_field", f"column {p.id_field!r} is null", file=shard.uri, line=r)
+            keep = ids.is_valid()
+            batch, ids = batch.filter(keep), ids.filter(keep)
+        ids = ids.cast(pa.string())
+    else:
+        ids = pc.binary_join_element_wise(pa.scalar(shard.rel), rows.cast(pa.string()), ":")
+    if batch.num_rows == 0:
+        return None
+    if "id" in batch.schema.names:
+        batch = batch.drop_columns(["id"])
+    return pa.RecordBatch.from_arrays([ids, *batch.columns], names=["id", *batch.schema.names])
 
 
 def _group_offset(group: pq.RowGroupMetaData) -> int | None:

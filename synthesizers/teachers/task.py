@@ -36,7 +36,7 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
 
-class TeacherParams(StageParams):
+class TeacherCommon(StageParams):
     """Parameters every teacher task has."""
 
     teacher: TeacherSpec = Field(description="the model that writes this task's outputs (see docs/teachers.md)")
@@ -46,6 +46,11 @@ class TeacherParams(StageParams):
                                                 "(counted, raw answer in failures/) or keep with null outputs")
     prompts: dict[str, str] = Field(default_factory=dict, description="replace prompt templates: template "
                                     "name → file with $placeholders")
+
+
+class TeacherParams(TeacherCommon):
+    """Parameters of a teacher task that reads a text column."""
+
     text_column: str = Field("text", description="the column with each row's text")
 
 
@@ -63,7 +68,7 @@ def load_template(name: str, overrides: dict[str, str]) -> str:
 class TeacherTask(Synthesizer):
     """A synthesizer that asks a teacher. Subclasses list ``templates`` and implement ``run``."""
 
-    Params: ClassVar[type[TeacherParams]] = TeacherParams
+    Params: ClassVar[type[TeacherCommon]] = TeacherParams
     #: The prompt templates this task renders (file names without ``.txt``).
     templates: ClassVar[tuple[str, ...]] = ()
 
@@ -80,7 +85,8 @@ class TeacherTask(Synthesizer):
             except ValueError as e:
                 raise ConfigError(f"prompts.{name}: bad template: {e}") from None
         # the text a task reads comes from its text_column
-        self.requires = tuple(params.text_column if c == "text" else c for c in type(self).requires)
+        text_column = getattr(params, "text_column", "text")
+        self.requires = tuple(text_column if c == "text" else c for c in type(self).requires)
         self.template_hash = template_digest(*(f"{n}\n{t}" for n, t in sorted(self.texts.items())))
 
     def requirements(self) -> dict[str, str]:

@@ -1,0 +1,256 @@
+"""The teacher tasks beyond IN2 QA — long_doc_qa, verify (with the pairwise judge), caption,
+caption_fuse, chat_tokens — against the scripted loopback server, and the transformers backend."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import cli, make_text, write_jsonl, write_manifest
+from tests.fake_openai import FakeOpenAI, message_text
+from tests.test_teachers import _teacher
+
+pytest.importorskip("openai", reason="the `llm` extra is not installed")
+
+
+def _rows(run: Path, sink: str = "parquet") -> list[dict]:
+    return pq.read_table(sorted((run / sink).glob("*.parquet"))).to_pylist()
+
+
+def _stats(run: Path, label: str) -> dict:
+    return json.loads((run / "stats.json").read_text())["stages"][label]
+
+
+def _books(folder: Path, n: int = 6, paragraphs: int = 40) -> Path:
+    rows = [{"id": f"b{i}", "text": "\n".join(make_text(i * 100 + k, 25) for k in range(paragraphs))} for i in range(n)]
+    write_jsonl(folder / "books.jsonl", rows)
+    return folder
+
+
+def _manifest(tmp: Path, stages: str, source: str | None = None, sink: str = "{kind: parquet}",
+              tokenizer: str = "{train: {vocab_size: 400, min_frequency: 1}}") -> Path:
+    source = source or f'{{kind: jsonl, paths: ["{_books(tmp / "data")}/*.jsonl"], id_field: id}}'
+    stages = stages.replace("\n", "\n        ")  # keep every stage line under the dedented `stages:`
+    return write_manifest(tmp / "m.yaml", f"""
+        name: tasks
+        seed: 11
+        source: {source}
+        tokenizer: {tokenizer}
+        stages:
+        {stages}
+        sink: {sink}
+        executor: {{kind: local, workers: 1}}
+        """)
+
+
+def test_long_doc_qa_asks_over_several_chunks_of_the_whole_document(tmp_path):
+    with FakeOpenAI() as fake:
+        m = _manifest(tmp_path, f"  - long_doc_qa: {{chunk_tokens: 100, questions_per_doc: 2, teacher: {_teacher(fake)}}}")
+        cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+    rows = _rows(tmp_path / "run")
+    books = {json.loads(x)["id"]: json.loads(x)["text"] for x in (tmp_path / "data" / "books.jsonl").read_text().splitlines()}
+    drops = _stats(tmp_path / "run", "long_doc_qa")["drops"]
+    assert len(rows) + drops.get("unparsable", 0) == 12 and len(rows) >= 8  # the fake may repeat a number
+    for r in rows:
+        user, assistant = r["messages"]
+        doc = books[r["id"].split("#")[0]]
+        assert doc in user["content"] and assistant["content"] == r["answer"]
+        assert len(r["evidence"]) >= 2
+        for e in r["evidence"]:
+            span = user["content"][e["char_offset"]:e["char_end"]]
+            assert span and span in doc
+        lineage = json.loads(r["lineage"])
+        assert {e["chunk"] for e in r["evidence"]} <= set(lineage["shown"])
+
+
+def test_verify_drops_unsupported_answers_and_the_judge_picks_a_candidate(tmp_path):
+    def responder(req):
+        text = message_text(req["messages"][-1]["content"])
+        if "Answer A:" in text:  # the judge prefers the answer that says "right"
+            a = text.split("Answer A:")[1].split("Answer B:")[0]
+            return {"content": {"better": "A" if "right" in a else "B", "reason": "r"}}
+        if "Decide whether the answer" in text:
+            answer = text.split("Answer:")[-1]
+            return {"content": {"supported": "right" in answer or "answer " in answer, "reason": "r"}}
+        return None
+
+    with FakeOpenAI(responder=responder) as fake:
+        stages = (f"  - segment_qa: {{min_tokens: 100, max_tokens: 400, segment_tokens: 32, teacher: {_teacher(fake)}}}\n"
+                  f"  - verify: {{teacher: {_teacher(fake)}}}")
+        m = _manifest(tmp_path, stages)
+        cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+        rows = _rows(tmp_path / "run")
+        assert rows and all(r["scores"]["verify"]["supported"] == 1.0 for r in rows)
+    # judge: candidates in a column; the best one ("right") replaces the answer and the assistant turn
+    import pyarrow as pa
+
+    (tmp_path / "qa").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"key": f"q{i}", "question": "Which?", "answer": "wrong one",
+                                          "candidates": ["also wrong", f"the right one {i}"], "evidence": "facts"}
+                                         for i in range(5)]), tmp_path / "qa" / "qa.parquet")
+    with FakeOpenAI(responder=responder) as fake:
+        m = write_manifest(tmp_path / "j.yaml", f"""
+            name: judge
+            source: {{kind: parquet, paths: ["{tmp_path}/qa/*.parquet"], schema: table, id_field: key}}
+            stages:
+              - verify: {{evidence_column: evidence, candidates_column: candidates, teacher: {_teacher(fake)}}}
+            sink: {{kind: parquet}}
+            """)
+        proc = cli("run", str(m), "-o", str(tmp_path / "judge"), "--no-progress", check=False)
+    if proc.returncode != 0:
+        pytest.fail(proc.stdout + proc.stderr)
+    rows = _rows(tmp_path / "judge")
+    assert [r["answer"] for r in rows] == [f"the right one {i}" for i in range(5)]
+
+
+def _wds_pairs(folder: Path, photos) -> Path:
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for k, (name, data, caption) in enumerate(photos[:4]):
+            for ext, payload in (("jpg", data), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{k:03d}-{name}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo("999-broken.jpg")
+        info.size = 12
+        tar.addfile(info, io.BytesIO(b"not an image"))
+        info = tarfile.TarInfo("999-broken.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"text"))
+    return folder
+
+
+def test_caption_by_two_teachers_then_fuse(tmp_path):
+    pytest.importorskip("PIL")
+    from curate.testing import real_images
+
+    photos = real_images()
+    shards = _wds_pairs(tmp_path / "pairs", photos)
+
+    def responder(req):
+        content = req["messages"][-1]["content"]
+        if isinstance(content, list):
+            url = next(p["image_url"]["url"] for p in content if p.get("type") == "image_url")
+            assert url.startswith("data:image/png;base64,")
+            return f"{req['model']} sees an image of {len(url)} characters"
+        return "fused: " + message_text(content)[-60:]
+
+    with FakeOpenAI(responder=responder) as fake:
+        t1, t2 = _teacher(fake, model="vlm-a"), _teacher(fake, model="vlm-b")
+        stages = (f"  - caption: {{samples: 2, teacher: {t1}, more_teachers: [{t2}]}}\n"
+                  f"  - caption_fuse: {{top_k: 3, teacher: {_teacher(fake)}}}")
+        m = _manifest(tmp_path, stages, source=f'{{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}')
+        cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 4
+    for r in rows:
+        assert len(r["captions"]) == 4 and r["caption_teachers"] == ["vlm-a", "vlm-a", "vlm-b", "vlm-b"]
+        assert r["caption"].startswith("fused: ") and len(r["images"]) == 1
+        assert r["messages"][0]["content"].startswith("<image>") and r["messages"][1]["content"] == r["caption"]
+    st = _stats(tmp_path / "run", "caption")
+    assert st["drops"] == {"undecodable_image": 1}
+
+
+def test_chat_tokens_trains_only_the_assistant_turns(tmp_path):
+    data = tmp_path / "chat"
+    convs = [{"id": f"c{i}", "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": make_text(i, 20) + " <|im_start|>"},
+                                          {"role": "assistant", "content": f"reply number {i}"},
+                                          {"role": "user", "content": "and then?"},
+                                          {"role": "assistant", "content": f"second reply {i}"}]} for i in range(6)]
+    write_jsonl(data / "c.jsonl", convs)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    for name, params in (("plain", "{}"), ("jinja", f"{{template: {template}}}")):
+        m = write_manifest(tmp_path / f"{name}.yaml", f"""
+            name: chat
+            source: {{kind: parquet, paths: ["{tmp_path}/chat.parquet"], schema: table}}
+            tokenizer: {{train: {{vocab_size: 400, min_frequency: 1}}}}
+            stages:
+              - chat_tokens: {params}
+              - pack: {{seq_len: 512}}
+            sink: {{kind: parquet}}
+            """)
+        import pyarrow as pa
+
+        from synthesizers.teachers.task import MESSAGES
+        pq.write_table(pa.table({"id": [c["id"] for c in convs],
+                                 "messages": pa.array([c["messages"] for c in convs], MESSAGES)}),
+                       tmp_path / "chat.parquet")
+        if name == "jinja":  # the template's markers must be special tokens of the run tokenizer
+            tok_dir = tmp_path / "tok"
+            from curate.tokenizer import TrainSpec, train_bpe
+
+            bpe = train_bpe(TrainSpec(vocab_size=400, min_frequency=1), [make_text(i, 50) for i in range(100)])
+            from tokenizers import AddedToken
+
+            bpe.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+            tok_dir.mkdir()
+            bpe.save(str(tok_dir / "tokenizer.json"))
+            m.write_text(m.read_text().replace("tokenizer: {train: {vocab_size: 400, min_frequency: 1}}",
+                                               f"tokenizer: {{path: {tok_dir}}}"))
+        cli("run", str(m), "-o", str(tmp_path / name), "--no-progress")
+        from curate.tokenizer import CurateTokenizer
+
+        tok = CurateTokenizer.load_run(tmp_path / name / "tokenizer")
+        rows = _rows(tmp_path / name)
+        ids = np.concatenate([np.asarray(r["input_ids"]) for r in rows])
+        mask = np.concatenate([np.asarray(r["loss_mask"]) for r in rows])
+        trained = tok.decode(ids[mask == 1].tolist(), show_special=True)
+        for i in range(6):
+            assert f"reply number {i}" in trained and f"second reply {i}" in trained
+        assert "be brief" not in trained and "and then" not in trained
+        untrained = tok.decode(ids[mask == 0].tolist(), show_special=True)
+        assert "and then?" in untrained
+        if name == "jinja":
+            start = tok.tk.token_to_id("<|im_start|>")
+            # the template's own marker is one special token; the same string inside a user's text is not
+            assert int((ids == start).sum()) == 6 * 5
+            assert trained.count("<|im_end|>") == 12  # the end of each assistant turn is trained
+
+
+@pytest.mark.slow
+def test_transformers_backend_on_a_tiny_local_model(tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.conftest import save_tiny_lm
+
+    model = save_tiny_lm(tmp_path / "tiny", n_positions=256)
+    tk = transformers.AutoTokenizer.from_pretrained(model)
+    tk.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" \
+                       "{% if add_generation_prompt %}assistant:{% endif %}"
+    tk.save_pretrained(model)
+    teacher = json.dumps({"backend": "transformers", "model": str(model), "device": "cpu",
+                          "sampling": {"temperature": 0.8, "max_tokens": 12}})
+    data = tmp_path / "data"
+    write_jsonl(data / "d.jsonl", [{"id": f"d{i}", "text": make_text(i, 30)} for i in range(4)]
+                + [{"id": "long", "text": make_text(99, 400)}])
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: tf
+        seed: 1
+        source: {{kind: jsonl, paths: ["{data}/*.jsonl"], id_field: id}}
+        tokenizer: {{train: {{vocab_size: 400, min_frequency: 1}}}}
+        stages:
+          - summarize: {{chunk_tokens: 10000, teacher: {teacher}}}
+        sink: {{kind: parquet}}
+        """)
+    cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
+    rows = {r["id"]: r for r in _rows(tmp_path / "run")}
+    st = _stats(tmp_path / "run", "summarize")
+    # the long document's prompt exceeds the model's 256 positions: skipped and counted, never sent
+    assert "long" not in rows and st["drops"].get("context_length") == 1
+    # empty generations (a random model may stop at once) are counted, never kept as empty summaries
+    assert len(rows) + st["drops"].get("unparsable", 0) == 4
+    assert all(r["summary"] for r in rows.values())
+    assert st["metrics"]["completion_tokens"]["sum"] > 0
+    # a fresh run (no cache) writes the same bytes: each request has its own seed
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "parquet").glob("*.parquet")}
+    cli("run", str(m), "-o", str(tmp_path / "run3"), "--no-progress")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run3" / "parquet").glob("*.parquet")}
+    assert before == after
