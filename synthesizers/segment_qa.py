@@ -26,6 +26,7 @@ segments drops the rows it cannot build under ``not_enough_distractors``.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated
@@ -198,7 +199,8 @@ class SegmentQA(TeacherTask):
         depths = self._depths(rng, len(plan.segments))
         for _ in range(8):  # exact token count of the final text; adjust by whole distractors
             context, offsets = _assemble(plan.segments, distractors, depths)
-            n = len(tok.encode_arrays([context])[0])
+            encoding = tok.tk.encode(context, add_special_tokens=False)
+            n = len(encoding.ids)
             if n > p.max_tokens and distractors:
                 distractors = distractors[:-max(1, (n - p.max_tokens) // max(p.segment_tokens, 1))]
                 continue
@@ -216,9 +218,10 @@ class SegmentQA(TeacherTask):
         user = self.render("qa_train", context=context, question=value.question)
         base = user.find(context)
         evidence = []
+        starts = [start for start, _ in encoding.offsets]
         for k in sorted(evidence_idx):
             char = offsets[k]
-            t_off = len(tok.encode_arrays([context[:char]])[0]) if char else 0
+            t_off = bisect.bisect_left(starts, char)  # the segment's first token in the encoded context
             evidence.append({"source_id": plan.doc, "segment": plan.segments[k].index,
                              "char_offset": base + char, "char_end": base + char + len(plan.segments[k].text),
                              "token_offset": t_off, "depth": t_off / n})

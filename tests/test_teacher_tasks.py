@@ -254,3 +254,46 @@ def test_transformers_backend_on_a_tiny_local_model(tmp_path):
     cli("run", str(m), "-o", str(tmp_path / "run3"), "--no-progress")
     after = {p.name: p.read_bytes() for p in (tmp_path / "run3" / "parquet").glob("*.parquet")}
     assert before == after
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_teacher_recipes_run_against_a_server(tmp_path):
+    """The shipped in2-longqa-32k, book-qa and dense-captions manifests, as their usage comments say,
+    pointed at a loopback server."""
+    from curate.testing import real_images, write_jsonl_corpus
+    from curate.tokenizer import TrainSpec, train_bpe
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl_corpus(corpus, 500_000)
+    books = tmp_path / "books.jsonl"
+    write_jsonl_corpus(books, 400_000, paragraphs_per_doc=(200, 400))  # ~10-20K tokens each
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:200]]
+    train_bpe(TrainSpec(vocab_size=2000), texts).save(str(tok / "tokenizer.json"))
+    pairs = _wds_pairs(tmp_path / "pairs", real_images())
+
+    def responder(req):
+        text = message_text(req["messages"][-1]["content"])
+        if "Decide whether the answer" in text:
+            return {"content": {"supported": True, "reason": "found"}}
+        return None
+
+    with FakeOpenAI(responder=responder, latency=0.002) as fake:
+        env = {"CORPUS": str(corpus), "BOOKS": str(books), "TOKENIZER": str(tok), "PAIRS": str(pairs / "*.tar"),
+               "TEACHER_URL": fake.base_url, "VLM_URL": fake.base_url, "VLM2_URL": fake.base_url,
+               "LLM_URL": fake.base_url}
+        for recipe in ("in2-longqa-32k", "book-qa", "dense-captions"):
+            cli("run", str(ROOT / "manifests" / f"{recipe}.yaml"), "-o", str(tmp_path / recipe), "--no-progress",
+                env=env)
+    in2 = pq.read_table(sorted((tmp_path / "in2-longqa-32k" / "parquet").glob("*.parquet")))
+    assert in2.num_rows > 0 and max(in2.column("n_tokens").to_pylist()) <= 32768
+    st = json.loads((tmp_path / "in2-longqa-32k" / "stats.json").read_text())["stages"]
+    assert st["segment_qa"]["rows_out"] > 10 and st["verify"]["rows_out"] == st["segment_qa"]["rows_out"]
+    books = _rows(tmp_path / "book-qa")
+    assert books and all(len(r["evidence"]) >= 2 for r in books)
+    captions = _rows(tmp_path / "dense-captions")
+    assert len(captions) == 4 and all(len(r["captions"]) == 4 and r["caption"] for r in captions)

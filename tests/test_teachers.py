@@ -317,7 +317,9 @@ def test_segment_qa_places_evidence_at_the_recorded_depth(tmp_path):
             # the evidence segment is exactly there, and is a piece of its own document
             seg_text = user["content"][e["char_offset"]:e["char_end"]]
             assert seg_text and seg_text in source and context.find(seg_text) >= 0
-            assert e["token_offset"] == len(tok.encode_arrays([context[:e["char_offset"]]])[0])
+            # token_offset: where the segment's tokens start in the encoded context
+            ids = tok.encode_arrays([context])[0].tolist()
+            assert tok.decode(ids[:e["token_offset"]], show_special=False) == context[:e["char_offset"]]
             assert e["depth"] == pytest.approx(e["token_offset"] / n, rel=1e-5)
             depths.append(e["depth"])
         lineage = json.loads(r["lineage"])

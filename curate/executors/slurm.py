@@ -19,8 +19,9 @@ state, cancels the jobs that can no longer run, waits for the failed step's othe
 run directory is the truth: a step is finished when its completion markers, ``state.json`` or
 ``index.json`` files exist, whatever ``squeue`` still remembers. A rerun submits only what is missing.
 
-Scripts come from the templates in ``jobs/`` (or ``template``/``step_template``), rendered with
-:meth:`str.format`; see ``jobs/README.md`` for the placeholders. Jobs get the submitting environment
+Scripts come from the templates in ``curate/jobs/`` (shipped with the package; ``jobs/`` in a source
+checkout links there), or ``template``/``step_template``, rendered with :meth:`str.format`; see
+``jobs/README.md`` for the placeholders. Jobs get the submitting environment
 through Slurm's default ``--export=ALL``: secrets and ``${VAR}`` values are never written into a script.
 """
 
@@ -47,8 +48,9 @@ from curate.plugins import register_executor
 
 log = logging.getLogger("curate")
 
-#: The default templates live in the source tree's ``jobs/`` folder.
-JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
+#: The default templates ship inside the package (``curate/jobs/``; ``jobs/`` at the top of a source
+#: checkout is a link to it), so they are found from an installed wheel too.
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 TEMPLATES = {"cpu": "slurm-cpu.sbatch", "gpu": "slurm-gpu.sbatch", "step": "slurm-step.sbatch"}
 FALLBACK_MAX_ARRAY_SIZE = 1001
 
@@ -251,14 +253,14 @@ def write_scripts(plan: Plan, params: SlurmParams, steps: list[Step], folder: Pa
 
 
 def template_path(params: SlurmParams, step: Step) -> Path:
-    """The template of a step: the user's, else ``jobs/`` (GPU when ``gres`` is set)."""
+    """The template of a step: the user's, else the packaged ``jobs/`` one (GPU when ``gres`` is set)."""
     if step.kind == "shards":
         chosen = params.template or JOBS_DIR / TEMPLATES["gpu" if params.gres else "cpu"]
     else:
         chosen = params.step_template or JOBS_DIR / TEMPLATES["step"]
     path = Path(chosen).expanduser()
     if not path.is_file():
-        raise ConfigError(f"Slurm template {path} not found (the defaults are in the source tree's jobs/; "
+        raise ConfigError(f"Slurm template {path} not found (the defaults ship in curate/jobs/; "
                           "set executor.template / step_template to your own)")
     return path
 

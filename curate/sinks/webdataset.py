@@ -1,7 +1,7 @@
 """WebDataset tar shards, readable by ``webdataset.WebDataset(...)`` unchanged.
 
-One sample per row, key ``<file stem>_<row>``. Members: ``txt`` for a ``text`` column; images of an
-interleaved row as their own files (``000.jpg``, ``001.png`` … by position); integer lists (token
+One sample per row, key ``<file stem>_<row>``. Members: ``txt`` for a ``text`` column; the images of
+an ``images`` column (interleaved rows, captioned images) as their own files (``000.jpg``, ``001.png`` … by position); integer lists (token
 ids, masks, offsets) as ``<column>.npy`` in the column's own Arrow width (``input_ids`` int32 →
 ``<i4``, ``loss_mask`` uint8 → ``|u1``; ``np.load`` gives back the same dtype and values); every
 other column in one ``json`` member (``meta`` parsed back into an object, interleaved ``texts`` with
@@ -67,7 +67,7 @@ class WebDatasetEncoder(Encoder):
         sample: dict = {"__key__": f"{self.stem}_{self.count:07d}"}
         if "text" in row and isinstance(row["text"], str):
             sample["txt"] = row.pop("text").encode()
-        if "images" in row and "texts" in row:
+        if isinstance(row.get("images"), list):  # interleaved rows, and image rows (captions)
             names = []
             for i, image in enumerate(row.pop("images")):
                 if image is None:
