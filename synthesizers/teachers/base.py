@@ -98,4 +98,6 @@ def is_context_error(status: int | None, message: str) -> bool:
     return (status in (400, 413, 422, None) and
             any(s in m for s in ("maximum context length", "context length", "context_length_exceeded",
                                  "too many tokens", "prompt is too long", "exceeds the model",
-                                 "longer than the maximum", "max_model_len", "input is too long")))
+                                 "longer than the maximum", "max_model_len", "input is too long",
+                                 # vLLM when the prompt fills the whole context: no room left to answer
+                                 "max_tokens must be at least 1")))
