@@ -130,13 +130,12 @@ class OpenAITeacher(Teacher):
         while True:
             attempt += 1
             retry_after: float | None = None
-            await self.limiter.acquire()
-            start = time.monotonic()
+            start = await self.limiter.acquire()
             try:
                 resp = await self._client.chat.completions.create(**args)
                 text, finish = _content(resp)
                 latency = time.monotonic() - start
-                self.limiter.success(latency)
+                self.limiter.success(latency, start)
                 usage = getattr(resp, "usage", None)
                 return Reply(text=text, finish_reason=finish, latency_s=latency, attempts=attempt,
                              prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
@@ -152,11 +151,11 @@ class OpenAITeacher(Teacher):
                     return Reply(error=f"HTTP {status}: {message}", error_kind="fatal", attempts=attempt,
                                  retry_reasons=reasons)
                 if status in _CONGESTION_STATUS:
-                    self.limiter.congestion()
+                    self.limiter.congestion(start)
                 retry_after = _retry_after(e.response.headers if e.response is not None else {})
                 reason, detail = f"http_{status}", f"HTTP {status}: {message}"
             except openai.APITimeoutError:
-                self.limiter.congestion()
+                self.limiter.congestion(start)
                 reason, detail = "timeout", f"no answer within {self.spec.timeout_s:g} s"
             except openai.APIConnectionError as e:
                 reason, detail = "connection", f"connection failed: {redact(str(e.__cause__ or e))}"
@@ -164,7 +163,7 @@ class OpenAITeacher(Teacher):
                     TypeError, KeyError, IndexError) as e:
                 reason, detail = "malformed", f"malformed answer: {redact(str(e))[:500]}"
             finally:
-                await self.limiter.release()
+                self.limiter.release()
             reasons.append(reason)
             if attempt > self.spec.max_retries:
                 return Reply(error=f"{detail} (after {attempt} attempts)", error_kind="transient",

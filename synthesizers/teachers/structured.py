@@ -14,16 +14,19 @@ from __future__ import annotations
 import copy
 import json
 import re
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
 
+@lru_cache(maxsize=512)
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``model``'s JSON schema with every object closed and every property required."""
+    """``model``'s JSON schema with every object closed and every property required (computed once
+    per model; callers must not change the dict)."""
     schema = copy.deepcopy(model.model_json_schema())
 
     def close(node: Any) -> None:

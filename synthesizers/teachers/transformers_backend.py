@@ -20,6 +20,7 @@ from synthesizers.teachers.base import Reply, Request, Teacher
 from synthesizers.teachers.local_tokens import text_of
 from synthesizers.teachers.spec import TeacherSpec
 
+
 class TransformersTeacher(Teacher):
     backend = "transformers"
 
