@@ -8,7 +8,10 @@ chunks that fit, each chunk is embedded, and the image–text similarity is the 
 
 * ``score`` — mean over the row's images of their best text's similarity (for a pair: the similarity);
 * ``score_max`` — the same with the max over chunks; ``min_image_score`` — the weakest image;
-* ``image_scores`` (one per image, in order) and ``image_text`` (the position of each image's best text).
+* ``image_scores`` (one per image, in order) and ``image_text`` (the position of each image's best text);
+* ``text_scores`` (one per text, in order): each text's similarity to the image it matches best —
+  with ``texts_column: captions`` on rows that carry candidate captions of one image, the ranking
+  ``caption_fuse`` takes as its ``rank_column`` (``scores.clip_score.text_scores``).
 
 Similarity is the cosine of L2-normalized embeddings (no logit scale): DataComp keeps ViT-B/32 ≥ 0.25
 or the top 30% by ViT-L/14; LAION used ≥ 0.28–0.3 — select on ``score`` afterwards. Images are decoded
@@ -51,15 +54,21 @@ class ClipScore(Filter):
         batch_size: int = Field(64, gt=0, description="images (and text chunks) per forward pass")
         device: str = Field("auto", description="auto (CUDA in float16 when present), cpu, cuda …")
         min_score: float | None = Field(None, description="drop rows whose score is below this")
+        texts_column: str = Field("texts", description="the list<string> column compared with the images "
+                                  "(e.g. captions: candidate captions to rank)")
         max_image_pixels: int = Field(MAX_PIXELS, gt=0,
                                       description="images with more pixels are not decoded (image_too_large)")
 
     requires = ("images", "texts")
+
+    def __init__(self, params, label=None):
+        super().__init__(params, label)
+        self.requires = ("images", params.texts_column)
     provides = ("scores",)
     needs = {"open_clip": "clip", "torch": "clip", "PIL": "clip"}
 
     def score_names(self) -> list[str]:
-        return ["score", "score_max", "min_image_score", "image_scores", "image_text"]
+        return ["score", "score_max", "min_image_score", "image_scores", "image_text", "text_scores"]
 
     def model_refs(self) -> dict[str, str]:
         """What ``setup`` loads: an ``hf-hub:`` repository, a ``local-dir:`` or local folder, a checkpoint
@@ -121,7 +130,7 @@ class ClipScore(Filter):
     # ---------------------------------------------------------------- scoring
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
         images = batch.column("images").to_pylist()
-        texts = batch.column("texts").to_pylist()
+        texts = batch.column(self.params.texts_column).to_pylist()
         ids = batch.column("id").to_pylist()
         flat = [(r, k, img["bytes"]) for r, row in enumerate(images) for k, img in enumerate(row or [])
                 if img is not None]
@@ -134,7 +143,9 @@ class ClipScore(Filter):
                         chunks.append(c)
                         owner.append((r, k))
         text_emb = self._embed_texts(chunks)
-        return _aggregate(len(images), flat, image_emb, ok, owner, text_emb)
+        scores = _aggregate(len(images), flat, image_emb, ok, owner, text_emb)
+        scores["text_scores"] = _text_scores(texts, flat, image_emb, ok, owner, text_emb)
+        return scores
 
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         if self.params.min_score is None:
@@ -241,6 +252,24 @@ def _dtype(model):
 def _normalized(emb) -> np.ndarray:
     emb = emb.float()
     return (emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+
+def _text_scores(texts, flat, image_emb, ok, owner, text_emb) -> pa.Array:
+    """Per row, per text position: the text's mean-over-chunks similarity to its best image (null for
+    an empty text or a row without a usable image)."""
+    out: list[list[float | None]] = [[None] * len(row or []) for row in texts]
+    by_row: dict[int, list[int]] = {}
+    for i, (r, _, _) in enumerate(flat):
+        if ok[i]:
+            by_row.setdefault(r, []).append(i)
+    sums: dict[tuple[int, int], list[np.ndarray]] = {}
+    for j, (r, k) in enumerate(owner):
+        if r in by_row:
+            sums.setdefault((r, k), []).append(text_emb[j])
+    for (r, k), embs in sums.items():
+        sims = np.stack(embs) @ image_emb[by_row[r]].T  # chunks × images
+        out[r][k] = float(sims.mean(axis=0).max())
+    return pa.array(out, pa.list_(pa.float64()))
 
 
 def _aggregate(n_rows, flat, image_emb, ok, owner, text_emb) -> dict[str, pa.Array]:

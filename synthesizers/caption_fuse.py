@@ -1,8 +1,9 @@
 """``caption_fuse``: a teacher LLM merges candidate captions of one image into one richer caption.
 
 Input rows carry candidates in a list column (``candidates_column``, e.g. what ``caption`` wrote from
-several teachers). With ``rank_column`` (a list of numbers aligned with the candidates, e.g. CLIP or
-Long-CLIP scores) only the ``top_k`` best-ranked candidates are fused — the ranking-then-fusion recipe,
+several teachers). With ``rank_column`` (a list of numbers aligned with the candidates, e.g.
+``scores.clip_score.text_scores`` from ``clip_score: {texts_column: captions}``, CLIP or Long-CLIP)
+only the ``top_k`` best-ranked candidates are fused — the ranking-then-fusion recipe,
 which fuses the top two; without it the first ``top_k`` are. A row with a single candidate keeps it
 unchanged (nothing to fuse, nothing sent). Writes ``caption`` and, when the row has images,
 ``messages`` (user: ``<image>`` and the instruction; assistant: the caption) plus ``lineage``.
@@ -15,6 +16,7 @@ from pydantic import Field
 
 from curate.arrays import strings
 from curate.registry import register_stage
+from curate.schema import score_column
 from synthesizers.teachers.session import Ask
 from synthesizers.teachers.task import TeacherCommon, TeacherTask, messages_array
 
@@ -25,8 +27,9 @@ class CaptionFuse(TeacherTask):
 
     class Params(TeacherCommon):
         candidates_column: str = Field("captions", description="list<string> column of candidate captions")
-        rank_column: str | None = Field(None, description="list<number> column aligned with the candidates: "
-                                        "fuse the top_k highest (null: the first top_k)")
+        rank_column: str | None = Field(None, description="list<number> column (or score path, e.g. "
+                                        "scores.clip_score.text_scores) aligned with the candidates: fuse "
+                                        "the top_k highest (null: the first top_k)")
         top_k: int = Field(2, ge=1, le=32, description="candidates fused per image")
 
     requires = ("id",)
@@ -49,7 +52,7 @@ class CaptionFuse(TeacherTask):
         st = ctx.stats[self.label]
         ids = batch.column("id").to_pylist()
         cands = batch.column(p.candidates_column).to_pylist()
-        ranks = batch.column(p.rank_column).to_pylist() if p.rank_column else [None] * batch.num_rows
+        ranks = score_column(batch, p.rank_column).to_pylist() if p.rank_column else [None] * batch.num_rows
         chosen: list[list[str]] = []
         for c, r in zip(cands, ranks, strict=True):
             c = [x for x in (c or []) if isinstance(x, str) and x.strip()]

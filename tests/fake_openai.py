@@ -16,7 +16,29 @@ As a subprocess (own interpreter, so the server never shares the GIL with the cl
 The HTTP/1.1 server is a small hand-written asyncio one (keep-alive, Content-Length and chunked request
 bodies, no pipelining needed); a hanging or delayed request watches its socket, so a client that times
 out and closes the connection frees the request at once. Endpoints: ``POST /v1/chat/completions``
-(non-streaming), ``GET /v1/models``, and for the harness ``GET /_fake/stats`` and ``POST /_fake/reset``.
+(non-streaming), ``GET /v1/models``, the Files and Batch APIs below, and for the harness
+``GET /_fake/stats`` and ``POST /_fake/reset``.
+
+Files and batches (as the official ``openai`` client calls them; both modes, state kept until the server
+stops, the api_key checked like chat):
+
+    POST /v1/files (multipart: file, purpose)   GET /v1/files[?purpose=]   GET|DELETE /v1/files/{id}
+    GET /v1/files/{id}/content (raw bytes)      POST /v1/batches           GET /v1/batches (cursor page)
+    GET /v1/batches/{id}                        POST /v1/batches/{id}/cancel (409 once it has ended)
+
+A batch (endpoint ``/v1/chat/completions`` only, completion_window ``24h``) is ``validating`` for
+``batch_delay``/2 seconds; then its input lines (``{"custom_id", "method": "POST", "url", "body"}``) are
+checked as OpenAI does (bad JSON, missing fields, another url, duplicate custom_id, empty file: the batch
+ends ``failed`` with ``errors``; so does every batch while ``batch_fail`` is set); then it is
+``in_progress``: every line is answered at once, in order, through the chat path (same counters, script
+n/key/attempt, responder, default answers), and after ``batch_delay``/2 more plus the longest line delay
+(``latency`` + script ``delay X``, not slept per line) it is ``completed``. Answers with status < 400 go to
+the output file as ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}``
+(a ``malformed`` body is kept as a string); status >= 400 (script ``status``, ``context_length``, 401,
+capacity 429, a raising responder's 500) goes to the error file with the body in OpenAI's
+``{"error": {...}}`` shape; ``hang`` and ``disconnect`` become status-500 error lines (counted under
+by_status "hang"/"disconnect"). ``output_file_id``/``error_file_id`` are null when empty; request_counts
+and usage are filled. A cancel makes it ``cancelling`` and soon ``cancelled``, keeping what was answered.
 
 Script actions (strings; ``None`` means ``"ok"``):
 
@@ -53,7 +75,9 @@ or without "body": ``{"content": str|obj, "finish_reason": "stop"}`` wrapped in 
 Counters (``stats()`` snapshot, or the properties of the same names): total_requests, requests_per_key
 {key: n}, inflight, max_inflight, by_status {200: n, 429: n, "hang": n, "disconnect": n,
 "client_closed": n}, events [(key, status)], last_authorization, last_request, requests (only with
-record_requests=True). ``reset_counters()`` zeroes them.
+record_requests=True), batches_created, batch_requests (batch lines answered; they also count in
+total_requests, requests_per_key, by_status and events). ``reset_counters()`` zeroes them (stored files
+and batches stay).
 """
 
 from __future__ import annotations
@@ -67,10 +91,12 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess as _subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -97,7 +123,7 @@ __all__ = ["FakeOpenAI", "fail_first", "key_of", "message_text"]
 _HANG = "hang"
 _DISCONNECT = "disconnect"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 413: "Payload Too Large", 422: "Unprocessable Entity",
+            408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity",
             429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -164,6 +190,69 @@ def _error_body(status: int, message: str | None = None) -> dict:
     # vLLM's OpenAI server error shape.
     return {"object": "error", "message": message or _REASONS.get(status, "error"), "type": kind,
             "param": None, "code": status}
+
+
+_API_PATH = re.compile(r"/(files|batches)(?:/([^/]+)(?:/(content|cancel))?)?/?$")
+
+
+def _oai_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body (the Files and Batch endpoints and batch error lines use it)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _as_oai_error(status: int, body: Any) -> dict:
+    """A failed batch line's body in OpenAI's ``{"error": {...}}`` shape (vLLM-shaped bodies converted)."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body
+    if isinstance(body, dict) and "message" in body:
+        return {"error": {"message": body.get("message"), "type": body.get("type") or "server_error",
+                          "param": body.get("param"), "code": body.get("code")}}
+    return _oai_error(str(body) if body else _REASONS.get(status, "error"), "server_error")
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """{field name: (filename or None, bytes)} of a multipart/form-data body."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if "multipart/form-data" not in content_type.lower() or m is None:
+        raise ValueError("expected multipart/form-data with a boundary")
+    delim = b"--" + m.group(1).encode("latin-1")
+    out: dict[str, tuple[str | None, bytes]] = {}
+    for part in body.split(delim)[1:]:
+        if part.startswith(b"--"):
+            break
+        if part.startswith(b"\r\n"):
+            part = part[2:]
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        disp = ""
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            k, _, v = line.partition(":")
+            if k.strip().lower() == "content-disposition":
+                disp = v
+        name = re.search(r'(?:^|;)\s*name="([^"]*)"', disp)
+        fname = re.search(r'(?:^|;)\s*filename="([^"]*)"', disp)
+        if name:
+            out[name.group(1)] = (urllib.parse.unquote(fname.group(1)) if fname else None, data)
+    return out
+
+
+def _page(items: list[dict], query: dict, default_limit: int, max_limit: int = 10000) -> dict:
+    """A cursor page, newest first: ``after`` (an id) and ``limit`` as OpenAI takes them."""
+    items = list(reversed(items))
+    after = query.get("after")
+    if after:
+        ids = [o["id"] for o in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    try:
+        limit = min(max(int(query.get("limit", default_limit)), 1), max_limit)
+    except ValueError:
+        limit = default_limit
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 # ----------------------------------------------------------------------------------------- JSON schemas
@@ -318,7 +407,7 @@ class _Server:
 
     def __init__(self, *, responder=None, script=None, latency=0.0, capacity=None, capacity_mode="reject",
                  capacity_retry_after=0, retry_after=1, api_key=None, model="fake-model", max_context=None,
-                 context_window=512, record_requests=False):
+                 context_window=512, record_requests=False, batch_delay=0.2, batch_fail=False):
         if capacity_mode not in ("reject", "429", "queue"):
             raise ValueError("capacity_mode must be 'reject' (alias '429') or 'queue'")
         self.responder = responder
@@ -333,9 +422,17 @@ class _Server:
         self.max_context = max_context
         self.context_window = max_context or context_window
         self.record_requests = record_requests
+        self.batch_delay = float(batch_delay or 0.0)
+        self.batch_fail = bool(batch_fail)
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._obj_ids = itertools.count(1)
         self._conns: set[asyncio.Task] = set()
+        # Files and batches live on the server's event loop (only its handlers and batch tasks touch them).
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+        self._batch_cancel: dict[str, asyncio.Event] = {}
+        self._batch_tasks: set[asyncio.Task] = set()
         self._reset_locked()
 
     # -- counters
@@ -349,6 +446,8 @@ class _Server:
         self.requests: list = []
         self.last_authorization: str | None = None
         self.last_request: dict | None = None
+        self.batches_created = 0
+        self.batch_requests = 0
 
     def reset(self):
         with self._lock:
@@ -363,7 +462,8 @@ class _Server:
                     "inflight": self.inflight, "max_inflight": self.max_inflight,
                     "by_status": dict(self.by_status), "events": list(self.events),
                     "last_authorization": self.last_authorization, "last_request": self.last_request,
-                    "requests": list(self.requests)}
+                    "requests": list(self.requests), "batches_created": self.batches_created,
+                    "batch_requests": self.batch_requests}
 
     def _record(self, key, outcome):
         with self._lock:
@@ -424,10 +524,13 @@ class _Server:
         delay = self.latency
         if self.capacity and self.capacity_mode == "queue":
             delay = self.latency * math.ceil(inflight / self.capacity)
-        action = self._action(n, key, attempt, req)
-        if inspect.isawaitable(action):
-            action = await action
-        extra, out = await self._perform(action, req, text)
+        try:
+            action = self._action(n, key, attempt, req)
+            if inspect.isawaitable(action):
+                action = await action
+            extra, out = await self._perform(action, req, text)
+        except Exception as exc:  # noqa: BLE001 - a broken responder or script: answer 500, say why
+            return 0.0, _Resp(500, _error_body(500, f"fake server error: {exc!r}")), key
         return delay + extra, out, key
 
     def _status(self, code: int, retry_after=None) -> _Resp:
@@ -542,6 +645,244 @@ class _Server:
         elif not isinstance(content, str):
             content = json.dumps(content)
         return delay, self._completion(req, content, d.get("finish_reason", "stop"), status, headers)
+
+    # -- files and batches (OpenAI Files + Batch APIs; state lives on the server loop)
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._obj_ids):08d}"
+
+    def _store_file(self, filename: str, purpose: str, data: bytes) -> dict:
+        meta = {"id": self._new_id("file-fake"), "object": "file", "bytes": len(data),
+                "created_at": int(time.time()), "filename": filename, "purpose": purpose,
+                "status": "processed", "expires_at": None, "status_details": None}
+        self.files[meta["id"]] = {"meta": meta, "data": data}
+        return meta
+
+    def _authorized(self, headers: dict) -> bool:
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
+    async def serve_api(self, method: str, target: str, headers: dict, body: bytes):
+        """Files and batches: (status, body, content_type), or None when the path is not theirs."""
+        path, _, qs = target.partition("?")
+        m = _API_PATH.search(path)
+        if m is None:
+            return None
+        if not self._authorized(headers):
+            return 401, _error_body(401), "application/json"
+        kind, oid, sub = m.group(1), m.group(2), m.group(3)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(qs).items()}
+        route = (kind, method, oid is not None, sub)
+        if kind == "files":
+            if route == ("files", "POST", False, None):
+                return self._file_upload(headers, body)
+            if route == ("files", "GET", False, None):
+                items = [f["meta"] for f in self.files.values()
+                         if "purpose" not in query or f["meta"]["purpose"] == query["purpose"]]
+                return 200, _page(items, query, 10000), "application/json"
+            f = self.files.get(oid or "")
+            if oid is not None and f is None:
+                return 404, _oai_error(f"No such File object: {oid}", "invalid_request_error", "id"), \
+                    "application/json"
+            if route == ("files", "GET", True, None):
+                return 200, f["meta"], "application/json"
+            if route == ("files", "GET", True, "content"):
+                return 200, f["data"], "application/octet-stream"
+            if route == ("files", "DELETE", True, None):
+                del self.files[oid]
+                return 200, {"id": oid, "object": "file", "deleted": True}, "application/json"
+        else:
+            if route == ("batches", "POST", False, None):
+                return self._batch_create(headers, body)
+            if route == ("batches", "GET", False, None):
+                return 200, _page(list(self.batches.values()), query, 20, 100), "application/json"
+            b = self.batches.get(oid or "")
+            if oid is not None and b is None:
+                return 404, _oai_error(f"No batch found with id '{oid}'.", "invalid_request_error", "id"), \
+                    "application/json"
+            if route == ("batches", "GET", True, None):
+                return 200, b, "application/json"
+            if route == ("batches", "POST", True, "cancel"):
+                if b["status"] in ("validating", "in_progress", "finalizing"):
+                    b["status"] = "cancelling"
+                    b["cancelling_at"] = int(time.time())
+                    self._batch_cancel[oid].set()
+                elif b["status"] != "cancelling":
+                    return 409, _oai_error(f"Cannot cancel a batch with status '{b['status']}'.",
+                                           "invalid_request_error"), "application/json"
+                return 200, b, "application/json"
+        return 405, _oai_error(f"no route {method} {path}", "invalid_request_error"), "application/json"
+
+    def _file_upload(self, headers: dict, body: bytes):
+        try:
+            parts = _parse_multipart(headers.get("content-type", ""), body)
+        except ValueError as exc:
+            return 400, _oai_error(f"Invalid multipart body: {exc}", "invalid_request_error"), "application/json"
+        purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace")
+        if "file" not in parts or not purpose:
+            missing = "file" if "file" not in parts else "purpose"
+            return 400, _oai_error(f"Missing required parameter: '{missing}'.", "invalid_request_error",
+                                   missing, "missing_required_parameter"), "application/json"
+        filename, data = parts["file"]
+        return 200, self._store_file(filename or "upload", purpose, data), "application/json"
+
+    def _batch_create(self, headers: dict, body: bytes):
+        try:
+            req = _loads(body) if body else None
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return 400, _oai_error("Request body is not a valid JSON object.", "invalid_request_error"), \
+                "application/json"
+        for name in ("input_file_id", "endpoint", "completion_window"):
+            if not req.get(name):
+                return 400, _oai_error(f"Missing required parameter: '{name}'.", "invalid_request_error",
+                                       name, "missing_required_parameter"), "application/json"
+        if not str(req["endpoint"]).endswith("/chat/completions"):
+            return 400, _oai_error(f"The fake server batches only /v1/chat/completions, not {req['endpoint']!r}.",
+                                   "invalid_request_error", "endpoint"), "application/json"
+        if req["completion_window"] != "24h":
+            return 400, _oai_error("completion_window must be '24h'.", "invalid_request_error",
+                                   "completion_window"), "application/json"
+        if req["input_file_id"] not in self.files:
+            return 404, _oai_error(f"No such File object: {req['input_file_id']}", "invalid_request_error",
+                                   "input_file_id"), "application/json"
+        now = int(time.time())
+        b = {"id": self._new_id("batch_fake"), "object": "batch", "endpoint": req["endpoint"],
+             "model": None, "errors": None, "input_file_id": req["input_file_id"],
+             "completion_window": "24h", "status": "validating", "output_file_id": None,
+             "error_file_id": None, "created_at": now, "in_progress_at": None, "expires_at": now + 86400,
+             "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+             "cancelling_at": None, "cancelled_at": None,
+             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "usage": None,
+             "metadata": req.get("metadata")}
+        self.batches[b["id"]] = b
+        self._batch_cancel[b["id"]] = asyncio.Event()
+        with self._lock:
+            self.batches_created += 1
+        task = asyncio.ensure_future(self._run_batch(b, headers.get("authorization")))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+        return 200, b, "application/json"
+
+    def _batch_lines(self, data: bytes, endpoint: str) -> tuple[list, list]:
+        """The (custom_id, body) of each input line, or the validation errors OpenAI would report."""
+        lines: list = []
+        errors: list = []
+        seen: set = set()
+
+        def err(code, line, message, param=None):
+            errors.append({"code": code, "line": line, "message": message, "param": param})
+
+        for i, raw in enumerate(data.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = _loads(raw)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                err("invalid_json_line", i, "This line is not parseable as valid JSON.")
+                continue
+            missing = [k for k in ("custom_id", "method", "url", "body") if k not in obj]
+            if missing:
+                err("missing_required_parameter", i, f"Missing required parameter: '{missing[0]}'.", missing[0])
+                continue
+            if str(obj["method"]).upper() != "POST":
+                err("invalid_method", i, "The method must be 'POST'.", "method")
+            elif obj["url"] != endpoint and not (str(obj["url"]).endswith("/chat/completions")
+                                                  and endpoint.endswith("/chat/completions")):
+                err("mismatched_endpoint", i, f"The url {obj['url']!r} does not match the batch endpoint "
+                    f"{endpoint!r}.", "url")
+            elif obj["custom_id"] in seen:
+                err("duplicate_custom_id", i, "The custom_id for this request is a duplicate of another "
+                    "request. The custom_id parameter must be unique for each request in a batch.", "custom_id")
+            else:
+                seen.add(obj["custom_id"])
+                lines.append((obj["custom_id"], obj["body"]))
+        if not lines and not errors:
+            err("empty_file", None, "The batch input file is empty.")
+        return lines, errors
+
+    async def _batch_line(self, auth: str | None, custom_id: Any, body: Any) -> tuple[float, bool, dict]:
+        """Answer one batch line through the chat path: (delay, ok, output-or-error line)."""
+        with self._lock:
+            self.batch_requests += 1
+        delay, out, key = await self.chat({"authorization": auth} if auth else {}, _dumps(body))
+        if out is _HANG or out is _DISCONNECT:
+            outcome, status = ("hang" if out is _HANG else "disconnect"), 500
+            rbody: Any = _oai_error("The fake server's answer to this request "
+                                    + ("hung." if out is _HANG else "dropped the connection."), "server_error")
+        else:
+            outcome = status = out.status
+            try:
+                rbody = _loads(out.body)
+            except ValueError:
+                rbody = out.body.decode("utf-8", "replace")
+        self._record(key, outcome)
+        self._done()
+        ok = status < 400
+        if not ok:
+            rbody = _as_oai_error(status, rbody)
+        n = next(self._ids)
+        entry = {"id": f"batch_req_fake{n:08d}", "custom_id": custom_id,
+                 "response": {"status_code": status, "request_id": f"req_fake{n:08d}", "body": rbody},
+                 "error": None}
+        return delay, ok, entry
+
+    async def _run_batch(self, b: dict, auth: str | None):
+        """validating (batch_delay/2) -> in_progress (every line answered at once, then batch_delay/2 plus the
+        longest line delay) -> completed; a cancel at any point ends it cancelled with what was answered."""
+        cancel = self._batch_cancel[b["id"]]
+
+        async def wait(seconds: float) -> bool:
+            if seconds > 0 and not cancel.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(cancel.wait(), seconds)
+            return cancel.is_set()
+
+        half = self.batch_delay / 2
+        oks: list = []
+        errs: list = []
+        usage = [0, 0]
+        if not await wait(half):
+            lines, errors = self._batch_lines(self.files[b["input_file_id"]]["data"], b["endpoint"])
+            if self.batch_fail and not errors:
+                errors = [{"code": "batch_failed", "line": None, "param": None,
+                           "message": "The fake server failed this batch (batch_fail=True)."}]
+            if errors:
+                b.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
+                return
+            first = lines[0][1]
+            b.update(status="in_progress", in_progress_at=int(time.time()),
+                     model=first.get("model") if isinstance(first, dict) else None)
+            counts = b["request_counts"] = {"total": len(lines), "completed": 0, "failed": 0}
+            longest = 0.0
+            for custom_id, body in lines:
+                if cancel.is_set():
+                    break
+                delay, ok, entry = await self._batch_line(auth, custom_id, body)
+                longest = max(longest, delay)
+                (oks if ok else errs).append(entry)
+                counts["completed" if ok else "failed"] += 1
+                u = entry["response"]["body"].get("usage") if ok and isinstance(entry["response"]["body"], dict) \
+                    else None
+                if isinstance(u, dict):
+                    usage[0] += int(u.get("prompt_tokens") or 0)
+                    usage[1] += int(u.get("completion_tokens") or 0)
+                await asyncio.sleep(0)
+            await wait(half + longest)
+        now = int(time.time())
+        for entries, kind, field in ((oks, "output", "output_file_id"), (errs, "error", "error_file_id")):
+            if entries:
+                data = b"".join(_dumps(e) + b"\n" for e in entries)
+                b[field] = self._store_file(f"{b['id']}_{kind}.jsonl", "batch_output", data)["id"]
+        if oks or errs:
+            b["usage"] = {"input_tokens": usage[0], "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": usage[1], "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": usage[0] + usage[1]}
+        if cancel.is_set():
+            b.update(status="cancelled", cancelled_at=now)
+        else:
+            b.update(status="completed", finalizing_at=now, completed_at=now)
 
     # -- HTTP plumbing
     async def _read_request(self, reader: asyncio.StreamReader, buf: bytearray):
@@ -671,6 +1012,10 @@ class _Server:
                                                             "owned_by": "fake", "max_model_len":
                                                                 self.context_window}]}
                         self._write(writer, 200, _dumps(data), {}, keep_alive)
+                elif (api := await self.serve_api(method, target, headers, body)) is not None:
+                    status, payload, ctype = api
+                    data = payload if isinstance(payload, bytes) else _dumps(payload)
+                    self._write(writer, status, data, {}, keep_alive, ctype)
                 elif path == "/_fake/stats":
                     self._write(writer, 200, json.dumps(self.stats()).encode(), {}, keep_alive)
                 elif path == "/_fake/reset":
@@ -723,7 +1068,7 @@ class _Server:
                 self._done()
 
     async def close_all(self):
-        for t in list(self._conns):
+        for t in list(self._conns) + list(self._batch_tasks):
             t.cancel()
         if self._conns:
             await asyncio.wait(list(self._conns), timeout=2)
@@ -732,7 +1077,8 @@ class _Server:
 # ------------------------------------------------------------------------------------------- front end
 
 _SERIALIZABLE = ("script", "latency", "capacity", "capacity_mode", "capacity_retry_after", "retry_after",
-                 "api_key", "model", "max_context", "context_window", "record_requests")
+                 "api_key", "model", "max_context", "context_window", "record_requests", "batch_delay",
+                 "batch_fail")
 
 
 def _script_from_json(script):
@@ -759,13 +1105,14 @@ class FakeOpenAI:
                  latency: float = 0.0, capacity: int | None = None, capacity_mode: str = "reject",
                  capacity_retry_after: float = 0, retry_after: float = 1, api_key: str | None = None,
                  model: str = "fake-model", max_context: int | None = None, context_window: int = 512,
-                 record_requests: bool = False, port: int = 0, subprocess: bool = False,
-                 startup_timeout: float = 30.0):
+                 record_requests: bool = False, batch_delay: float = 0.2, batch_fail: bool = False,
+                 port: int = 0, subprocess: bool = False, startup_timeout: float = 30.0):
         self._kw = {"responder": responder, "script": script, "latency": latency, "capacity": capacity,
                     "capacity_mode": capacity_mode, "capacity_retry_after": capacity_retry_after,
                     "retry_after": retry_after, "api_key": api_key, "model": model,
                     "max_context": max_context, "context_window": context_window,
-                    "record_requests": record_requests}
+                    "record_requests": record_requests, "batch_delay": batch_delay,
+                    "batch_fail": batch_fail}
         self.host = "127.0.0.1"
         self.port = port
         self._proc: _subprocess.Popen | None = None
@@ -895,7 +1242,8 @@ class FakeOpenAI:
     # -- counters
     def stats(self) -> dict:
         """A consistent snapshot: total_requests, requests_per_key, inflight, max_inflight, by_status,
-        events [(key, status)], last_authorization, last_request, requests."""
+        events [(key, status)], last_authorization, last_request, requests, batches_created,
+        batch_requests."""
         if self._server is not None:
             return self._server.stats()
         with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as r:
@@ -917,6 +1265,8 @@ class FakeOpenAI:
     last_authorization = property(lambda self: self.stats()["last_authorization"])
     last_request = property(lambda self: self.stats()["last_request"])
     requests = property(lambda self: self.stats()["requests"])
+    batches_created = property(lambda self: self.stats()["batches_created"])
+    batch_requests = property(lambda self: self.stats()["batch_requests"])
 
     key_of = staticmethod(key_of)
 
@@ -944,6 +1294,26 @@ class FakeOpenAI:
         self._live("responder").responder = value
         self._kw["responder"] = value
 
+    @property
+    def batch_delay(self) -> float:
+        return self._kw["batch_delay"]
+
+    @batch_delay.setter
+    def batch_delay(self, value: float):
+        """Change how long later batches take (in-process only; a running batch keeps its timing)."""
+        self._live("batch_delay").batch_delay = float(value or 0.0)
+        self._kw["batch_delay"] = value
+
+    @property
+    def batch_fail(self) -> bool:
+        return self._kw["batch_fail"]
+
+    @batch_fail.setter
+    def batch_fail(self, value: bool):
+        """Make batches that have not yet left ``validating`` end ``failed`` (in-process only)."""
+        self._live("batch_fail").batch_fail = bool(value)
+        self._kw["batch_fail"] = value
+
 
 # ------------------------------------------------------------------------------------------------- CLI
 
@@ -961,10 +1331,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-context", type=int, default=None)
+    ap.add_argument("--batch-delay", type=float, default=None)
+    ap.add_argument("--batch-fail", action="store_true", default=None)
     args = ap.parse_args(argv)
     cfg = json.loads(args.config) if args.config else {}
     for name in ("latency", "capacity", "capacity_mode", "capacity_retry_after", "retry_after", "api_key",
-                 "model", "max_context"):
+                 "model", "max_context", "batch_delay", "batch_fail"):
         v = getattr(args, name)
         if v is not None:
             cfg[name] = v

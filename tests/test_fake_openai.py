@@ -227,3 +227,148 @@ def test_subprocess_mode():
         assert f.total_requests == 0
         with urllib.request.urlopen(f.base_url + "/models") as r:
             assert json.loads(r.read())["object"] == "list"
+
+
+def test_subprocess_mode_batches():
+    with FakeOpenAI(subprocess=True, script={key_of("s1"): "status 500"}, batch_delay=0) as f, f.client() as c:
+        b, _ = _wait(c, _batch(c, _jsonl(["s0", "s1"])).id)
+        assert b.status == "completed" and b.request_counts.model_dump() == {"total": 2, "completed": 1, "failed": 1}
+        assert [e["custom_id"] for e in _lines(c, b.error_file_id)] == ["req-1"]
+        st = f.stats()
+        assert st["batches_created"] == 1 and st["batch_requests"] == 2 and st["by_status"] == {200: 1, 500: 1}
+
+
+# ------------------------------------------------------------------------------------ files and batches
+
+def _jsonl(texts, url="/v1/chat/completions", **body):
+    rows = [{"custom_id": f"req-{i}", "method": "POST", "url": url,
+             "body": {"model": "teacher", "messages": [{"role": "user", "content": t}], **body}}
+            for i, t in enumerate(texts)]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _batch(client, data, **kw):
+    f = client.files.create(file=("requests.jsonl", data), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", **kw)
+
+
+def _wait(client, batch_id, until=("completed", "failed", "cancelled", "expired"), timeout=5.0):
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if not seen or seen[-1] != b.status:
+            seen.append(b.status)
+        if b.status in until:
+            return b, seen
+        assert time.monotonic() < deadline, f"batch stuck in {b.status}"
+        time.sleep(0.02)
+
+
+def _lines(client, file_id):
+    return [json.loads(x) for x in client.files.content(file_id).content.splitlines()]
+
+
+def test_files_upload_retrieve_content_list(fake, client):
+    data = _jsonl(["one", "two"])
+    f = client.files.create(file=("reqs.jsonl", data), purpose="batch")
+    assert f.object == "file" and f.id.startswith("file-") and f.purpose == "batch"
+    assert f.bytes == len(data) and f.filename == "reqs.jsonl" and isinstance(f.created_at, int)
+    assert client.files.retrieve(f.id) == f
+    assert client.files.content(f.id).content == data
+    assert f.id in [x.id for x in client.files.list(purpose="batch")]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-nope")
+    with openai.OpenAI(base_url=fake.base_url, api_key="wrong", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError):
+        bad.files.retrieve(f.id)
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(f.id)
+    assert fake.total_requests == 0  # file traffic is no chat request
+
+
+def test_batch_roundtrip_same_answers_and_counters(fake, client):
+    texts = ["batch alpha", "batch beta", "batch gamma"]
+    b = _batch(client, _jsonl(texts), metadata={"job": "t1"})
+    assert b.object == "batch" and b.status == "validating" and b.endpoint == "/v1/chat/completions"
+    assert b.output_file_id is None and b.metadata == {"job": "t1"} and b.completion_window == "24h"
+    b, seen = _wait(client, b.id)
+    assert seen[0] == "validating" and seen[-1] == "completed" and b.completed_at and b.in_progress_at
+    assert b.request_counts.model_dump() == {"total": 3, "completed": 3, "failed": 0}
+    assert b.error_file_id is None and b.errors is None and b.model == "teacher"
+    assert b.usage.total_tokens == b.usage.input_tokens + b.usage.output_tokens > 0
+    out = _lines(client, b.output_file_id)
+    assert sorted(o["custom_id"] for o in out) == ["req-0", "req-1", "req-2"]
+    for o, text in zip(out, texts):
+        assert o["error"] is None and o["response"]["status_code"] == 200 and o["response"]["request_id"]
+        comp = openai.types.chat.ChatCompletion.model_validate(o["response"]["body"])
+        assert comp.choices[0].message.content == f"answer: {text}"
+    assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+    assert b.id in [x.id for x in client.batches.list()]
+    st = fake.stats()
+    assert st["batches_created"] == 1 and st["batch_requests"] == 3 and st["total_requests"] == 3
+    assert st["requests_per_key"] == {key_of(t): 1 for t in texts} and st["by_status"] == {200: 3}
+    assert st["last_authorization"] == "Bearer sk-secret-123"
+    fake.reset_counters()
+    assert fake.batches_created == 0 and fake.batch_requests == 0
+    assert client.batches.retrieve(b.id).status == "completed"  # stored objects survive a reset
+
+
+def test_batch_json_schema_lines_validate(client):
+    class Answer(pydantic.BaseModel):
+        title: str
+        year: int
+
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": Answer.model_json_schema()}}
+    b, _ = _wait(client, _batch(client, _jsonl(["doc x", "doc y"], response_format=rf)).id)
+    out = _lines(client, b.output_file_id)
+    got = [o["response"]["body"]["choices"][0]["message"]["content"] for o in out]
+    assert got == [_ask(client, t, response_format=rf).choices[0].message.content for t in ("doc x", "doc y")]
+    assert all(Answer.model_validate_json(g) for g in got)
+
+
+def test_batch_script_failures_go_to_error_file():
+    script = {key_of("bad"): "status 500", key_of("stuck"): "hang", key_of("retry"): ["status 503"]}
+    with FakeOpenAI(script=script, batch_delay=0.05) as f, f.client() as c:
+        b, _ = _wait(c, _batch(c, _jsonl(["fine", "bad", "stuck", "retry"])).id)
+        assert b.status == "completed"
+        assert b.request_counts.model_dump() == {"total": 4, "completed": 1, "failed": 3}
+        assert [o["custom_id"] for o in _lines(c, b.output_file_id)] == ["req-0"]
+        errs = {e["custom_id"]: e for e in _lines(c, b.error_file_id)}
+        assert sorted(errs) == ["req-1", "req-2", "req-3"]
+        assert errs["req-1"]["response"]["status_code"] == 500 and errs["req-3"]["response"]["status_code"] == 503
+        assert all(isinstance(e["response"]["body"]["error"]["message"], str) for e in errs.values())
+        assert "hung" in errs["req-2"]["response"]["body"]["error"]["message"]
+        assert f.by_status == {200: 1, 500: 1, "hang": 1, 503: 1} and f.inflight == 0
+        # The per-key attempt count spans batch lines and plain requests: "retry" is now past its 503.
+        assert _ask(c, "retry").choices[0].message.content == "answer: retry"
+        assert f.requests_per_key[key_of("retry")] == 2 and f.batch_requests == 4
+
+
+def test_batch_cancel_fail_and_validation():
+    with FakeOpenAI(batch_delay=5) as f, f.client() as c:
+        b = _batch(c, _jsonl(["slow"]))
+        t = time.monotonic()
+        cb = c.batches.cancel(b.id)
+        assert cb.status == "cancelling" and cb.cancelling_at
+        b, _ = _wait(c, b.id)
+        assert b.status == "cancelled" and b.cancelled_at and time.monotonic() - t < 2
+        assert b.output_file_id is None and f.batch_requests == 0
+        with pytest.raises(openai.ConflictError):
+            c.batches.cancel(b.id)
+        with pytest.raises(openai.NotFoundError):
+            c.batches.retrieve("batch_nope")
+        with pytest.raises(openai.NotFoundError):
+            c.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+        f.batch_delay = 0
+        f.batch_fail = True
+        b, _ = _wait(c, _batch(c, _jsonl(["x"])).id)
+        assert b.status == "failed" and b.failed_at and b.errors.data[0].code == "batch_failed"
+        f.batch_fail = False
+        bad = _jsonl(["ok"]) + b"{not json\n" + _jsonl(["ok"])  # line 2 bad, line 3 a duplicate custom_id
+        b, _ = _wait(c, _batch(c, bad).id)
+        assert b.status == "failed"
+        assert [(e.code, e.line) for e in b.errors.data] == [("invalid_json_line", 2), ("duplicate_custom_id", 3)]
+        assert f.total_requests == 0 and f.batches_created == 3  # the 404 made none

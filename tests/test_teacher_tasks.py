@@ -126,26 +126,32 @@ def _wds_pairs(folder: Path, photos) -> Path:
     return folder
 
 
-def test_caption_by_two_teachers_then_fuse(tmp_path):
-    pytest.importorskip("PIL")
-    from curate.testing import real_images
+def test_caption_by_two_teachers_ranked_by_clip_then_fused(tmp_path):
+    pytest.importorskip("open_clip")
+    from curate.testing import real_images, save_tiny_clip
 
     photos = real_images()
     shards = _wds_pairs(tmp_path / "pairs", photos)
+    clip = save_tiny_clip(tmp_path / "clip")
+    fused_prompts = {}
 
     def responder(req):
         content = req["messages"][-1]["content"]
         if isinstance(content, list):
             url = next(p["image_url"]["url"] for p in content if p.get("type") == "image_url")
             assert url.startswith("data:image/png;base64,")
-            return f"{req['model']} sees an image of {len(url)} characters"
-        return "fused: " + message_text(content)[-60:]
+            return f"{req['model']} sees an image of {len(url)} characters, seed {req.get('seed')}"
+        text = message_text(content)
+        fused_prompts[text] = True
+        return "fused: " + text[-60:]
 
     with FakeOpenAI(responder=responder) as fake:
         t1, t2 = _teacher(fake, model="vlm-a"), _teacher(fake, model="vlm-b")
         stages = (f"  - caption: {{samples: 2, teacher: {t1}, more_teachers: [{t2}]}}\n"
-                  f"  - caption_fuse: {{top_k: 3, teacher: {_teacher(fake)}}}")
-        m = _manifest(tmp_path, stages, source=f'{{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}')
+                  f"  - clip_score: {{model: {clip}, texts_column: captions}}\n"
+                  f"  - caption_fuse: {{top_k: 2, rank_column: scores.clip_score.text_scores, teacher: {_teacher(fake)}}}")
+        m = _manifest(tmp_path, stages, source=f'{{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}',
+                      tokenizer="null")
         cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
     rows = _rows(tmp_path / "run")
     assert len(rows) == 4
@@ -153,6 +159,12 @@ def test_caption_by_two_teachers_then_fuse(tmp_path):
         assert len(r["captions"]) == 4 and r["caption_teachers"] == ["vlm-a", "vlm-a", "vlm-b", "vlm-b"]
         assert r["caption"].startswith("fused: ") and len(r["images"]) == 1
         assert r["messages"][0]["content"].startswith("<image>") and r["messages"][1]["content"] == r["caption"]
+        # the two candidates CLIP ranks highest are the ones the fusion prompt showed, best first
+        scores = r["scores"]["clip_score"]["text_scores"]
+        top = sorted(range(4), key=lambda k: (-scores[k], k))[:2]
+        prompt = next(p for p in fused_prompts if r["captions"][top[0]] in p)
+        assert f"1. {r['captions'][top[0]]}" in prompt and f"2. {r['captions'][top[1]]}" in prompt
+        assert all(r["captions"][k] not in prompt for k in range(4) if k not in top)
     st = _stats(tmp_path / "run", "caption")
     assert st["drops"] == {"undecodable_image": 1}
 

@@ -17,7 +17,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -36,6 +36,7 @@ class Request:
     sample: int = 0
     max_tokens: int | None = None
     seed: int | None = None
+    key: str | None = None  # the request's cache key (a stable id, e.g. a batch line's custom_id)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class Teacher(ABC):
     backend: str = ""
 
     @abstractmethod
-    def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Reply]]:
-        """Answer every request; yield each one's index and reply exactly once."""
+    def stream(self, requests: Sequence[Request], journal: Journal | None = None) -> Iterator[tuple[int, Reply]]:
+        """Answer every request; yield each one's index and reply exactly once. ``journal`` keeps small
+        notes across runs (the batch API records its batch there, so a rerun resumes it)."""
 
     def count_tokens(self, messages: Sequence[dict[str, Any]]) -> int | None:
         """Prompt tokens of ``messages`` by the teacher's own tokenizer, None when it is not local."""
@@ -85,6 +87,14 @@ class Teacher(ABC):
 
     def close(self) -> None:
         """Release connections, engines and threads."""
+
+
+class Journal(Protocol):
+    """Small persistent notes of one shard (the teacher cache implements it)."""
+
+    def get_note(self, key: str) -> str | None: ...
+
+    def put_note(self, key: str, value: str | None) -> None: ...
 
 
 def digest(obj: Any) -> str:

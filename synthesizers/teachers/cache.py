@@ -34,6 +34,7 @@ class ReplyCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply BLOB NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS notes (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Reply]:
         keys = list(dict.fromkeys(keys))
@@ -49,6 +50,17 @@ class ReplyCache:
     def put(self, key: str, reply: Reply) -> None:
         self._db.execute("INSERT OR REPLACE INTO replies (key, reply) VALUES (?, ?)",
                          (key, orjson.dumps(reply.to_record())))
+
+    def get_note(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM notes WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put_note(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) a note: e.g. the batch a shard is waiting for."""
+        if value is None:
+            self._db.execute("DELETE FROM notes WHERE key = ?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO notes (key, value) VALUES (?, ?)", (key, value))
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]

@@ -12,7 +12,9 @@ batches. Per request:
 - a refusal saying the prompt exceeds the model's context is ``context_length`` (never retried);
   any other 4xx is ``fatal``;
 - a JSON schema is sent as ``response_format: {type: json_schema}`` (when ``guided_json``);
-- images travel inside the messages as ``data:`` URLs (the caller builds them).
+- images travel inside the messages as ``data:`` URLs (the caller builds them);
+- with ``batch_api``, a call's requests go through the provider's Batch API instead
+  (:mod:`synthesizers.teachers.openai_batch`).
 
 The API key is read from the spec (a ``${VAR}`` secret) or ``OPENAI_API_KEY``, sent in a header and
 never logged: error texts kept in replies and failure records go through :func:`curate.secrets.redact`.
@@ -31,7 +33,7 @@ from typing import Any
 
 from curate.errors import ConfigError, MissingDependency
 from curate.secrets import redact
-from synthesizers.teachers.base import Reply, Request, Teacher, is_context_error
+from synthesizers.teachers.base import Journal, Reply, Request, Teacher, is_context_error
 from synthesizers.teachers.limiter import AdaptiveLimiter
 from synthesizers.teachers.spec import TeacherSpec
 
@@ -62,6 +64,7 @@ class OpenAITeacher(Teacher):
         self._thread.start()
         self._client = self._call(self._make_client())
         self._counter = None
+        self._sync = None  # a synchronous client, for the Batch API
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, coro):
@@ -85,7 +88,10 @@ class OpenAITeacher(Teacher):
             self._counter = ChatTokenCounter(self.spec.tokenizer)
         return self._counter.count(messages)
 
-    def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Reply]]:
+    def stream(self, requests: Sequence[Request], journal: Journal | None = None) -> Iterator[tuple[int, Reply]]:
+        if self.spec.batch_api:
+            yield from self._batch(requests, journal)
+            return
         out: queue.Queue = queue.Queue()
 
         async def run_all() -> None:
@@ -106,6 +112,25 @@ class OpenAITeacher(Teacher):
         finally:
             if not future.done():
                 future.cancel()
+
+    def _batch(self, requests: Sequence[Request], journal: Journal | None) -> Iterator[tuple[int, Reply]]:
+        """All requests through the provider's Batch API (:mod:`.openai_batch`)."""
+        import logging
+
+        from synthesizers.teachers.openai_batch import run_batch
+
+        if self._sync is None:
+            api_key = self.spec.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            self._sync = self._openai.OpenAI(api_key=api_key, base_url=self.spec.base_url or
+                                             os.environ.get("OPENAI_BASE_URL"), timeout=self.spec.timeout_s)
+        bodies = []
+        for req in requests:
+            args = self._arguments(req)
+            bodies.append(args)
+        ids = [r.key or f"request-{i}" for i, r in enumerate(requests)]
+        replies = run_batch(self._sync, bodies, ids, window=self.spec.batch_window, poll_s=self.spec.batch_poll_s,
+                            journal=journal, log=logging.getLogger("curate"))
+        yield from enumerate(replies)
 
     # ------------------------------------------------------------------ one request
     def _arguments(self, req: Request) -> dict[str, Any]:

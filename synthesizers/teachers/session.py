@@ -188,7 +188,7 @@ class TeacherSession:
             if seed is None:
                 seed = int(digest([self.ctx.seed, key])[:8], 16) & 0x7FFFFFFF
             requests.append(Request(messages=messages, schema=schema, sample=ask.sample,
-                                    max_tokens=ask.max_tokens, seed=seed))
+                                    max_tokens=ask.max_tokens, seed=seed, key=key))
             keys.append(key)
         cached = self.cache.get_many(keys)
         replies: list[Reply | None] = [cached.get(k) for k in keys]
@@ -198,7 +198,7 @@ class TeacherSession:
         if self.spec.max_context_tokens is not None:
             send = [i for i in send if not self._too_long(i, requests[i], replies)]
         if send:
-            for j, reply in self.teacher.stream([requests[i] for i in send]):
+            for j, reply in self.teacher.stream([requests[i] for i in send], journal=self.cache):
                 i = send[j]
                 replies[i] = reply
                 self._count(reply)

@@ -75,6 +75,11 @@ class TeacherSpec(StageParams):
     tokenizer: str | None = Field(None, description="the teacher's tokenizer (folder or Hub name), to "
                                   "count prompt tokens for max_context_tokens before sending (openai; "
                                   "vllm and transformers use the model's own)")
+    batch_api: bool = Field(False, description="openai: send each batch of requests through the provider's "
+                            "Batch API (/v1/files + /v1/batches: about half the price, answers within "
+                            "batch_window); the batch id is kept in the cache, so a rerun resumes it")
+    batch_window: str = Field("24h", description="the Batch API's completion_window")
+    batch_poll_s: float = Field(30.0, gt=0, description="seconds between Batch API status checks")
     price: Price | None = Field(None, description="prices per million tokens, for cost_usd in stats.json")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra arguments of vllm.LLM(...) "
                                         "or transformers from_pretrained(...) (dtype, max_model_len, "

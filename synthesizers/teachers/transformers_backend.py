@@ -60,7 +60,7 @@ class TransformersTeacher(Teacher):
     def count_tokens(self, messages: Sequence[dict[str, Any]]) -> int | None:
         return len(self._ids(messages))
 
-    def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Reply]]:
+    def stream(self, requests: Sequence[Request], journal=None) -> Iterator[tuple[int, Reply]]:
         prompts = [self._ids(r.messages) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
         todo = []

@@ -67,7 +67,7 @@ class VllmTeacher(Teacher):
             kwargs.update(structured_params(req.schema))
         return self.vllm.SamplingParams(**kwargs)
 
-    def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Reply]]:
+    def stream(self, requests: Sequence[Request], journal=None) -> Iterator[tuple[int, Reply]]:
         send = []
         for i, req in enumerate(requests):
             n = self.count_tokens(req.messages)
