@@ -137,13 +137,9 @@ class LongDocQA(TeacherTask):
                 continue
             user = self.render("doc_train", text=texts[i], question=a.value.question)
             base = user.find(texts[i])
-            starts, pos = [], 0
-            for c in chunks[i]:
-                at = texts[i].find(c.text, pos)
-                starts.append(at)
-                pos = at + len(c.text)
-            evidence = [{"chunk": k, "char_offset": base + starts[k - 1], "char_end": base + starts[k - 1]
-                         + len(chunks[i][k - 1].text)} for k in a.value.evidence]
+            evidence = [{"chunk": k, "char_offset": base + chunks[i][k - 1].start,
+                         "char_end": base + chunks[i][k - 1].start + len(chunks[i][k - 1].text)}
+                        for k in a.value.evidence]
             rows.append({"id": row, "messages": [{"role": "user", "content": user},
                                                  {"role": "assistant", "content": a.value.answer}],
                          "question": a.value.question, "answer": a.value.answer,
