@@ -36,18 +36,7 @@ class CaptionFuse(TeacherTask):
     provides = ("caption", "messages", "lineage")
     templates = ("caption_fuse", "caption_train")
 
-    def run(self, batches, ctx):
-        session = self.session(ctx)
-        try:
-            for batch in batches:
-                out = self._batch(batch, ctx, session)
-                if out is not None:
-                    yield out
-        finally:
-            session.close()
-        session.finish()
-
-    def _batch(self, batch: pa.RecordBatch, ctx, session) -> pa.RecordBatch | None:
+    def process(self, batch: pa.RecordBatch, ctx, session) -> pa.RecordBatch | None:
         p = self.params
         st = ctx.stats[self.label]
         ids = batch.column("id").to_pylist()

@@ -18,15 +18,13 @@ fewer than two chunks are dropped as ``too_short`` (use ``segment_qa`` for those
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal
-
 import pyarrow as pa
-from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from curate import seeds
 from curate.arrays import strings
 from curate.registry import register_stage
+from synthesizers.teachers.qa import evidence_model
 from synthesizers.teachers.segments import segment_documents
 from synthesizers.teachers.session import Ask
 from synthesizers.teachers.task import TeacherParams, TeacherTask, messages_array
@@ -36,26 +34,6 @@ EVIDENCE = pa.list_(pa.struct([("chunk", pa.int32()), ("char_offset", pa.int64()
 
 class ChunkNotes(BaseModel):
     facts: list[str]
-
-
-class DocQA(BaseModel):
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-    evidence: list[int] = Field(min_length=2)
-
-    @field_validator("evidence")
-    @classmethod
-    def _two(cls, v: list[int]) -> list[int]:
-        if len(set(v)) < 2:
-            raise ValueError("list at least two different part numbers")
-        return sorted(set(v))
-
-
-@lru_cache(maxsize=256)
-def doc_qa_model(parts: tuple[int, ...]) -> type[DocQA]:
-    """The answer model when the notes of ``parts`` (1-based part numbers) were shown."""
-    return create_model("DocQA_" + "_".join(map(str, parts)), __base__=DocQA,
-                        evidence=(list[Literal[parts]], Field(min_length=2)))
 
 
 @register_stage("long_doc_qa")
@@ -83,18 +61,7 @@ class LongDocQA(TeacherTask):
     def columns_out(self, columns_in: list[str]) -> list[str]:
         return ["id", *self.provides]
 
-    def run(self, batches, ctx):
-        session = self.session(ctx)
-        try:
-            for batch in batches:
-                out = self._batch(batch, ctx, session)
-                if out is not None:
-                    yield out
-        finally:
-            session.close()
-        session.finish()
-
-    def _batch(self, batch: pa.RecordBatch, ctx, session) -> pa.RecordBatch | None:
+    def process(self, batch: pa.RecordBatch, ctx, session) -> pa.RecordBatch | None:
         p = self.params
         st = ctx.stats[self.label]
         ids = batch.column("id").to_pylist()
@@ -127,7 +94,7 @@ class LongDocQA(TeacherTask):
                 plans.append((i, row, chosen))
                 asks.append(Ask(messages=({"role": "user", "content": self.render(
                     "doc_question", count=len(chosen), notes=shown)},),
-                    model=doc_qa_model(tuple(k + 1 for k in chosen)), row=row))
+                    model=evidence_model(tuple(k + 1 for k in chosen)), row=row))
         rows = []
         for (i, row, chosen), a in zip(plans, session.ask(asks), strict=True):
             if not a.ok:

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from curate import seeds
 from curate.arrays import strings
 from curate.registry import register_stage
+from synthesizers.teachers.qa import SingleQA, evidence_model
 from synthesizers.teachers.segments import Segment, segment_documents
 from synthesizers.teachers.session import Answer, Ask
 from synthesizers.teachers.task import TeacherParams, TeacherTask, messages_array
@@ -46,32 +45,6 @@ EVIDENCE = pa.list_(pa.struct([("source_id", pa.string()), ("segment", pa.int32(
                                ("char_offset", pa.int64()), ("char_end", pa.int64()),
                                ("token_offset", pa.int32()),
                                ("depth", pa.float32())]))
-
-
-class SingleQA(BaseModel):
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-
-
-class MultiHopQA(BaseModel):
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-    evidence: list[int] = Field(min_length=2)
-
-    @field_validator("evidence")
-    @classmethod
-    def _two(cls, v: list[int]) -> list[int]:
-        if len(set(v)) < 2:
-            raise ValueError("list at least two different piece numbers")
-        return sorted(set(v))
-
-
-@lru_cache(maxsize=64)
-def multi_hop_model(pieces: int) -> type[MultiHopQA]:
-    """The multi-hop answer for ``pieces`` shown pieces: evidence numbers must lie in 1 … pieces (in
-    the JSON schema too, so guided decoding cannot name a piece that was not shown)."""
-    return create_model(f"MultiHopQA{pieces}", __base__=MultiHopQA,
-                        evidence=(list[Annotated[int, Field(ge=1, le=pieces)]], Field(min_length=2)))
 
 
 @dataclass
@@ -114,25 +87,26 @@ class SegmentQA(TeacherTask):
     needs_tokenizer = True
     templates = ("qa_single", "qa_multi", "qa_train")
 
+    def __init__(self, params, label=None):
+        super().__init__(params, label)
+        self._pools: dict[int, _Pool] = {}
+
     def columns_out(self, columns_in: list[str]) -> list[str]:
         return ["id", *self.provides]
 
     def run(self, batches, ctx):
-        p = self.params
-        session = self.session(ctx)
-        pool = _Pool(p.pool_segments, seeds.rng(ctx.seed, self.label, "pool", ctx.shard.key))
+        # the distractor pool belongs to this shard: kept on the context, never on the stage
+        self._pools[id(ctx)] = _Pool(self.params.pool_segments,
+                                     seeds.rng(ctx.seed, self.label, "pool", ctx.shard.key))
         try:
-            for batch in batches:
-                out = self._batch(batch, ctx, session, pool)
-                if out is not None and out.num_rows:
-                    yield out
+            yield from super().run(batches, ctx)
         finally:
-            session.close()
-        session.finish()
+            self._pools.pop(id(ctx), None)
 
     # ------------------------------------------------------------------ one batch
-    def _batch(self, batch: pa.RecordBatch, ctx, session, pool: _Pool) -> pa.RecordBatch | None:
+    def process(self, batch: pa.RecordBatch, ctx, session) -> pa.RecordBatch | None:
         p = self.params
+        pool = self._pools[id(ctx)]
         st = ctx.stats[self.label]
         ids = batch.column("id").to_pylist()
         texts = batch.column(p.text_column).to_pylist()
@@ -177,7 +151,7 @@ class SegmentQA(TeacherTask):
         else:
             pieces = "\n\n".join(f"[{k + 1}]\n{s.text}" for k, s in enumerate(plan.segments))
             prompt = self.render("qa_multi", count=len(plan.segments), pieces=pieces)
-            model = multi_hop_model(len(plan.segments))
+            model = evidence_model(tuple(range(1, len(plan.segments) + 1)))
         return Ask(messages=({"role": "user", "content": prompt},), model=model, row=plan.row)
 
     # ------------------------------------------------------------------ the context

@@ -15,24 +15,10 @@ import pytest
 
 from tests import vllm_cpu
 from tests.conftest import cli, make_text, write_jsonl, write_manifest
+from tests.test_vllm_fixture import server, tiny_llama  # noqa: F401 - the shared fixtures
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    reason = vllm_cpu.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("transformers", reason="the `text` extra is not installed")
-    pytest.importorskip("openai", reason="the `llm` extra is not installed")
-    return vllm_cpu.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama):
-    with vllm_cpu.VllmServer(tiny_llama) as srv:
-        yield srv
+pytest.importorskip("openai", reason="the `llm` extra is not installed")
 
 
 def _stage_stats(run: Path) -> dict:

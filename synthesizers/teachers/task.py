@@ -101,6 +101,23 @@ class TeacherTask(Synthesizer):
             refs["teacher.tokenizer"] = t.tokenizer
         return refs
 
+    def run(self, batches, ctx):
+        """Each batch through :meth:`process` with this shard's session; after the last batch, the
+        session raises if requests failed through every retry (the shard then stays incomplete)."""
+        session = self.session(ctx)
+        try:
+            for batch in batches:
+                out = self.process(batch, ctx, session)
+                if out is not None and out.num_rows:
+                    yield out
+        finally:
+            session.close()
+        session.finish()
+
+    def process(self, batch: pa.RecordBatch, ctx, session: TeacherSession) -> pa.RecordBatch | None:
+        """One batch's output rows (None: none). Tasks with one teacher implement this."""
+        raise NotImplementedError
+
     def render(self, name: str, **values: Any) -> str:
         return Template(self.texts[name]).safe_substitute({k: str(v) for k, v in values.items()})
 
