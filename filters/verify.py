@@ -2,7 +2,8 @@
 
 For every row the teacher sees the evidence, the question and the answer, and says whether every claim
 of the answer is found in (or follows directly from) the evidence. Rows judged unsupported are dropped
-as ``unsupported``; the verdict is stored as ``scores.<label>.supported`` (1.0 / 0.0) with the one-line
+as ``unsupported``; rows without a question, an answer or any evidence text are dropped as
+``nothing_to_verify`` (nothing is sent); the verdict is stored as ``scores.<label>.supported`` (1.0 / 0.0) with the one-line
 reason under ``verify_reason`` when ``keep_reason``.
 
 The evidence is, in order of preference: ``evidence_column`` (a string or list of strings), or the
@@ -114,13 +115,19 @@ class Verify(Filter):
         if p.candidates_column:
             answers = self._judge(ctx, ids, questions, answers, evidence,
                                   batch.column(p.candidates_column).to_pylist())
+        checkable = [k for k, (q, a, e) in enumerate(zip(questions, answers, evidence, strict=True))
+                     if (q or "").strip() and (a or "").strip() and e.strip()]
         asks = [Ask(messages=({"role": "user", "content": self._render(
-            "verify", evidence=e, question=q or "", answer=a or "")},), model=Verdict, row=i)
-            for i, q, a, e in zip(ids, questions, answers, evidence, strict=True)]
-        verdicts = self._sessions[id(ctx)].ask(asks)
+            "verify", evidence=evidence[k], question=questions[k], answer=answers[k])},), model=Verdict, row=ids[k])
+            for k in checkable]
+        answered = dict(zip(checkable, self._sessions[id(ctx)].ask(asks), strict=True))
         supported, reasons = [], []
-        for rid, v in zip(ids, verdicts, strict=True):
-            if v.ok:
+        for k, rid in enumerate(ids):
+            v = answered.get(k)
+            if v is None:  # no question, answer or evidence: nothing to check, never "supported"
+                supported.append(float("nan"))
+                reasons.append("nothing_to_verify")
+            elif v.ok:
                 supported.append(1.0 if v.value.supported else 0.0)
                 reasons.append(v.value.reason)
             else:
@@ -130,7 +137,8 @@ class Verify(Filter):
                     ctx.failure(v.error_kind or "teacher_error", f"stage {self.label}, row {rid!r}: {v.error}",
                                 record=v.text, stage=self.label)
         return {"supported": pa.array([None if math.isnan(s) else s for s in supported], pa.float32()),
-                "_answers": strings(answers), "_verdict_errors": pa.array([math.isnan(s) for s in supported])}
+                "_answers": strings(answers), "_verdict_errors": pa.array([math.isnan(s) for s in supported]),
+                "_why": pa.array(reasons, pa.string())}
 
     def _judge(self, ctx, ids, questions, answers, evidence, candidates) -> list[str]:
         p = self.params
@@ -156,9 +164,12 @@ class Verify(Filter):
     def decide(self, batch: pa.RecordBatch, scores: dict[str, pa.Array], ctx) -> pa.Array:
         supported = scores["supported"].to_pylist()
         errors = scores["_verdict_errors"].to_pylist()
+        why = scores["_why"].to_pylist()
         reasons = []
-        for s, err in zip(supported, errors, strict=True):
-            if err:
+        for s, err, w in zip(supported, errors, why, strict=True):
+            if w == "nothing_to_verify":
+                reasons.append(w)
+            elif err:
                 reasons.append("unverified" if self.params.unparsable == "drop" else None)
             else:
                 reasons.append(None if s == 1.0 else "unsupported")

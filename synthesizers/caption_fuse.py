@@ -44,11 +44,12 @@ class CaptionFuse(TeacherTask):
         ranks = score_column(batch, p.rank_column).to_pylist() if p.rank_column else [None] * batch.num_rows
         chosen: list[list[str]] = []
         for c, r in zip(cands, ranks, strict=True):
-            c = [x for x in (c or []) if isinstance(x, str) and x.strip()]
-            if r is not None and len(r) == len(c):
-                order = sorted(range(len(c)), key=lambda j: (-(r[j] if r[j] is not None else float("-inf")), j))
-                c = [c[j] for j in order]
-            chosen.append(c[:p.top_k])
+            c = c or []
+            aligned = r is not None and len(r) == len(c)
+            pairs = [(x, r[j] if aligned else None) for j, x in enumerate(c) if isinstance(x, str) and x.strip()]
+            if aligned:  # candidates and their ranks are filtered together
+                pairs.sort(key=lambda xr: -(xr[1] if xr[1] is not None else float("-inf")))
+            chosen.append([x for x, _ in pairs[:p.top_k]])
         send = [i for i, c in enumerate(chosen) if len(c) > 1]
         asks = [Ask(messages=({"role": "user", "content": self.render(
             "caption_fuse", count=len(chosen[i]),

@@ -94,7 +94,7 @@ class LongDocQA(TeacherTask):
                 plans.append((i, row, chosen))
                 asks.append(Ask(messages=({"role": "user", "content": self.render(
                     "doc_question", count=len(chosen), notes=shown)},),
-                    model=evidence_model(tuple(k + 1 for k in chosen)), row=row))
+                    model=evidence_model(tuple(k + 1 for k in chosen)), row=row, sample=q))
         rows = []
         for (i, row, chosen), a in zip(plans, session.ask(asks), strict=True):
             if not a.ok:

@@ -54,6 +54,7 @@ class _Plan:
     kind: str
     segments: list[Segment]  # what the teacher sees (single: one)
     rng: np.random.Generator
+    question: int = 0  # which of the document's questions (a different sample of the same prompt)
 
 
 @register_stage("segment_qa")
@@ -126,9 +127,9 @@ class SegmentQA(TeacherTask):
                 if len(segs) >= 2 and rng.random() < p.multi_hop_fraction:
                     n = min(p.hop_segments, len(segs))
                     start = int(rng.integers(0, len(segs) - n + 1))
-                    plans.append(_Plan(row, doc_id, "multi_hop", segs[start:start + n], rng))
+                    plans.append(_Plan(row, doc_id, "multi_hop", segs[start:start + n], rng, q))
                 else:
-                    plans.append(_Plan(row, doc_id, "single", [segs[int(rng.integers(0, len(segs)))]], rng))
+                    plans.append(_Plan(row, doc_id, "single", [segs[int(rng.integers(0, len(segs)))]], rng, q))
         answers = session.ask([self._ask(plan) for plan in plans])
         rows = []
         for plan, answer in zip(plans, answers, strict=True):
@@ -152,7 +153,8 @@ class SegmentQA(TeacherTask):
             pieces = "\n\n".join(f"[{k + 1}]\n{s.text}" for k, s in enumerate(plan.segments))
             prompt = self.render("qa_multi", count=len(plan.segments), pieces=pieces)
             model = evidence_model(tuple(range(1, len(plan.segments) + 1)))
-        return Ask(messages=({"role": "user", "content": prompt},), model=model, row=plan.row)
+        return Ask(messages=({"role": "user", "content": prompt},), model=model, row=plan.row,
+                   sample=plan.question)
 
     # ------------------------------------------------------------------ the context
     def _row(self, plan: _Plan, answer: Answer, ctx, pool: _Pool, tok) -> dict | None:
@@ -179,8 +181,8 @@ class SegmentQA(TeacherTask):
                 distractors = distractors[:-max(1, (n - p.max_tokens) // max(p.segment_tokens, 1))]
                 continue
             if n < p.min_tokens:
-                more = pool.draw(plan.doc, p.min_tokens - n + p.segment_tokens, rng,
-                                 exclude={id(s) for _, s in distractors})
+                more = pool.draw(plan.doc, p.max_tokens - n, rng, exclude={id(s) for _, s in distractors},
+                                 enough=p.min_tokens - n)
                 if not more:
                     break
                 distractors = distractors + more
@@ -240,22 +242,25 @@ class _Pool:
                 if j < self.size:
                     self.items[j] = (doc, s)
 
-    def draw(self, doc: str, tokens: int, rng: np.random.Generator,
-             exclude: set[int] | None = None) -> list[tuple[str, Segment]]:
-        """Segments of other documents, in random order, until ``tokens`` would be exceeded."""
-        out, total = [], 0
+    def draw(self, doc: str, tokens: int, rng: np.random.Generator, exclude: set[int] | None = None,
+             enough: int | None = None) -> list[tuple[str, Segment]]:
+        """Segments of other documents, in random order, that fit together in ``tokens``; stops once
+        ``enough`` (default: ``tokens`` less one segment's worth) is reached. Segments too large for
+        the room left are skipped, not a reason to stop."""
+        out: list[tuple[str, Segment]] = []
+        total = 0
         if tokens <= 0:
             return out
+        smallest = min((s.tokens for _, s in self.items), default=1)
+        goal = enough if enough is not None else tokens - smallest
         for j in rng.permutation(len(self.items)):
             d, s = self.items[int(j)]
-            if d == doc or (exclude and id(s) in exclude):
+            if d == doc or (exclude and id(s) in exclude) or total + s.tokens + 1 > tokens:
                 continue
-            if total + s.tokens + 1 > tokens:
-                if total == 0 and not out:
-                    continue
-                break
             out.append((d, s))
             total += s.tokens + 1
+            if total >= goal:
+                break
         return out
 
 

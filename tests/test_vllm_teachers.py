@@ -15,10 +15,34 @@ import pytest
 
 from tests import vllm_cpu
 from tests.conftest import cli, make_text, write_jsonl, write_manifest
-from tests.test_vllm_fixture import server, tiny_llama  # noqa: F401 - the shared fixtures
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("openai", reason="the `llm` extra is not installed")
+
+
+#: Room for the tasks' real prompts (instructions plus pieces: several hundred tokens of this tokenizer).
+MAX_LEN = 2048
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    reason = vllm_cpu.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("transformers", reason="the `text` extra is not installed")
+    return vllm_cpu.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with vllm_cpu.VllmServer(tiny_llama, max_model_len=MAX_LEN) as srv:
+        yield srv
+
+
+def _run_or_show(server, manifest: Path, out: Path) -> None:
+    """``curate run``; on failure the server's log tail is shown too."""
+    proc = cli("run", str(manifest), "-o", str(out), "--no-progress", check=False)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n--- vLLM server log ---\n{server.log_tail()}"
 
 
 def _stage_stats(run: Path) -> dict:
@@ -54,14 +78,14 @@ def test_segment_qa_summarize_and_caption_fuse_through_vllm_serve(tmp_path, serv
     failed = cli("run", str(m), "-o", str(tmp_path / "qa"), "--no-progress", check=False,
                  env={"CURATE_FAULTS": faults})
     assert failed.returncode != 0
-    first = _stage_stats(tmp_path / "qa") if (tmp_path / "qa" / "stats.json").exists() else None
-    assert first is None  # the shard failed after the teacher answered everything
-    cli("run", str(m), "-o", str(tmp_path / "qa"), "--no-progress")
+    assert not (tmp_path / "qa" / "stats.json").exists()  # the shard failed after the teacher answered
+    _run_or_show(server, m, tmp_path / "qa")
     st = _stage_stats(tmp_path / "qa")["segment_qa"]
     metrics = st["metrics"]
     # the rerun answered every request from the cache: nothing was sent again
     assert "requests_sent" not in metrics and metrics["cache_hits"]["sum"] >= 8
     rows = pq.read_table(sorted((tmp_path / "qa" / "parquet").glob("*.parquet"))).to_pylist()
+    assert rows and st["drops"].get("context_length", 0) < 8  # prompts fit the teacher's context
     # every document is accounted for: a parsed QA row, or a kept row with the raw answer and the error
     assert len(rows) + sum(st["drops"].values()) == 8
     for r in rows:
@@ -110,7 +134,7 @@ def test_segment_qa_summarize_and_caption_fuse_through_vllm_serve(tmp_path, serv
 def test_offline_engine_backend_in_the_vllm_venv(tmp_path, tiny_llama):
     docs, _ = _inputs(tmp_path)
     teacher = {"backend": "vllm", "model": str(tiny_llama),
-               "engine_args": {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "seed": 0,
+               "engine_args": {"dtype": "float32", "max_model_len": MAX_LEN, "enforce_eager": True, "seed": 0,
                                "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}},
                "sampling": {"temperature": 0.8, "max_tokens": 48}}
     m = write_manifest(tmp_path / "m.yaml", f"""
@@ -131,7 +155,7 @@ from curate.manifest import load
 execute(load({str(m)!r}, output={str(tmp_path / 'run')!r}), console=Console(file=io.StringIO()), show_progress=False)
 print("DONE")
 """
-    proc = vllm_cpu.run_offline_engine(script, tiny_llama, timeout=600, with_project=True)
+    proc = vllm_cpu.run_offline_engine(script, tiny_llama, timeout=600, with_project=True, max_model_len=MAX_LEN)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-4000:]
     st = _stage_stats(tmp_path / "run")["segment_qa"]
     rows = pq.read_table(sorted((tmp_path / "run" / "parquet").glob("*.parquet"))).to_pylist()

@@ -18,7 +18,10 @@ Templates:
   token after an assistant content is trained too when the template puts a special token there.
 
 Message contents are encoded one by one, so a token never spans a turn boundary. Conversations longer
-than ``max_tokens`` are dropped as ``too_long``; rows without an assistant turn as ``no_assistant``.
+than ``max_tokens`` are dropped as ``too_long``; rows without an assistant turn as ``no_assistant``; a
+conversation the template refuses (its ``raise_exception``, e.g. for an unknown role) as
+``template_refused``, recorded in ``failures/`` with the template's message. Null turns are skipped;
+roles other than system, user, assistant and tool are written as user turns by the plain template.
 """
 
 from __future__ import annotations
@@ -91,13 +94,19 @@ class ChatTokens(Stage):
             ids_rows, mask_rows, keep, lineage = [], [], [], []
             row_ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * batch.num_rows
             for r, msgs in enumerate(batch.column("messages").to_pylist()):
-                if not msgs or not any(m and m.get("role") == "assistant" for m in msgs):
+                msgs = [m for m in msgs or [] if m]  # a null turn is no turn
+                if not any(m.get("role") == "assistant" for m in msgs):
                     st.drop("no_assistant")
                     continue
                 if template_tk is None:
                     ids, mask = self._plain(tok, msgs)
                 else:
-                    ids, mask = self._templated(tok, template_tk, msgs)
+                    try:
+                        ids, mask = self._templated(tok, template_tk, msgs)
+                    except TemplateRefused as e:  # the template's raise_exception: this row only
+                        ctx.failure("template_refused", f"stage {self.label}, row {row_ids[r]!r}: {e}",
+                                    record=row_ids[r], stage=self.label, dropped=True)
+                        continue
                 if self.params.max_tokens is not None and len(ids) > self.params.max_tokens:
                     st.drop("too_long")
                     continue
@@ -166,5 +175,9 @@ def _is_special(tk, token_id: int) -> bool:
     return bool(tok is not None and tok.special)
 
 
+class TemplateRefused(Exception):
+    """The chat template called ``raise_exception`` for a conversation (e.g. an unknown role)."""
+
+
 def _raise(message: str):
-    raise ConfigError(f"chat template: {message}")
+    raise TemplateRefused(message)

@@ -6,7 +6,8 @@ batches. Per request:
 
 - at most :class:`~synthesizers.teachers.limiter.AdaptiveLimiter` ``limit`` requests are in flight;
 - 408/409/429/5xx, timeouts, dropped connections and malformed or empty answers are retried up to
-  ``max_retries`` times, after ``uniform(0, min(max_backoff_s, backoff_s × 2^k))`` seconds ("full
+  ``max_retries`` times (an answer still empty after that is an empty answer — the task counts it
+  unusable — not a failed request), after ``uniform(0, min(max_backoff_s, backoff_s × 2^k))`` seconds ("full
   jitter") or the server's ``Retry-After`` when that is longer; 429/503 and timeouts also tell the
   limiter to back off;
 - a refusal saying the prompt exceeds the model's context is ``context_length`` (never retried);
@@ -42,7 +43,11 @@ _CONGESTION_STATUS = {429, 503}
 
 
 class _Malformed(Exception):
-    """The server answered 200 but the answer cannot be used (no choices, empty content)."""
+    """The server answered 200 but the answer cannot be used (no choices)."""
+
+
+class _Empty(Exception):
+    """The server answered 200 with empty content."""
 
 
 class OpenAITeacher(Teacher):
@@ -184,6 +189,8 @@ class OpenAITeacher(Teacher):
                 reason, detail = "timeout", f"no answer within {self.spec.timeout_s:g} s"
             except openai.APIConnectionError as e:
                 reason, detail = "connection", f"connection failed: {redact(str(e.__cause__ or e))}"
+            except _Empty:
+                reason, detail = "empty", "empty completion"
             except (_Malformed, openai.APIResponseValidationError, ValueError, AttributeError,
                     TypeError, KeyError, IndexError) as e:
                 reason, detail = "malformed", f"malformed answer: {redact(str(e))[:500]}"
@@ -191,6 +198,8 @@ class OpenAITeacher(Teacher):
                 self.limiter.release()
             reasons.append(reason)
             if attempt > self.spec.max_retries:
+                if reason == "empty":  # the model answers nothing to this prompt: an (unusable) answer
+                    return Reply(text="", attempts=attempt, retry_reasons=reasons[:-1])
                 return Reply(error=f"{detail} (after {attempt} attempts)", error_kind="transient",
                              attempts=attempt, retry_reasons=reasons)
             cap = min(self.spec.max_backoff_s, self.spec.backoff_s * 2 ** (attempt - 1))
@@ -216,8 +225,10 @@ def _content(resp: Any) -> tuple[str, str | None]:
         raise _Malformed("the answer has no choices")
     choice = resp.choices[0]
     text = getattr(getattr(choice, "message", None), "content", None)
-    if not isinstance(text, str) or not text.strip():
-        raise _Malformed("empty completion")
+    if text is None or (isinstance(text, str) and not text.strip()):
+        raise _Empty()
+    if not isinstance(text, str):
+        raise _Malformed(f"the answer's content is {type(text).__name__}, not text")
     return text, getattr(choice, "finish_reason", None)
 
 

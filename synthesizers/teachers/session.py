@@ -200,6 +200,8 @@ class TeacherSession:
         if send:
             for j, reply in self.teacher.stream([requests[i] for i in send], journal=self.cache):
                 i = send[j]
+                if reply.text is not None:  # a half of a surrogate pair (an answer cut inside an emoji)
+                    reply.text = reply.text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
                 replies[i] = reply
                 self._count(reply)
                 if reply.ok or reply.error_kind == "context_length":
