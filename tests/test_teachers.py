@@ -379,3 +379,15 @@ def test_batch_api_failed_lines_leave_the_shard_incomplete_then_a_rerun_sends_th
             assert "HTTP 500" in out, out
             cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")
         assert len(_rows(tmp_path / "run")) == 6
+
+
+def test_an_answer_empty_through_every_retry_counts_as_unusable(tmp_path):
+    with FakeOpenAI(script={"*": "empty"}) as fake:
+        m = _manifest(tmp_path, _summarize(fake, max_retries=1), per_file=3)
+        cli("run", str(m), "-o", str(tmp_path / "run"), "--no-progress")  # not a failed shard
+        st = _stats(tmp_path / "run", "summarize")
+        assert st["drops"] == {"unparsable": 6} and st["rows_out"] == 0
+        assert st["metrics"]["retry_empty"]["sum"] == st["metrics"]["requests_sent"]["sum"] == fake.total_requests / 2
+        failures = [json.loads(line) for f in (tmp_path / "run" / "failures").glob("*.jsonl")
+                    for line in f.read_text().splitlines()]
+        assert len(failures) == 6 and all("empty answer" in f["detail"] for f in failures)

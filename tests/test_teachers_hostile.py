@@ -498,9 +498,9 @@ def test_verify_never_calls_a_row_with_no_evidence_supported(tmp_path):
 # ------------------------------------------------------------------------- summarize: faults and reruns
 
 def test_summarize_hostile_documents_null_answers_then_a_rerun_gives_the_same_bytes(tmp_path):
-    """Hostile documents through ``summarize``; while the server answers ``content: null`` for some of
-    them the shard fails with a message (no traceback) and keeps every answer it got; once the server
-    is well again a rerun completes and writes the same bytes as a clean run."""
+    """Hostile documents through ``summarize``; while the server answers 503 for some of them the shard
+    fails with a message (no traceback) and keeps every answer it got; once the server is well again a
+    rerun completes and writes the same bytes as a clean run."""
     docs = _normal_docs(4, paragraphs=30) + _hostile_docs()
     data = _table(tmp_path / "data" / "docs.parquet",
                   {"id": [d[0] for d in docs], "text": pa.array([d[1] for d in docs], pa.string())})
@@ -510,7 +510,7 @@ def test_summarize_hostile_documents_null_answers_then_a_rerun_gives_the_same_by
     def responder(req):
         text = message_text(req["messages"][-1]["content"])
         if broken["on"] and ("HX" in text or "长上下文" in text or "$segment" in text or "NUL" in text):
-            return {"body": _raw_completion("null")}
+            return {"status": 503}
         return "Summary: " + text[-50:].replace("\n", " ")
 
     with FakeOpenAI(responder=responder) as fake:
