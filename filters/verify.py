@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from curate.arrays import strings
 from curate.registry import register_stage
 from curate.stage import Filter
-from synthesizers.teachers.session import Ask, TeacherSession, template_digest
+from synthesizers.teachers.session import Ask, TeacherSession, make_teacher, template_digest
 from synthesizers.teachers.task import TeacherCommon, load_template, messages_array
 
 
@@ -73,6 +73,10 @@ class Verify(Filter):
 
     def score_names(self) -> list[str]:
         return ["supported"]
+
+    def setup(self, ctx) -> None:
+        """Load (or connect to) the teacher once per worker process, before the first batch."""
+        make_teacher(self.params.teacher, ctx.seed)
 
     def run(self, batches, ctx):
         # one session per shard, found by the shard's context (a stage object may serve several

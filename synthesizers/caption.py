@@ -68,9 +68,11 @@ class Caption(TeacherTask):
     def columns_out(self, columns_in: list[str]) -> list[str]:
         return ["id", *self.provides]
 
+    def teacher_specs(self) -> list[TeacherSpec]:
+        return [self.params.teacher, *self.params.more_teachers]
+
     def run(self, batches, ctx):
-        p = self.params
-        teachers = [p.teacher, *p.more_teachers]
+        teachers = self.teacher_specs()
         sessions = [TeacherSession(self.label, t, ctx, self.template_hash, repair_attempts=0) for t in teachers]
         try:
             for batch in batches:

@@ -15,6 +15,7 @@ workers with each run instead, use ``executor: {kind: dask, cluster: {class: das
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 
@@ -48,9 +49,8 @@ def main(argv: list[str]) -> None:
     print("worker job script:\n" + cluster.job_script(), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        signal.pause()
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        with contextlib.suppress(KeyboardInterrupt, SystemExit):  # Ctrl-C or scancel: shut down cleanly
+            signal.pause()
     finally:
         cluster.close()
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from curate.arrays import strings
 from curate.errors import ConfigError
 from curate.stage import StageParams, Synthesizer
-from synthesizers.teachers.session import Answer, TeacherSession, template_digest
+from synthesizers.teachers.session import Answer, TeacherSession, make_teacher, template_digest
 from synthesizers.teachers.spec import TeacherSpec
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -114,9 +114,19 @@ class TeacherTask(Synthesizer):
             session.close()
         session.finish()
 
+    def setup(self, ctx) -> None:
+        """Load (or connect to) the teachers once per worker process, before the first batch."""
+        for spec in self.teacher_specs():
+            make_teacher(spec, ctx.seed)
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        """Every teacher this task asks (one, unless a task takes several)."""
+        return [self.params.teacher]
+
     def process(self, batch: pa.RecordBatch, ctx, session: TeacherSession) -> pa.RecordBatch | None:
-        """One batch's output rows (None: none). Tasks with one teacher implement this."""
-        raise NotImplementedError
+        """One batch's output rows (None: none). Every task with one teacher defines it; a task with
+        several teachers (``caption``) overrides :meth:`run` instead and never reaches this."""
+        raise TypeError(f"{type(self).__name__} must define process() or override run()")
 
     def render(self, name: str, **values: Any) -> str:
         return Template(self.texts[name]).safe_substitute({k: str(v) for k, v in values.items()})
