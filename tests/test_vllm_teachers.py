@@ -135,6 +135,7 @@ def test_offline_engine_backend_in_the_vllm_venv(tmp_path, tiny_llama):
     docs, _ = _inputs(tmp_path)
     teacher = {"backend": "vllm", "model": str(tiny_llama),
                "engine_args": {"dtype": "float32", "max_model_len": MAX_LEN, "enforce_eager": True, "seed": 0,
+                               **vllm_cpu.no_chunked_prefill_engine_args(8, MAX_LEN),
                                "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}},
                "sampling": {"temperature": 0.8, "max_tokens": 48}}
     m = write_manifest(tmp_path / "m.yaml", f"""

@@ -195,6 +195,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def no_chunked_prefill_engine_args(max_num_seqs: int, max_model_len: int) -> dict:
+    """Engine arguments under which no prompt is ever prefilled in pieces.
+
+    vLLM's CPU build crashes ("CPU Generator does not use offset") when a request that carries its
+    own seed is prefilled in chunks: the tokens sampled for the unfinished chunk are discarded by
+    rewinding the request's torch generator, which CPU generators cannot do. A token budget per
+    step of ``max_num_seqs * max_model_len`` holds every running request whole, so no chunking.
+    """
+    return {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_seqs * max_model_len}
+
+
+def no_chunked_prefill_args(max_num_seqs: int, max_model_len: int) -> list[str]:
+    """:func:`no_chunked_prefill_engine_args` as ``vllm serve`` flags."""
+    args = []
+    for key, value in no_chunked_prefill_engine_args(max_num_seqs, max_model_len).items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
 class VllmServer:
     """``with VllmServer(model_dir) as srv:`` a running OpenAI-compatible vLLM at ``srv.base_url``.
 
@@ -206,12 +225,13 @@ class VllmServer:
     def __init__(self, model_dir: Path | str, served_name: str = "tiny", max_model_len: int = 512,
                  extra_args: list[str] | tuple = (), env: dict | None = None, startup_timeout: float = 180,
                  grace: float = 20, venv: Path | None = None, one_process: bool = True,
-                 compact_json: bool = True):
+                 compact_json: bool = True, max_num_seqs: int = 16):
         self.model_dir = Path(model_dir)
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.one_process = one_process
         self.compact_json = compact_json
+        self.max_num_seqs = max_num_seqs
         self.extra_args = list(extra_args)
         self.extra_env = env or {}
         self.startup_timeout = startup_timeout
@@ -240,7 +260,7 @@ class VllmServer:
                 *self.extra_args]
 
     def _mode_args(self) -> list[str]:
-        args = []
+        args = no_chunked_prefill_args(self.max_num_seqs, self.max_model_len)
         if self.one_process:
             # The engine's worker runs inside the engine-core process instead of a third spawned
             # process (each imports torch and vllm: about 20 s apiece on 2 cores). Needs
@@ -334,8 +354,10 @@ MODEL_DIR = os.environ["TINY_MODEL_DIR"]
 def make_llm(**kw):
     from vllm import LLM
     # Compact JSON: a random model pads structured output with whitespace until max_tokens otherwise.
-    args = dict(model=MODEL_DIR, dtype="float32", max_model_len=int(os.environ.get("TINY_MAX_LEN", "512")),
-                enforce_eager=True, seed=0,
+    max_len = int(os.environ.get("TINY_MAX_LEN", "512"))
+    # No prompt prefilled in pieces (see no_chunked_prefill_engine_args): seeded requests crash the CPU build.
+    args = dict(model=MODEL_DIR, dtype="float32", max_model_len=max_len, max_num_seqs=16,
+                max_num_batched_tokens=16 * max_len, enforce_eager=True, seed=0,
                 structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
     args.update(kw)
     return LLM(**args)
