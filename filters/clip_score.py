@@ -26,106 +26,45 @@ stage's metrics, and get a null score; one bad image never fails the shard.
 
 from __future__ import annotations
 
-import os
-import queue
-import re
-import threading
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.errors import ConfigError, MissingDependency
-from curate.images import MAX_PIXELS, ImageProblem, decode_rgb
-from curate.models import file_key, shared
 from curate.registry import register_stage
 from curate.stage import Filter
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+from filters.clip_model import ClipModel, ClipModelParams
 
 
 @register_stage("clip_score")
 class ClipScore(Filter):
     """Image–text cosine similarity (open_clip), long captions scored by sentence chunks."""
 
-    class Params(Filter.Params):
-        model: str = Field("ViT-B-32", description="open_clip model name, hf-hub:/local-dir: id, or a local folder")
-        pretrained: str | None = Field(None, description="pretrained tag or checkpoint file (with a model name)")
-        batch_size: int = Field(64, gt=0, description="images (and text chunks) per forward pass")
-        device: str = Field("auto", description="auto (CUDA in float16 when present), cpu, cuda …")
+    class Params(Filter.Params, ClipModelParams):
         min_score: float | None = Field(None, description="drop rows whose score is below this")
         texts_column: str = Field("texts", description="the list<string> column compared with the images "
                                   "(e.g. captions: candidate captions to rank)")
-        max_image_pixels: int = Field(MAX_PIXELS, gt=0,
-                                      description="images with more pixels are not decoded (image_too_large)")
 
     requires = ("images", "texts")
+    provides = ("scores",)
+    needs = ClipModel.needs
 
     def __init__(self, params, label=None):
         super().__init__(params, label)
         self.requires = ("images", params.texts_column)
-    provides = ("scores",)
-    needs = {"open_clip": "clip", "torch": "clip", "PIL": "clip"}
+        self.clip = ClipModel(params)
 
     def score_names(self) -> list[str]:
         return ["score", "score_max", "min_image_score", "image_scores", "image_text", "text_scores"]
 
     def model_refs(self) -> dict[str, str]:
-        """What ``setup`` loads: an ``hf-hub:`` repository, a ``local-dir:`` or local folder, a checkpoint
-        file given as ``pretrained``, or the Hub repository open_clip fetches a ``pretrained`` tag from
-        (looked up in open_clip's table, which imports it: only when a tag is given). A bare
-        architecture name without ``pretrained`` loads nothing (random weights). A ``pretrained`` that is
-        neither a file nor a tag of the model is a :class:`ConfigError`."""
-        from curate.checks import LOCAL, looks_like_path
-
-        p = self.params
-        if p.model.startswith("hf-hub:"):
-            return {"model": p.model[len("hf-hub:"):]}
-        if p.model.startswith("local-dir:"):
-            return {"model": LOCAL + p.model[len("local-dir:"):]}
-        if os.path.isdir(os.path.expanduser(p.model)) or "/" in p.model or p.model.startswith(("~", ".")):
-            return {"model": LOCAL + p.model}
-        if p.pretrained is None:
-            return {}
-        if os.path.exists(os.path.expanduser(p.pretrained)) or looks_like_path(p.pretrained):
-            return {"pretrained": LOCAL + p.pretrained}
-        try:
-            import open_clip
-        except ImportError:  # reported by the planner's module check
-            return {}
-        cfg = open_clip.get_pretrained_cfg(p.model, p.pretrained)
-        if not cfg:
-            tags = open_clip.list_pretrained_tags_by_model(p.model)
-            raise ConfigError(f"pretrained: {p.pretrained!r} is neither a checkpoint file nor a pretrained tag "
-                              f"of {p.model!r} (its tags: {', '.join(tags) or 'none; is the model name right?'})")
-        hub = "/".join(str(cfg.get("hf_hub") or "").strip("/").split("/")[:2])
-        return {"pretrained": hub} if hub else {}
+        return self.clip.model_refs()
 
     def setup(self, ctx) -> None:
-        try:
-            import open_clip
-            import torch
-        except ImportError as e:
-            raise MissingDependency(e.name or "open_clip", "clip") from None
-        p = self.params
-        name = p.model
-        if os.path.isdir(os.path.expanduser(name)):
-            name = "local-dir:" + os.path.expanduser(name)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
-        precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        self.clip.load()
 
-        def load():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=p.pretrained, device=self.device, precision=precision)
-            model.eval()
-            return model, preprocess, open_clip.get_tokenizer(name)
-
-        # once per worker process for these parameters, however many shards it scores
-        files = tuple(file_key(f) for f in (p.model, p.pretrained) if f and os.path.exists(os.path.expanduser(f)))
-        self.model, self.preprocess, self.tokenizer = shared(
-            "open_clip", (name, p.pretrained, self.device, precision, files), load)
-        self.context = int(getattr(self.tokenizer, "context_length", 77))
-        self.torch = torch
+    def chunks(self, text: str) -> list[str]:
+        """The text as is when it fits the text encoder, else sentence chunks that each fit."""
+        return self.clip.chunks(text)
 
     # ---------------------------------------------------------------- scoring
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
@@ -134,7 +73,8 @@ class ClipScore(Filter):
         ids = batch.column("id").to_pylist()
         flat = [(r, k, img["bytes"]) for r, row in enumerate(images) for k, img in enumerate(row or [])
                 if img is not None]
-        image_emb, ok = self._embed_images([b for _, _, b in flat], [f"row {ids[r]!r}, image {k}" for r, k, _ in flat], ctx)
+        image_emb, ok = self.clip.embed_images([b for _, _, b in flat],
+                                               [f"row {ids[r]!r}, image {k}" for r, k, _ in flat], ctx, self.label)
         chunks, owner = [], []  # owner: (row, text position)
         for r, row in enumerate(texts):
             for k, t in enumerate(row or []):
@@ -142,7 +82,7 @@ class ClipScore(Filter):
                     for c in self.chunks(t):
                         chunks.append(c)
                         owner.append((r, k))
-        text_emb = self._embed_texts(chunks)
+        text_emb = self.clip.embed_texts(chunks)
         scores = _aggregate(len(images), flat, image_emb, ok, owner, text_emb)
         scores["text_scores"] = _text_scores(texts, flat, image_emb, ok, owner, text_emb)
         return scores
@@ -154,104 +94,6 @@ class ClipScore(Filter):
 
         low = pc.fill_null(pc.less(scores["score"], self.params.min_score), True)
         return pc.if_else(low, pa.scalar("clip_score_below_min"), pa.scalar(None, pa.string()))
-
-    def chunks(self, text: str) -> list[str]:
-        """The text as is when it fits the text encoder, else sentence chunks that each fit."""
-        budget = self.context - 2  # start and end tokens
-        encode = self.tokenizer.encode
-        if len(encode(text)) <= budget:
-            return [text]
-        out, current, used = [], [], 0
-        for sentence in _SENTENCE.split(text.strip()):
-            n = len(encode(sentence))
-            if n > budget:  # one long sentence: cut it by words
-                words, piece = sentence.split(), []
-                for w in words:
-                    if piece and len(encode(" ".join([*piece, w]))) > budget:
-                        out.append(" ".join(piece))
-                        piece = []
-                    piece.append(w)
-                sentence, n = " ".join(piece), len(encode(" ".join(piece)))
-            if current and used + n > budget:
-                out.append(" ".join(current))
-                current, used = [], 0
-            current.append(sentence)
-            used += n
-        if current:
-            out.append(" ".join(current))
-        return out
-
-    def _embed_images(self, blobs: list[bytes], owners: list[str], ctx) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        size = self.params.batch_size
-        out, ok = [], np.zeros(len(blobs), bool)
-        limit = self.params.max_image_pixels
-        for start, tensors, problems in _prefetch(blobs, self.preprocess, size, torch, limit):
-            for k, problem in enumerate(problems):
-                if problem is not None:
-                    ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=self.label)
-            good = [problem is None for problem in problems]
-            ok[start:start + len(good)] = good
-            if tensors is None:
-                continue
-            with torch.no_grad():
-                emb = self.model.encode_image(tensors.to(self.device, dtype=_dtype(self.model)))
-            out.append((start, np.flatnonzero(good) + start, _normalized(emb)))
-        emb = np.full((len(blobs), out[0][2].shape[1] if out else 1), np.nan, np.float32)
-        for _, where, e in out:
-            emb[where] = e
-        return emb, ok
-
-    def _embed_texts(self, chunks: list[str]) -> np.ndarray:
-        torch = self.torch
-        parts = []
-        for start in range(0, len(chunks), self.params.batch_size):
-            tokens = self.tokenizer(chunks[start:start + self.params.batch_size]).to(self.device)
-            with torch.no_grad():
-                parts.append(_normalized(self.model.encode_text(tokens)))
-        return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-
-
-def _prefetch(blobs, preprocess, size, torch, max_pixels: int):
-    """Decode and preprocess batches in a background thread, one batch ahead of the consumer.
-
-    Yields ``(start, tensors of the good images, [None or ImageProblem per image])``.
-    """
-    q: queue.Queue = queue.Queue(maxsize=2)
-
-    def work():
-        try:
-            for start in range(0, len(blobs), size):
-                tensors, problems = [], []
-                for blob in blobs[start:start + size]:
-                    try:
-                        tensors.append(preprocess(decode_rgb(blob, max_pixels)))
-                        problems.append(None)
-                    except ImageProblem as problem:
-                        problems.append(problem)
-                    except Exception as e:  # noqa: BLE001 - a preprocessing error is this image's alone
-                        problems.append(ImageProblem("undecodable_image", f"{type(e).__name__}: {e}"))
-                q.put((start, torch.stack(tensors) if tensors else None, problems))
-        except BaseException as e:  # surface it in the consumer
-            q.put(e)
-        q.put(None)
-
-    thread = threading.Thread(target=work, daemon=True, name="clip-decode")
-    thread.start()
-    while (item := q.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    thread.join()
-
-
-def _dtype(model):
-    return next(model.parameters()).dtype
-
-
-def _normalized(emb) -> np.ndarray:
-    emb = emb.float()
-    return (emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy()
 
 
 def _text_scores(texts, flat, image_emb, ok, owner, text_emb) -> pa.Array:

@@ -1,0 +1,237 @@
+"""The open_clip model every CLIP stage shares: loading, image and text embeddings, long-text chunks.
+
+:class:`ClipModelParams` are the parameters (``model``, ``pretrained``, ``batch_size``, ``device``,
+``max_image_pixels``); :class:`ClipModel` loads the model once per worker process for those parameters
+(:func:`curate.models.shared`), embeds images — decoded by :func:`curate.images.decode_rgb` and
+preprocessed in a background thread a batch ahead of the model, undecodable (``undecodable_image``)
+and oversized (``image_too_large``) images recorded in ``failures/`` and left out — and embeds texts,
+splitting a text longer than the encoder's context into sentence chunks that fit. Embeddings are
+L2-normalized float32 numpy arrays, so a dot product is the cosine similarity. ``timings`` adds up the
+seconds spent decoding images, in the model, and waiting for decoded images, for throughput reports.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from typing import ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from curate.errors import ConfigError, MissingDependency
+from curate.images import MAX_PIXELS, ImageProblem, decode_rgb
+from curate.models import file_key, shared
+from curate.stage import StageParams
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+class ClipModelParams(StageParams):
+    """Which open_clip model, where it runs, and how images are guarded."""
+
+    model: str = Field("ViT-B-32", description="open_clip model name, hf-hub:/local-dir: id, or a local folder")
+    pretrained: str | None = Field(None, description="pretrained tag or checkpoint file (with a model name)")
+    batch_size: int = Field(64, gt=0, description="images (and text chunks) per forward pass")
+    device: str = Field("auto", description="auto (CUDA in float16 when present), cpu, cuda …")
+    max_image_pixels: int = Field(MAX_PIXELS, gt=0,
+                                  description="images with more pixels are not decoded (image_too_large)")
+    decode_workers: int | None = Field(None, gt=0, description="threads decoding and preprocessing images "
+                                       "ahead of the model (default: the CPU count, at most 8)")
+
+
+class ClipModel:
+    """An open_clip model for one stage's parameters; :meth:`load` before embedding."""
+
+    needs: ClassVar[dict[str, str]] = {"open_clip": "clip", "torch": "clip", "PIL": "clip"}
+
+    def __init__(self, params: ClipModelParams):
+        self.params = params
+        self.timings = {"decode_s": 0.0, "model_s": 0.0, "wait_s": 0.0}
+
+    def model_refs(self) -> dict[str, str]:
+        """What ``setup`` loads: an ``hf-hub:`` repository, a ``local-dir:`` or local folder, a checkpoint
+        file given as ``pretrained``, or the Hub repository open_clip fetches a ``pretrained`` tag from
+        (looked up in open_clip's table, which imports it: only when a tag is given). A bare
+        architecture name without ``pretrained`` loads nothing (random weights). A ``pretrained`` that is
+        neither a file nor a tag of the model is a :class:`ConfigError`."""
+        from curate.checks import LOCAL, looks_like_path
+
+        p = self.params
+        if p.model.startswith("hf-hub:"):
+            return {"model": p.model[len("hf-hub:"):]}
+        if p.model.startswith("local-dir:"):
+            return {"model": LOCAL + p.model[len("local-dir:"):]}
+        if os.path.isdir(os.path.expanduser(p.model)) or "/" in p.model or p.model.startswith(("~", ".")):
+            return {"model": LOCAL + p.model}
+        if p.pretrained is None:
+            return {}
+        if os.path.exists(os.path.expanduser(p.pretrained)) or looks_like_path(p.pretrained):
+            return {"pretrained": LOCAL + p.pretrained}
+        try:
+            import open_clip
+        except ImportError:  # reported by the planner's module check
+            return {}
+        cfg = open_clip.get_pretrained_cfg(p.model, p.pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(p.model)
+            raise ConfigError(f"pretrained: {p.pretrained!r} is neither a checkpoint file nor a pretrained tag "
+                              f"of {p.model!r} (its tags: {', '.join(tags) or 'none; is the model name right?'})")
+        hub = "/".join(str(cfg.get("hf_hub") or "").strip("/").split("/")[:2])
+        return {"pretrained": hub} if hub else {}
+
+    def load(self) -> None:
+        """Load (or reuse) the model, its preprocessing and its tokenizer."""
+        try:
+            import open_clip
+            import torch
+        except ImportError as e:
+            raise MissingDependency(e.name or "open_clip", "clip") from None
+        p = self.params
+        name = p.model
+        if os.path.isdir(os.path.expanduser(name)):
+            name = "local-dir:" + os.path.expanduser(name)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+        precision = "fp16" if self.device.startswith("cuda") else "fp32"
+
+        def load():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=p.pretrained, device=self.device, precision=precision)
+            model.eval()
+            return model, preprocess, open_clip.get_tokenizer(name)
+
+        # once per worker process for these parameters, however many shards it scores
+        files = tuple(file_key(f) for f in (p.model, p.pretrained) if f and os.path.exists(os.path.expanduser(f)))
+        self.model, self.preprocess, self.tokenizer = shared(
+            "open_clip", (name, p.pretrained, self.device, precision, files), load)
+        self.context = int(getattr(self.tokenizer, "context_length", 77))
+        self.torch = torch
+
+    def chunks(self, text: str) -> list[str]:
+        """The text as is when it fits the text encoder, else sentence chunks that each fit."""
+        budget = self.context - 2  # start and end tokens
+        encode = self.tokenizer.encode
+        if len(encode(text)) <= budget:
+            return [text]
+        out, current, used = [], [], 0
+        for sentence in _SENTENCE.split(text.strip()):
+            n = len(encode(sentence))
+            if n > budget:  # one long sentence: cut it by words
+                words, piece = sentence.split(), []
+                for w in words:
+                    if piece and len(encode(" ".join([*piece, w]))) > budget:
+                        out.append(" ".join(piece))
+                        piece = []
+                    piece.append(w)
+                sentence, n = " ".join(piece), len(encode(" ".join(piece)))
+            if current and used + n > budget:
+                out.append(" ".join(current))
+                current, used = [], 0
+            current.append(sentence)
+            used += n
+        if current:
+            out.append(" ".join(current))
+        return out
+
+    def embed_images(self, blobs: list[bytes], owners: list[str], ctx, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings, ok)``, one row per blob (NaN where ``ok`` is False). A bad image is recorded in
+        ``failures/`` as ``stage``'s, named by its ``owners`` entry, and counted by its reason."""
+        torch = self.torch
+        out, ok = [], np.zeros(len(blobs), bool)
+        p = self.params
+        batches = _prefetch(blobs, self.preprocess, p.batch_size, torch, p.max_image_pixels,
+                            p.decode_workers or _default_workers(), self.timings)
+        for start, tensors, problems in batches:
+            for k, problem in enumerate(problems):
+                if problem is not None:
+                    ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=stage)
+            good = [problem is None for problem in problems]
+            ok[start:start + len(good)] = good
+            if tensors is None:
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                emb = _normalized(self.model.encode_image(tensors.to(self.device, dtype=_dtype(self.model))))
+            self.timings["model_s"] += time.perf_counter() - t0
+            out.append((np.flatnonzero(good) + start, emb))
+        emb = np.full((len(blobs), out[0][1].shape[1] if out else 1), np.nan, np.float32)
+        for where, e in out:
+            emb[where] = e
+        return emb, ok
+
+    def embed_texts(self, chunks: list[str]) -> np.ndarray:
+        """L2-normalized embeddings of texts that fit the encoder's context (see :meth:`chunks`)."""
+        torch = self.torch
+        parts = []
+        t0 = time.perf_counter()
+        for start in range(0, len(chunks), self.params.batch_size):
+            tokens = self.tokenizer(chunks[start:start + self.params.batch_size]).to(self.device)
+            with torch.no_grad():
+                parts.append(_normalized(self.model.encode_text(tokens)))
+        self.timings["model_s"] += time.perf_counter() - t0
+        return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def _default_workers() -> int:
+    """Decode threads: Pillow's decoders release the GIL, so a few threads keep one model fed."""
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+def _prefetch(blobs, preprocess, size, torch, max_pixels: int, workers: int, timings: dict):
+    """Decode and preprocess batches with ``workers`` threads, up to two batches ahead of the consumer.
+
+    Yields ``(start, tensors of the good images, [None or ImageProblem per image])``. ``timings`` gets
+    ``decode_s`` (wall seconds the decoding took) and ``wait_s`` (seconds the consumer — the model —
+    waited for a batch: starvation).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(blob):
+        try:
+            return preprocess(decode_rgb(blob, max_pixels)), None
+        except ImageProblem as problem:
+            return None, problem
+        except Exception as e:  # noqa: BLE001 - a preprocessing error is this image's alone
+            return None, ImageProblem("undecodable_image", f"{type(e).__name__}: {e}")
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+
+    def work(pool):
+        try:
+            for start in range(0, len(blobs), size):
+                t0 = time.perf_counter()
+                done = list(pool.map(one, blobs[start:start + size]))
+                tensors = [t for t, _ in done if t is not None]
+                timings["decode_s"] += time.perf_counter() - t0
+                q.put((start, torch.stack(tensors) if tensors else None, [problem for _, problem in done]))
+        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+            q.put(e)
+        q.put(None)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-decode") as pool:
+        thread = threading.Thread(target=work, args=(pool,), daemon=True, name="clip-prefetch")
+        thread.start()
+        while True:
+            t0 = time.perf_counter()
+            item = q.get()
+            timings["wait_s"] = timings.get("wait_s", 0.0) + time.perf_counter() - t0
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        thread.join()
+
+
+def _dtype(model):
+    return next(model.parameters()).dtype
+
+
+def _normalized(emb) -> np.ndarray:
+    emb = emb.float()
+    return (emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+
