@@ -265,10 +265,16 @@ def inspect(
     n: int = typer.Option(3, "-n", help="how many samples"),
     offset: int = typer.Option(0, help="skip this many samples first"),
     width: int = typer.Option(1200, help="characters of text to show per sample"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write the samples to this HTML page instead, "
+                                     "images inline (interleaved, needle and long multimodal samples)"),
 ) -> None:
-    """Print samples from an output, whatever its format."""
-    from curate.inspect_output import show
+    """Print samples from an output, whatever its format (or render them to an HTML page)."""
+    from curate.inspect_output import show, write_html
 
+    if html is not None:
+        shown = write_html(path, n, offset, html)
+        out.print(f"{shown} samples → {html}")
+        return
     if show(path, n, offset, width, out) == 0:
         out.print("[yellow]no samples[/yellow]")
 

@@ -44,8 +44,9 @@ def _format(path: Path) -> str | None:
     return None
 
 
-def samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every sample of the output at ``path`` as a dict, in file order."""
+def samples(path: str | Path, keep_bytes: bool = False) -> Iterator[dict[str, Any]]:
+    """Every sample of the output at ``path`` as a dict, in file order. A WebDataset sample's other
+    members are listed under ``files`` by size, or with their bytes when ``keep_bytes``."""
     for f in output_files(path):
         fmt = _format(f)
         if fmt == "parquet":
@@ -64,10 +65,10 @@ def samples(path: str | Path) -> Iterator[dict[str, Any]]:
                     if line.strip():
                         yield orjson.loads(line)
         elif fmt == "webdataset":
-            yield from _tar_samples(f)
+            yield from _tar_samples(f, keep_bytes)
 
 
-def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+def _tar_samples(path: Path, keep_bytes: bool = False) -> Iterator[dict[str, Any]]:
     import numpy as np
 
     from curate.readers.webdataset import iter_samples
@@ -83,7 +84,7 @@ def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
                 elif key.endswith(".npy"):
                     row[key[:-4]] = np.load(io.BytesIO(value)).tolist()
                 elif key not in ("json", "__key__", "__url__") and isinstance(value, bytes):
-                    row.setdefault("files", {})[key] = f"<{len(value)} bytes>"
+                    row.setdefault("files", {})[key] = value if keep_bytes else f"<{len(value)} bytes>"
             yield row
 
 
@@ -125,6 +126,16 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
         console.print(Panel(grid, title=f"sample {i}", title_align="left"))
         shown += 1
     return shown
+
+
+def write_html(path: str | Path, n: int, offset: int, page_path: str | Path) -> int:
+    """Write ``n`` samples from ``offset`` as a self-contained HTML page; returns how many."""
+    from curate.inspect_html import page
+
+    rows = list(itertools.islice(samples(path, keep_bytes=True), offset, offset + n))
+    Path(page_path).write_text(page(rows, f"{Path(path).name}: samples {offset}–{offset + len(rows) - 1}"),
+                               encoding="utf-8")
+    return len(rows)
 
 
 def _short_bytes(value: Any) -> Any:

@@ -1,0 +1,77 @@
+"""``count_tokens``: the sequence length of each row for a target VLM, text and images together.
+
+Adds ``n_tokens`` (int32: the run tokenizer's tokens over every text position, plus every image's
+tokens under ``image_tokens``, see :mod:`curate.image_tokens`) and ``n_image_tokens`` (int32: the
+images' part) to interleaved rows; on documents rows ``n_tokens`` is the text's tokens and
+``n_image_tokens`` is 0. Existing columns of those names are replaced. Image sizes come from the
+struct's ``width``/``height`` or, when null, from the bytes' header (never decoded); an image whose
+header cannot be read costs the smallest image's tokens and is counted as metric ``unknown_image_size``.
+``select`` on ``n_tokens`` then keeps rows within a budget, and every later length decision uses the same
+count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from curate.image_tokens import ImageTokenParams
+from curate.registry import register_stage
+from curate.stage import Stage, StageParams
+
+
+@register_stage("count_tokens")
+class CountTokens(Stage):
+    """``n_tokens`` (text + image tokens) and ``n_image_tokens`` for each row."""
+
+    class Params(StageParams):
+        image_tokens: ImageTokenParams = Field(default_factory=ImageTokenParams,
+                                               description="how many tokens an image costs the target VLM")
+
+    provides = ("n_tokens", "n_image_tokens")
+    needs_tokenizer = True
+
+    def __init__(self, params, label=None):
+        super().__init__(params, label)
+        self.counter = params.image_tokens.counter()
+
+    def run(self, batches, ctx):
+        tok = ctx.tokenizer
+        st = ctx.stats[self.label]
+        for batch in batches:
+            names = batch.schema.names
+            if "texts" in names:
+                texts = batch.column("texts").to_pylist()
+                images = batch.column("images").to_pylist() if "images" in names else [[] for _ in texts]
+            elif "text" in names:
+                texts = [[t] for t in batch.column("text").to_pylist()]
+                images = [[] for _ in texts]
+            else:
+                raise ValueError(f"{self.label}: rows have neither `texts` nor `text` to count")
+            flat = [t for row in texts for t in (row or []) if t]
+            owner = np.repeat(np.arange(len(texts)), [sum(1 for t in (row or []) if t) for row in texts])
+            lengths = np.array([len(ids) for ids in tok.encode_arrays(flat)], np.int64) if flat else np.zeros(0, np.int64)
+            text_tokens = np.bincount(owner, weights=lengths, minlength=len(texts)).astype(np.int64)
+            image_tokens = np.zeros(len(texts), np.int64)
+            for r, row in enumerate(images):
+                for im in row or []:
+                    if im is None:
+                        continue
+                    if not (im.get("width") and im.get("height")):
+                        from curate.images import image_size
+
+                        w, h = image_size(im["bytes"]) if im.get("bytes") else (None, None)
+                        if not (w and h):
+                            st.count("unknown_image_size")
+                        im = {"width": w, "height": h}
+                    image_tokens[r] += self.counter.count(im["width"], im["height"])
+            out = batch
+            for name in ("n_tokens", "n_image_tokens"):
+                if name in out.schema.names:
+                    out = out.drop_columns([name])
+            total = (text_tokens + image_tokens).astype(np.int32)
+            out = out.append_column("n_tokens", pa.array(total, pa.int32()))
+            out = out.append_column("n_image_tokens", pa.array(image_tokens.astype(np.int32), pa.int32()))
+            st.count("image_tokens", int(image_tokens.sum()))
+            yield out
