@@ -32,14 +32,22 @@ hashes; problems are recorded in ``failures/`` and counted there); ``combine`` s
 (:func:`near_pairs`), clusters them (scipy's connected components) and writes
 ``global/<label>/removed.arrow`` (shard, row, id, pos, reason, counted) plus ``state.json`` (images,
 unusable, clusters, removed by reason, a cluster-size histogram, the ten largest clusters with their
-kept image); ``run`` removes this shard's listed images. Rows are matched by (shard, row number) and
-their ids are checked, so ids need not be unique.
+kept image); ``run`` removes this shard's listed images without decoding anything. Rows are matched
+by (shard, row number) and their ids are checked, so ids need not be unique.
+
+Within a row (``scope: document``, global or not) images are compared all pairs at once
+(:func:`row_duplicates`; rows of equal size together, rows above 512 images through the multi-index),
+so a row's result is the same whether or not ``max_copies`` makes the stage global. Across rows the
+work is the multi-index's candidate pairs: about ``n² / 2^11`` per band for ``n`` distinct, evenly
+spread 64-bit hashes at the default ``max_distance`` — measured on 2 shared cores, ``combine`` takes
+6.7 s for 400,000 images (320,000 distinct) and :func:`near_pairs` 34 s for 1,000,000 distinct hashes.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -66,49 +74,57 @@ def band_edges(bits: int, max_distance: int) -> list[int]:
     return [bits * k // bands for k in range(bands + 1)]
 
 
+_BYTE_BITS = np.array([b.bit_count() for b in range(256)], np.uint8)
+
+
 def popcount(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64."""
-    return np.bitwise_count(x.astype(np.uint64)).astype(np.int64)
+    """Set bits of each uint64, as uint8 (``np.bitwise_count`` on numpy 2, a byte table before it)."""
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BYTE_BITS[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.uint8)
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int, bits: int = 64, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def near_pairs(hashes: np.ndarray, max_distance: int, bits: int = 64, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Every pair ``i < j`` of ``hashes`` (uint64 holding ``bits`` bits) with Hamming distance at most
     ``max_distance``, as two index arrays sorted by (i, j).
 
     Multi-index hashing: the bits are cut into ``max_distance + 1`` bands; candidates are hashes equal
     on a band (grouped by sorting on that band's value), verified by their full distance, and a pair
     is reported by the first band it agrees on only. The work is the candidate pairs — about
-    ``n² / 2^(bits / (max_distance + 1))`` per band for uniform hashes — never the ``n²`` of a scan.
+    ``n² / 2^(bits / (max_distance + 1))`` per band for evenly spread hashes — never the ``n²`` of a scan.
     """
     h = np.asarray(hashes, dtype=np.uint64)
     n = len(h)
     out_i: list[np.ndarray] = []
     out_j: list[np.ndarray] = []
     edges = band_edges(bits, max_distance)
-    masks = [np.uint64(((1 << (hi - lo)) - 1) << lo) for lo, hi in zip(edges, edges[1:])]
+    masks = [np.uint64(((1 << (hi - lo)) - 1) << lo) for lo, hi in itertools.pairwise(edges)]
     for b, (lo, mask) in enumerate(zip(edges, masks)):
         key = (h & mask) >> np.uint64(lo)
         order = np.argsort(key, kind="stable")
         sk = key[order]
         starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]])) if n else np.zeros(0, np.int64)
         ends = np.concatenate([starts[1:], [n]]).astype(np.int64)
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        many = ends - starts > 1
+        for s, e in zip(starts[many], ends[many]):
             members = np.sort(order[s:e])
             hm = h[members]
-            for a in range(0, len(members) - 1, block):
-                x = hm[a:a + block, None] ^ hm[None, :]
+            for a in range(0, len(members) - 1, block):  # the upper triangle, a block of rows at a time
+                x = hm[a:a + block, None] ^ hm[None, a:]
                 ii, jj = np.nonzero(popcount(x) <= max_distance)
-                ii = ii + a
                 up = ii < jj
-                ii, jj = ii[up], jj[up]
+                ii, jj = ii[up] + a, jj[up] + a
                 if not len(ii):
                     continue
-                diff = hm[ii] ^ hm[jj]
-                first = np.ones(len(ii), bool)  # not already found by an earlier band
-                for earlier in masks[:b]:
-                    first &= (diff & earlier) != 0
-                out_i.append(members[ii[first]])
-                out_j.append(members[jj[first]])
+                if b:  # keep the pairs no earlier band found
+                    diff = hm[ii] ^ hm[jj]
+                    first = np.ones(len(ii), bool)
+                    for earlier in masks[:b]:
+                        first &= (diff & earlier) != 0
+                    ii, jj = ii[first], jj[first]
+                out_i.append(members[ii])
+                out_j.append(members[jj])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     i, j = np.concatenate(out_i), np.concatenate(out_j)
@@ -129,14 +145,42 @@ def clusters(hashes: np.ndarray, max_distance: int, bits: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def document_duplicates(hashes: np.ndarray, max_distance: int, bits: int) -> np.ndarray:
-    """For the images of one row in order: True for every image of a cluster but its first."""
-    if len(hashes) < 2:
-        return np.zeros(len(hashes), bool)
-    labels = clusters(hashes, max_distance, bits)
-    first = np.zeros(len(hashes), bool)
-    first[np.unique(labels, return_index=True)[1]] = True
-    return ~first
+#: Rows with more images than this are matched by :func:`near_pairs` instead of all pairs at once.
+_DENSE_ROW = 512
+
+
+def row_duplicates(hashes: np.ndarray, rows: np.ndarray, max_distance: int, bits: int) -> np.ndarray:
+    """For images grouped by row (``rows`` non-decreasing): True for every image of a within-row
+    cluster but its first. Rows of equal size are compared all pairs at once (a row holds few
+    images); the label of an image is the smallest index reachable through near-duplicates."""
+    n = len(hashes)
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+    sizes = np.diff(np.concatenate([starts, [n]]))
+    for k in np.unique(sizes[sizes > 1]).tolist():
+        first = starts[sizes == k]
+        if k > _DENSE_ROW:
+            for s in first.tolist():
+                labels = clusters(hashes[s:s + k], max_distance, bits)
+                keep = np.zeros(k, bool)
+                keep[np.unique(labels, return_index=True)[1]] = True
+                dup[s:s + k] = ~keep
+            continue
+        step = max(1, 4_000_000 // (k * k))
+        for c in range(0, len(first), step):
+            idx = first[c:c + step, None] + np.arange(k)  # (rows, k)
+            hk = hashes[idx]
+            near = popcount(hk[:, :, None] ^ hk[:, None, :]) <= max_distance  # (rows, k, k)
+            labels = np.broadcast_to(np.arange(k), idx.shape)
+            while True:
+                new = np.where(near, labels[:, None, :], k).min(axis=2)
+                if np.array_equal(new, labels):
+                    break
+                labels = new
+            dup[idx] = labels != np.arange(k)
+    return dup
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -165,7 +209,7 @@ class ImageDedup(ImageFilter):
                 raise ValueError(f"whash needs a power-of-two hash_size, not {self.hash_size}")
             return self
 
-    needs = {"imagehash": "img", "PIL": "img", "scipy": "img"}
+    needs: ClassVar[dict[str, str]] = {"imagehash": "img", "PIL": "img", "scipy": "img"}
 
     @property
     def is_global(self) -> bool:
@@ -228,12 +272,10 @@ class ImageDedup(ImageFilter):
         hashes, problems = self.hash_images(batch, view, ctx)
         reasons: list[str | None] = list(problems)
         counted = {k for k, p in enumerate(problems) if p is not None}
-        good = np.array([p is None for p in problems], bool)
-        bounds = np.flatnonzero(np.concatenate([[True], view.rows[1:] != view.rows[:-1]]))
-        for s, e in zip(bounds, np.concatenate([bounds[1:], [len(view)]])):
-            idx = np.arange(s, e)[good[s:e]]
-            for k in idx[document_duplicates(hashes[idx], self.params.max_distance, self.bits)]:
-                reasons[int(k)] = IN_DOCUMENT
+        good = np.flatnonzero([p is None for p in problems])
+        dup = row_duplicates(hashes[good], view.rows[good], self.params.max_distance, self.bits)
+        for k in good[dup]:
+            reasons[int(k)] = IN_DOCUMENT
         return reasons, counted
 
     def _global_reasons(self, batch, view, ctx, row0):
@@ -253,13 +295,12 @@ class ImageDedup(ImageFilter):
         pos = cols["pos"][at].to_numpy()
         key = view.rows.astype(np.int64) << 32 | view.pos.astype(np.int64)
         want = local.astype(np.int64) << 32 | pos.astype(np.int64)
-        k = np.searchsorted(key, want)
-        ids = batch.column("id")
-        found = (k < len(key)) & (key[np.minimum(k, max(len(key) - 1, 0))] == want) if len(key) else np.zeros(len(want), bool)
-        expected_ids = cols["id"][at].to_pylist()
-        if not found.all() or any(ids[int(r)].as_py() != i for r, i in zip(local, expected_ids)):
+        k = np.minimum(np.searchsorted(key, want), max(len(key) - 1, 0))
+        found = len(key) > 0 and bool((key[k] == want).all())
+        ids = batch.column("id").take(pa.array(local, pa.int64())).to_pylist()
+        if not found or ids != cols["id"][at].to_pylist():
             raise RuntimeError(f"{self.label}: the combined state does not match shard {ctx.shard.name}'s input "
-                               f"(rows {row0}–{row0 + batch.num_rows}); rerun with --restart")
+                               f"(rows {row0} to {row0 + batch.num_rows - 1}); rerun with --restart")
         for kk, reason, was_counted in zip(k, cols["reason"][at].to_pylist(), cols["counted"][at].to_pylist()):
             reasons[int(kk)] = reason
             if was_counted:
@@ -274,13 +315,13 @@ class ImageDedup(ImageFilter):
         hashes, problems = self.hash_images(batch, view, ctx) if len(view) else (np.zeros(0, np.uint64), [])
         counts = view.image_counts()
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        valid = pa.array(np.array([p is None for p in problems], bool))
+        bad = np.array([p is not None for p in problems], bool)
         partial.add(pa.table({
             "shard": pa.array([ctx.shard.name] * batch.num_rows, pa.string()),
             "row": pa.array(np.arange(partial.rows, partial.rows + batch.num_rows, dtype=np.int64)),
             "id": batch.column("id").cast(pa.string()),
             "pos": pa.ListArray.from_arrays(offsets, pa.array(view.pos.astype(np.int32))),
-            "hash": pa.ListArray.from_arrays(offsets, pa.array(hashes, pa.uint64(), mask=~valid.to_numpy(zero_copy_only=False))),
+            "hash": pa.ListArray.from_arrays(offsets, pa.array(hashes, pa.uint64(), mask=bad)),
             "problem": pa.ListArray.from_arrays(offsets, pa.array(problems, pa.string())),
         }))
 
@@ -300,8 +341,7 @@ class ImageDedup(ImageFilter):
         bad = np.flatnonzero(~ok)  # recorded in failures/ and counted where they were observed
         if len(bad):
             problems = pc.list_flatten(table.column("problem")).take(pa.array(bad, pa.int64())).to_pylist()
-            for reason in sorted(set(problems)):
-                names.append(reason)
+            names += sorted(set(problems))
             code[bad] = [names.index(r) for r in problems]
         good = np.flatnonzero(ok)
         hashes = pc.fill_null(hash_col, 0).to_numpy()[good] if n else np.zeros(0, np.uint64)
@@ -321,13 +361,8 @@ class ImageDedup(ImageFilter):
             code[good[dup & ~same]] = names.index(IN_CORPUS)
         else:  # within each row, as the per-row stage does, among the images not already removed
             rest = np.flatnonzero(~big)
-            starts = np.flatnonzero(np.concatenate([[True], doc[good[rest[1:]]] != doc[good[rest[:-1]]]])) \
-                if len(rest) else np.zeros(0, np.int64)
-            for s, e in zip(starts, np.concatenate([starts[1:], [len(rest)]]).astype(np.int64)):
-                if e - s > 1:
-                    members = rest[s:e]
-                    dups = document_duplicates(hashes[members], self.params.max_distance, self.bits)
-                    code[good[members[dups]]] = names.index(IN_DOCUMENT)
+            dup = row_duplicates(hashes[rest], doc[good[rest]], self.params.max_distance, self.bits)
+            code[good[rest[dup]]] = names.index(IN_DOCUMENT)
         removed = np.flatnonzero(code)
         rows = pa.array(doc[removed], pa.int64())
         gone = pa.table({
@@ -351,7 +386,7 @@ class ImageDedup(ImageFilter):
             largest.append({"size": int(sizes[c]), "kept_id": table.column("id")[int(doc[k])].as_py(),
                             "pos": int(pos[k]), "hash": f"{int(hashes[first[c]]):0{(self.bits + 3) // 4}x}"})
         by_reason = Counter(names[c] for c in code[removed].tolist())
-        return {"images": int(n), "unusable": int(len(bad)), "clusters": int((sizes > 1).sum()),
+        return {"images": int(n), "unusable": len(bad), "clusters": int((sizes > 1).sum()),
                 "removed": dict(sorted(by_reason.items())),
                 "size_histogram": {str(k): hist[k] for k in sorted(hist)}, "largest": largest,
                 "shard_ranges": ranges, "_tables": {"removed": gone}}

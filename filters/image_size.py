@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -224,7 +225,7 @@ class ImageSize(ImageFilter):
                 raise ValueError(f"min_aspect {self.min_aspect} is above max_aspect {self.max_aspect}")
             return self
 
-    needs = {"PIL": "img"}
+    needs: ClassVar[dict[str, str]] = {"PIL": "img"}
 
     def image_reasons(self, batch, view, ctx, row0):
         p = self.params
