@@ -40,7 +40,7 @@ class ClipModelParams(StageParams):
     max_image_pixels: int = Field(MAX_PIXELS, gt=0,
                                   description="images with more pixels are not decoded (image_too_large)")
     decode_workers: int | None = Field(None, gt=0, description="threads decoding and preprocessing images "
-                                       "ahead of the model (default: the CPU count, at most 8)")
+                                       "ahead of the model (default: 1 on CPU; on GPU the CPU count, at most 8)")
 
 
 class ClipModel:
@@ -143,7 +143,7 @@ class ClipModel:
         out, ok = [], np.zeros(len(blobs), bool)
         p = self.params
         batches = _prefetch(blobs, self.preprocess, p.batch_size, torch, p.max_image_pixels,
-                            p.decode_workers or _default_workers(), self.timings)
+                            p.decode_workers or _default_workers(self.device), self.timings)
         for start, tensors, problems in batches:
             for k, problem in enumerate(problems):
                 if problem is not None:
@@ -175,9 +175,13 @@ class ClipModel:
         return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
-def _default_workers() -> int:
-    """Decode threads: Pillow's decoders release the GIL, so a few threads keep one model fed."""
-    return max(1, min(8, (os.cpu_count() or 1)))
+def _default_workers(device: str) -> int:
+    """Decode threads. On a GPU the CPUs only decode: one thread per CPU (at most 8; Pillow's decoders
+    release the GIL) keeps the model fed. On CPU the model's own threads use every core, and more
+    decode threads only take cores from it (measured: benchmarks/interleave_throughput.py): one."""
+    if not device.startswith("cuda"):
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _prefetch(blobs, preprocess, size, torch, max_pixels: int, workers: int, timings: dict):
