@@ -94,10 +94,26 @@ def image_size(data: bytes) -> tuple[int | None, int | None]:
         Image.MAX_IMAGE_PIXELS = None  # only the header is read here; image stages enforce their limit
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            try:
-                orientation = im.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block leaves the stored orientation
-                orientation = None
+            orientation = _header_orientation(im)
         return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     except Exception:  # noqa: BLE001 - any header the decoder refuses
         return None, None
+
+
+def _header_orientation(im) -> int | None:
+    """The EXIF orientation found while the header was read, without ``getexif()``: for a PNG that
+    call decodes the whole image looking for a late ``eXIf`` chunk (a bomb would be allocated)."""
+    try:
+        if getattr(im, "tag_v2", None) is not None:
+            return None  # TIFF: Pillow reports the size already turned upright (as decode_rgb gives it)
+        raw = im.info.get("exif")
+        if not raw:
+            return None
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(0x0112)
+        return int(value) if value is not None else None
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the stored orientation
+        return None

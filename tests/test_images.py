@@ -150,3 +150,38 @@ def test_clip_model_loads_once_per_process(tmp_path, tiny_clip):
     for _ in range(3):  # three shards on one worker
         make_stage("clip_score", tmp_path / "run", model=str(tiny_clip))
     assert models.LOADS["open_clip"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_header_size_matches_the_decoded_picture_for_every_orientation(fmt):
+    from PIL import Image
+
+    from curate.images import decode_rgb, image_size
+
+    for orientation in range(1, 9):
+        im = Image.new("RGB", (300, 100), "white")
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, fmt, exif=exif)
+        assert image_size(buf.getvalue()) == decode_rgb(buf.getvalue()).size, (fmt, orientation)
+
+
+def test_header_size_of_a_png_bomb_reads_no_pixels(monkeypatch):
+    import struct
+    import zlib
+
+    from PIL import ImageFile
+
+    from curate.images import image_size
+
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    assert image_size(png) == (60000, 60000)
+    assert loads == []  # a decode would allocate 10.8 GB
