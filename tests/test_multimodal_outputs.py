@@ -102,3 +102,32 @@ def test_html_page_escapes_and_refuses_unsafe_images(photos):
     assert len(parser.srcs) == 1 and parser.srcs[0].startswith("data:image/jpeg;base64,")  # sniffed, not declared
     assert "&lt;script&gt;" in text
     assert sniff_mime(svg) is None
+
+
+def test_parquet_images_as_the_datasets_image_feature(tmp_path, photos):
+    import datasets
+    from PIL import Image
+
+    shards = tmp_path / "docs"
+    _tars(shards, photos)
+    m = write_manifest(tmp_path / "m.yaml", f"""
+        name: mm-feature
+        source: {{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved, batch_rows: 2}}
+        sink: [{{kind: parquet, images: feature}}, {{kind: parquet, images: struct, path: plain}}]
+        """)
+    run = tmp_path / "run"
+    cli("run", str(m), "-o", str(run), "--no-progress")
+    files = sorted(str(p) for p in (run / "parquet").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert isinstance(ds.features["images"], datasets.List) and isinstance(ds.features["images"].feature,
+                                                                            datasets.Image)
+    plain = pq.read_table(sorted((run / "plain").glob("*.parquet"))).to_pylist()
+    assert ds.num_rows == len(plain) == 3
+    for row, ref in zip(ds, plain):
+        assert row["texts"] == ref["texts"]
+        for im, info, want in zip(row["images"], row["image_info"], ref["images"]):
+            if want is None:
+                assert im is None and info is None
+            else:
+                assert isinstance(im, Image.Image) and im.size == (want["width"], want["height"])
+                assert info == {k: want[k] for k in ("mime", "sha256", "width", "height")}
