@@ -53,7 +53,7 @@ COLUMN_MODES: dict[tuple[str, str], str] = {
 }
 #: Sources whose rows never carry a ``scores`` column; Parquet and Arrow files are looked at; any other
 #: source (a ``datasets`` folder, a third-party reader) may carry any scores.
-NO_SCORES_SOURCES = frozenset({"jsonl", "webdataset", "stdlib_docs"})
+NO_SCORES_SOURCES = frozenset({"jsonl", "webdataset", "stdlib_docs", "img2dataset", "image_folder", "hf_images"})
 #: Columns of the three schemas, none of them a struct: a dotted path can only start at ``scores``.
 _FLAT_COLUMNS = frozenset({"id", "text", "source", "meta", "texts", "images", "input_ids", "loss_mask",
                            "doc_offsets", "n_tokens", "n_image_tokens", "lineage"})

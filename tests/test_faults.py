@@ -28,7 +28,7 @@ from tests.conftest import make_text, write_jsonl, write_manifest
 
 #: Folders of a run directory that are curate's bookkeeping, not output.
 INTERNAL = {"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "tokenizer", "locks",
-            "cache"}
+            "cache", "downloads"}
 INTERNAL_FILES = {"fingerprint", "manifest.resolved.yaml", "stats.json", "lock"}
 
 
