@@ -151,6 +151,13 @@ def test_arrow_and_hf_disk_and_load_dataset(tmp_path):
     write_jsonl(tmp_path / "local" / "data.jsonl", [{"text": t} for t in rows["content"]])
     got, _, _ = read_all("hf", tmp_path / "r3", path="json", data_files=[str(tmp_path / "local" / "data.jsonl")])
     assert [r["text"] for r in got] == rows["content"]
+    assert got[0]["id"] == "json:0"
+
+    # several streaming shards: rows are counted per shard, ids stay unique across shards
+    write_jsonl(tmp_path / "local" / "more.jsonl", [{"text": t} for t in rows["content"][:5]])
+    got, ctxs, _ = read_all("hf", tmp_path / "r4", path="json", data_files=[str(tmp_path / "local" / "data.jsonl"),
+                                                                          str(tmp_path / "local" / "more.jsonl")])
+    assert len(ctxs) == 2 and len(got) == 45 and len({r["id"] for r in got}) == 45
 
 
 def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:

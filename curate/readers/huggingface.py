@@ -3,7 +3,8 @@
 - ``kind: hf_disk``: each Arrow file of the saved dataset is a shard, read directly (no cache copy).
 - ``kind: hf``: ``datasets.load_dataset(path, name, split, data_files, streaming=True)``; a local folder
   or data files work offline, a Hub id where a network exists. The streaming dataset's own shards
-  (``n_shards``) are the shards here.
+  (``n_shards``) are the shards here. Without an ``id_field``, ids are ``<path>:<row>`` for one shard
+  and ``<path>[<shard>]:<row>`` for several (rows counted within each shard).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ class HfLoadReader(Reader):
         ds = self._dataset()
         p = self.params
         base = digest(p.path, p.name, p.split, p.data_files, p.revision, size=12).hex()
-        return [Shard(f"{i:05d}", f"{base}-{i}", p.path, p.path, i, i + 1, {"n_shards": ds.num_shards})
-                for i in range(ds.num_shards)]
+        # ids are `<rel>:<row>` with rows counted per shard: a dataset of several shards names each
+        # one (`path[i]`) so that ids stay unique across them
+        n = ds.num_shards
+        return [Shard(f"{i:05d}", f"{base}-{i}", p.path, p.path if n == 1 else f"{p.path}[{i}]", i, i + 1,
+                      {"n_shards": n}) for i in range(n)]
 
     def read(self, shard: Shard, ctx) -> Iterator[pa.RecordBatch]:
         ds = self._dataset().shard(num_shards=shard.extra["n_shards"], index=shard.start)
