@@ -125,11 +125,12 @@ class ImageTokenCounter:
         return self.count(width, height) - self.extra
 
     def count_image(self, image: dict | None) -> int:
-        """Tokens for an IMAGE struct (``width``/``height``, read from the bytes' header when null)."""
+        """Tokens for an IMAGE struct (``width``/``height``, read from the bytes' header when null or not
+        positive)."""
         if image is None:
             return 0
         w, h = image.get("width"), image.get("height")
-        if not (w and h) and image.get("bytes"):
+        if not ((w or 0) > 0 and (h or 0) > 0) and image.get("bytes"):
             from curate.images import image_size
 
             w, h = image_size(image["bytes"])

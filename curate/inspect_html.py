@@ -3,10 +3,11 @@
 Interleaved rows (``texts``/``images``) are laid out in order: text positions as paragraphs, image
 positions as ``<img>`` with ``data:`` URIs, each captioned with its position, size and sha256 prefix.
 Other columns (question, answer, needle, target, n_tokens, scores, meta) are listed above the body.
-Rows read back from WebDataset tars are rebuilt from their ``json`` member and image files. The page
-needs nothing else: no script, no network. Every string is HTML-escaped, and only raster image types
-(JPEG, PNG, WebP, GIF, BMP, TIFF) become data URIs — an ``image/svg+xml`` or unknown type shows as a
-placeholder, so a hostile sample cannot run code in the viewer's browser.
+Rows read back from WebDataset tars are rebuilt from their ``json`` member and image files, rows from
+JSONL outputs have their image bytes decoded from base64. The page needs nothing else: no script, no
+network. Every string is HTML-escaped, and only raster image types (JPEG, PNG, WebP, GIF, BMP, TIFF)
+become data URIs — an ``image/svg+xml`` or unknown type shows as a placeholder, so a hostile sample
+cannot run code in the viewer's browser.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def _figure(pos: int, n: int, image: Any, files: dict) -> str:
     if not isinstance(image, dict):
         image = {}
     data = image.get("bytes")
+    if isinstance(data, str):  # a JSONL output: binary columns are written as base64 strings
+        data = _base64(data)
     if data is None and isinstance(image.get("file"), str):  # a WebDataset sample: the member's bytes
         member = files.get(image["file"])
         data = member if isinstance(member, (bytes, bytearray)) else None
@@ -107,6 +110,13 @@ def _figure(pos: int, n: int, image: Any, files: dict) -> str:
     uri = f"data:{mime};base64,{base64.b64encode(bytes(data)).decode()}"
     return (f"<figure><img alt='{_e(caption)}' src='{uri}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _base64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error: not base64, so not image bytes
+        return None
 
 
 def _brief(value: Any) -> str:

@@ -80,7 +80,7 @@ def _tar_samples(path: Path, keep_bytes: bool = False) -> Iterator[dict[str, Any
                 row.update(orjson.loads(sample["json"]))
             for key, value in sample.items():
                 if key == "txt":
-                    row["text"] = value.decode()
+                    row["text"] = value.decode("utf-8", errors="replace")  # a viewer: never fail on a member
                 elif key.endswith(".npy"):
                     row[key[:-4]] = np.load(io.BytesIO(value)).tolist()
                 elif key not in ("json", "__key__", "__url__") and isinstance(value, bytes):

@@ -111,7 +111,12 @@ class ClipModel:
         self.torch = torch
 
     def chunks(self, text: str) -> list[str]:
-        """The text as is when it fits the text encoder, else sentence chunks that each fit."""
+        """The text as is when it fits the text encoder, else sentence chunks that each fit.
+
+        A sentence too long for the context is cut between words, and a word too long for it (a run
+        of characters without spaces: a URL, CJK, emoji) between characters, so every chunk fits and
+        no part of the text is truncated away by the tokenizer. Each word is encoded once (the text
+        encoders' tokenizers split at whitespace first), so a long text costs linear time."""
         budget = self.context - 2  # start and end tokens
         encode = self.tokenizer.encode
         if len(encode(text)) <= budget:
@@ -119,26 +124,40 @@ class ClipModel:
         out, current, used = [], [], 0
         for sentence in _SENTENCE.split(text.strip()):
             n = len(encode(sentence))
-            if n > budget:  # one long sentence: cut it by words
-                words, piece = sentence.split(), []
-                for w in words:
-                    if piece and len(encode(" ".join([*piece, w]))) > budget:
-                        out.append(" ".join(piece))
-                        piece = []
-                    piece.append(w)
-                sentence, n = " ".join(piece), len(encode(" ".join(piece)))
-            if current and used + n > budget:
-                out.append(" ".join(current))
-                current, used = [], 0
-            current.append(sentence)
-            used += n
+            pieces = [(sentence, n)] if n <= budget else self._word_pieces(sentence, budget)
+            for piece, n in pieces:
+                if current and used + n > budget:
+                    out.append(" ".join(current))
+                    current, used = [], 0
+                current.append(piece)
+                used += n
         if current:
             out.append(" ".join(current))
         return out
 
-    def embed_images(self, blobs: list[bytes], owners: list[str], ctx, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    def _word_pieces(self, sentence: str, budget: int) -> list[tuple[str, int]]:
+        """``(piece, tokens)`` covering a sentence longer than ``budget`` tokens, each within it:
+        whole words joined while they fit, a word longer than the budget cut by characters."""
+        encode = self.tokenizer.encode
+        out, piece, used = [], [], 0
+        for word in sentence.split():
+            n = len(encode(word))
+            parts = [(word, n)] if n <= budget else _cut_word(word, budget, encode)
+            for part, k in parts:
+                if piece and used + k > budget:
+                    out.append((" ".join(piece), used))
+                    piece, used = [], 0
+                piece.append(part)
+                used += k
+        if piece:
+            out.append((" ".join(piece), used))
+        return out
+
+    def embed_images(self, blobs: list[bytes], owners: list[str], ctx, stage: str,
+                     records: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings, ok)``, one row per blob (NaN where ``ok`` is False). A bad image is recorded in
-        ``failures/`` as ``stage``'s, named by its ``owners`` entry, and counted by its reason."""
+        ``failures/`` as ``stage``'s, named by its ``owners`` entry (and ``record``: its ``records``
+        entry, the row's id, when given), and counted by its reason."""
         torch = self.torch
         out, ok = [], np.zeros(len(blobs), bool)
         p = self.params
@@ -147,7 +166,8 @@ class ClipModel:
         for start, tensors, problems in batches:
             for k, problem in enumerate(problems):
                 if problem is not None:
-                    ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=stage)
+                    ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=stage,
+                                record=records[start + k] if records is not None else None)
             good = [problem is None for problem in problems]
             ok[start:start + len(good)] = good
             if tensors is None:
@@ -173,6 +193,35 @@ class ClipModel:
                 parts.append(_normalized(self.model.encode_text(tokens)))
         self.timings["model_s"] += time.perf_counter() - t0
         return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def _cut_word(word: str, budget: int, encode) -> list[tuple[str, int]]:
+    """A word longer than ``budget`` tokens as consecutive character pieces of at most ``budget`` tokens
+    each, each the longest that fits. The previous piece's length is the first guess (galloping from
+    it, then bisection), so a uniform run costs a few encodes per piece: linear in the word."""
+    out, start, width, n = [], 0, max(budget, 1), len(word)
+
+    def fits(end: int) -> bool:
+        return len(encode(word[start:end])) <= budget
+
+    while start < n:
+        lo, hi = start + 1, min(n, start + width)  # a single character always fits (at most 4 byte tokens)
+        if fits(hi):
+            lo, step = hi, 1
+            while lo < n and fits(min(n, lo + step)):
+                lo, step = min(n, lo + step), step * 2
+            hi = lo if lo == n else min(n, lo + step) - 1  # lo + step does not fit
+        else:
+            hi -= 1
+        while lo < hi:  # the longest end in [lo, hi]; lo fits
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append((word[start:lo], len(encode(word[start:lo]))))
+        width, start = lo - start, lo
+    return out
 
 
 def _default_workers(device: str) -> int:

@@ -74,7 +74,8 @@ class ClipScore(Filter):
         flat = [(r, k, img["bytes"]) for r, row in enumerate(images) for k, img in enumerate(row or [])
                 if img is not None]
         image_emb, ok = self.clip.embed_images([b for _, _, b in flat],
-                                               [f"row {ids[r]!r}, image {k}" for r, k, _ in flat], ctx, self.label)
+                                               [f"row {ids[r]!r}, image {k}" for r, k, _ in flat], ctx, self.label,
+                                               records=[ids[r] for r, _, _ in flat])
         chunks, owner = [], []  # owner: (row, text position)
         for r, row in enumerate(texts):
             for k, t in enumerate(row or []):

@@ -24,7 +24,10 @@ image positions hold its candidate images, in any order (e.g. the images of the 
 Scores, under ``scores.<label>``: ``image_scores`` (each output image's similarity to its sentence, in
 output order), ``image_sentences`` (its sentence index), ``n_sentences``, ``mean_score``. Rows with no
 text are dropped (``no_text``), rows left with fewer than ``min_images`` images are dropped
-(``too_few_images``); both counted. The output is independent of batch boundaries and worker count.
+(``too_few_images``); both counted. Rows whose ``texts`` and ``images`` are not aligned (null lists,
+different lengths, or a position with both or neither set) are dropped as ``misaligned_row``, counted
+and written to ``failures/``, as the image filters do. The output is independent of batch boundaries
+and worker count.
 """
 
 from __future__ import annotations
@@ -76,6 +79,12 @@ def _document(texts: list[str | None]) -> str:
     return "\n\n".join(t.strip("\n") for t in texts if t is not None and t.strip())
 
 
+def _aligned(texts: list | None, images: list | None) -> bool:
+    """The interleaved convention: both lists present, equal lengths, exactly one of the two per position."""
+    return texts is not None and images is not None and len(texts) == len(images) and \
+        all((t is None) != (i is None) for t, i in zip(texts, images))
+
+
 @register_stage("interleave")
 class Interleave(Synthesizer):
     """Each image to at most one sentence by CLIP similarity and linear assignment (MMC4)."""
@@ -123,12 +132,20 @@ class Interleave(Synthesizer):
         ids = batch.column("id").to_pylist()
         texts = batch.column("texts").to_pylist()
         images = batch.column("images").to_pylist()
+        aligned = [_aligned(t, i) for t, i in zip(texts, images)]
+        for r in np.flatnonzero(~np.array(aligned, bool)).tolist():
+            ctx.failure("misaligned_row", f"stage {self.label}, row {ids[r]!r}: texts and images are not aligned "
+                        "(a null list, lengths differ, or a position has both or neither)", record=ids[r],
+                        stage=self.label, dropped=True)
+        texts = [t if ok else [] for t, ok in zip(texts, aligned)]
+        images = [i if ok else [] for i, ok in zip(images, aligned)]
         docs = [split_sentences(_document(row)) for row in texts]
         cands = [[img for img in row if img is not None] for row in images]
 
         flat = [(r, k) for r, row in enumerate(cands) for k in range(len(row))]
         owners = [f"row {ids[r]!r}, image {k}" for r, k in flat]
-        image_emb, ok = self.clip.embed_images([cands[r][k]["bytes"] for r, k in flat], owners, ctx, self.label)
+        image_emb, ok = self.clip.embed_images([cands[r][k]["bytes"] for r, k in flat], owners, ctx, self.label,
+                                               records=[ids[r] for r, _ in flat])
         sent_owner, chunks = [], []
         for r, sentences in enumerate(docs):
             if not cands[r]:
@@ -150,6 +167,8 @@ class Interleave(Synthesizer):
 
         keep, rows_out = [], []
         for r in range(batch.num_rows):
+            if not aligned[r]:
+                continue  # dropped and recorded above
             if not "".join(docs[r]).strip():
                 st.drop("no_text")
                 continue

@@ -28,17 +28,20 @@ and its answer (their tokens count toward the budget):
 The needle is placed so that ``depth`` of the other tokens of the sample come before it (a text
 position is split at a token boundary to get there; an image is never split: the nearer side wins).
 
-Images whose size is missing are measured from their header, never decoded; an image whose header
-cannot be read is left out (``undecodable_image``), one that costs more than the largest target is
-left out (``image_over_target``), and an empty row is dropped (``empty_row``): each is counted and
-listed in ``failures/``. Randomness comes from ``(seed, stage, shard, sample number)``, and a shard is
-processed alone, so the output does not depend on the number of workers or on batching.
+Images whose size is missing (null or not positive) are measured from their header, never decoded;
+an image whose header cannot be read is left out (``undecodable_image``), one that costs more than the
+largest target is left out (``image_over_target``), an image at a position that also holds a text is
+left out (the text is kept: ``image_beside_text``), and an empty row is dropped (``empty_row``): each
+is counted and listed in ``failures/``. A text is re-encoded after each cut only near the cut (see
+``_tail_ids``), so a long text costs about linear time however many samples it fills (one without
+whitespace is re-encoded whole after each cut). Randomness comes from ``(seed, stage, shard, sample
+number)``, and a shard is processed alone, so the output does not depend on the number of workers or
+on batching.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +65,9 @@ IMAGE_QUESTION = ("Count the images in this sequence from 1 in the order they ap
                   "that fits this description: {caption} Reply with the number only.")
 #: Tries of the encode–decode cut before the character search.
 _CUT_TRIES = 8
+#: A cut text's tail up to this many characters is re-encoded whole; a longer one only up to a verified
+#: cut point about ``_TAIL_WINDOW`` characters in (see ``LongMultimodal._tail_ids``).
+_TAIL_WHOLE, _TAIL_WINDOW = 32_768, 4_096
 #: Output rows per batch, and the byte size at which a batch leaves early.
 _BATCH_ROWS, _BATCH_BYTES = 16, 256 << 20
 _DROPPED = object()
@@ -257,8 +263,9 @@ class LongMultimodal(Synthesizer):
                 continue
             items: list[_Item] = []
             for j, (text, image) in enumerate(zip(row_texts, row_images)):
-                if text is not None and image is not None:
-                    st.count("image_beside_text")  # not the interleaved convention: the text is kept
+                if text is not None and image is not None:  # not the interleaved convention: the text is kept
+                    ctx.failure("image_beside_text", f"row {row_id!r}, position {j}: an image beside a text is "
+                                "left out", record=row_id, stage=self.label)
                 if text is not None:
                     if not text.strip():
                         st.count("blank_texts")
@@ -293,7 +300,7 @@ class LongMultimodal(Synthesizer):
             ctx.failure("undecodable_image", f"row {row_id!r}, position {j}: the image has no bytes",
                         record=row_id, stage=self.label)
             return None
-        if not (w and h):
+        if not ((w or 0) > 0 and (h or 0) > 0):  # null, 0 or negative: not a size
             w, h = header_size(data)
             if not (w and h):
                 ctx.failure("undecodable_image", f"row {row_id!r}, position {j}: the image header cannot be "
@@ -493,8 +500,23 @@ class LongMultimodal(Synthesizer):
         head_item = _Item(TEXT, len(head_ids), it.row, it.source, text=head, ids=head_ids)
         if not rest.strip():
             return head_item, None
-        rest_ids = self.tok.encode_arrays([rest])[0]
+        rest_ids = self._tail_ids(it, at)
         return head_item, _Item(TEXT, len(rest_ids), it.row, it.source, text=rest, ids=rest_ids)
+
+    def _tail_ids(self, it: _Item, at: int) -> np.ndarray:
+        """The ids of ``it.text[at:]``. A long tail is not re-encoded whole (a text cut into many samples
+        would cost time quadratic in its length): past a cut point ``c`` a little after ``at``, verified
+        as the run tokenizer verifies its own split points (the text encodes as its two sides do), the
+        ids are the item's own from ``c`` on, and only ``text[at:c]`` is encoded. Without such a point
+        (no whitespace) the tail is encoded whole."""
+        text = it.text
+        if len(text) - at <= _TAIL_WHOLE:
+            return self.tok.encode_arrays([text[at:]])[0]
+        c = self.tok._safe_cut(text, at + _TAIL_WINDOW, at)
+        if c is None:
+            return self.tok.encode_arrays([text[at:]])[0]
+        skip = len(self.tok.encode_arrays([text[:c]])[0])
+        return np.concatenate([self.tok.encode_arrays([text[at:c]])[0], it.ids[skip:]]).astype(np.int32)
 
     def _search(self, text: str, ids: np.ndarray, k: int, lo: int):
         """The longest prefix (at least ``lo`` characters) that encodes to at most ``k`` tokens, by
@@ -644,31 +666,12 @@ class LongMultimodal(Synthesizer):
 
 def header_size(data: bytes) -> tuple[int | None, int | None]:
     """``(width, height)`` as displayed (EXIF orientation applied) from the header alone; ``(None, None)``
-    when the header cannot be read. Pixels are never decoded: Pillow's PNG ``getexif`` decodes the
-    whole image to look for a late EXIF chunk, so for PNG only an EXIF chunk before the pixel data
-    counts (where writers put it)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None, None
-    try:
-        Image.MAX_IMAGE_PIXELS = None  # only the header is read; the size is what is wanted
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            try:
-                if im.format == "PNG":
-                    raw = im.info.get("exif")
-                    exif = Image.Exif()
-                    if raw:
-                        exif.load(raw)
-                else:
-                    exif = im.getexif()
-                orientation = exif.get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block leaves the stored orientation
-                orientation = None
-    except Exception:  # noqa: BLE001 - any header Pillow refuses
-        return None, None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    when the header cannot be read. Pixels are never decoded. This is :func:`curate.images.image_size`,
+    the size every other image stage and ``count_tokens`` read (a copy kept here swapped the sides of an
+    EXIF-rotated TIFF, which Pillow already reports upright, so its token count differed)."""
+    from curate.images import image_size
+
+    return image_size(data)
 
 
 def _prefix_end(text: str, head: str) -> int | None:

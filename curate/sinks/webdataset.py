@@ -1,13 +1,14 @@
 """WebDataset tar shards, readable by ``webdataset.WebDataset(...)`` unchanged.
 
 One sample per row, key ``<file stem>_<row>``. Members: ``txt`` for a ``text`` column; the images of
-an ``images`` column (interleaved rows, captioned images) as their own files (``000.jpg``, ``001.png`` … by position); integer lists (token
-ids, masks, offsets) as ``<column>.npy`` in the column's own Arrow width (``input_ids`` int32 →
-``<i4``, ``loss_mask`` uint8 → ``|u1``; ``np.load`` gives back the same dtype and values); every
-other column in one ``json`` member (``meta`` parsed back into an object, interleaved ``texts`` with
-``images`` as file names). An integer list that is null, or holds nulls, has no ``.npy`` form and goes
-into ``json`` as it is. Tar headers carry a fixed mtime, user and group, so the same rows give the
-same bytes.
+an ``images`` column (interleaved rows, captioned images) as their own files (``000.jpg``, ``001.png``
+… by position; an image struct whose ``bytes`` are null has no file, its ``json`` entry says ``file:
+null``); integer lists (token ids, masks, offsets) as ``<column>.npy`` in the column's own Arrow width
+(``input_ids`` int32 → ``<i4``, ``loss_mask`` uint8 → ``|u1``; ``np.load`` gives back the same dtype
+and values); every other column in one ``json`` member (``meta`` parsed back into an object,
+interleaved ``texts`` with ``images`` as file names). An integer list that is null, or holds nulls, has
+no ``.npy`` form and goes into ``json`` as it is. Tar headers carry a fixed mtime, user and group, so
+the same rows give the same bytes.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class WebDatasetEncoder(Encoder):
             for i, image in enumerate(row.pop("images")):
                 if image is None:
                     names.append(None)
+                    continue
+                if image.get("bytes") is None:  # a struct without data: its entry, but no file to write
+                    names.append({"file": None, **{k: v for k, v in image.items() if k != "bytes"}})
                     continue
                 name = f"{i:03d}.{_EXT_OF_MIME.get(image['mime'], 'bin')}"
                 sample[name] = image["bytes"]

@@ -4,10 +4,12 @@ Adds ``n_tokens`` (int32: the run tokenizer's tokens over every text position, p
 tokens under ``image_tokens``, see :mod:`curate.image_tokens`) and ``n_image_tokens`` (int32: the
 images' part) to interleaved rows; on documents rows ``n_tokens`` is the text's tokens and
 ``n_image_tokens`` is 0. Existing columns of those names are replaced. Image sizes come from the
-struct's ``width``/``height`` or, when null, from the bytes' header (never decoded); an image whose
-header cannot be read costs the smallest image's tokens and is counted as metric ``unknown_image_size``.
-``select`` on ``n_tokens`` then keeps rows within a budget, and every later length decision uses the same
-count.
+struct's ``width``/``height`` or, when null or not positive, from the bytes' header (never decoded); an
+image whose header cannot be read costs the smallest image's tokens and is counted as metric
+``unknown_image_size``. Interleaved rows whose ``texts`` and ``images`` are not aligned (a null list,
+different lengths, or a position with both or neither) are dropped as ``misaligned_row`` and written to
+``failures/``, so what comes out is valid interleaved data. ``select`` on ``n_tokens`` then keeps rows
+within a budget, and every later length decision uses the same count.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class CountTokens(Stage):
             if "texts" in names:
                 texts = batch.column("texts").to_pylist()
                 images = batch.column("images").to_pylist() if "images" in names else [[] for _ in texts]
+                if "images" in names:
+                    batch, texts, images = self._aligned(batch, texts, images, ctx)
             elif "text" in names:
                 texts = [[t] for t in batch.column("text").to_pylist()]
                 images = [[] for _ in texts]
@@ -58,7 +62,7 @@ class CountTokens(Stage):
                 for im in row or []:
                     if im is None:
                         continue
-                    if not (im.get("width") and im.get("height")):
+                    if not ((im.get("width") or 0) > 0 and (im.get("height") or 0) > 0):
                         from curate.images import image_size
 
                         w, h = image_size(im["bytes"]) if im.get("bytes") else (None, None)
@@ -75,3 +79,17 @@ class CountTokens(Stage):
             out = out.append_column("n_image_tokens", pa.array(image_tokens.astype(np.int32), pa.int32()))
             st.count("image_tokens", int(image_tokens.sum()))
             yield out
+
+    def _aligned(self, batch, texts, images, ctx):
+        """The batch without its misaligned rows (dropped as ``misaligned_row``, in ``failures/``)."""
+        ok = [t is not None and i is not None and len(t) == len(i) and
+              all((a is None) != (b is None) for a, b in zip(t, i)) for t, i in zip(texts, images)]
+        if all(ok):
+            return batch, texts, images
+        ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * len(ok)
+        for r in (r for r, good in enumerate(ok) if not good):
+            ctx.failure("misaligned_row", f"stage {self.label}, row {ids[r]!r}: texts and images are not aligned "
+                        "(a null list, lengths differ, or a position has both or neither)", record=ids[r],
+                        stage=self.label, dropped=True)
+        keep = [r for r, good in enumerate(ok) if good]
+        return (batch.take(pa.array(keep, pa.int64())), [texts[r] for r in keep], [images[r] for r in keep])
