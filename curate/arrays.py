@@ -36,19 +36,28 @@ def int_lists(rows: Sequence, dtype=np.int32) -> pa.ListArray:
 
 def strings(values: Sequence[str | None]) -> pa.StringArray:
     """A string array from Python strings (None is null), via one UTF-8 buffer."""
-    n = len(values)
-    encoded = [b"" if v is None else v.encode() for v in values]
+    return _var_width(pa.string(), [None if v is None else v.encode() for v in values], "string column")
+
+
+def binaries(values: Sequence[bytes | None]) -> pa.BinaryArray:
+    """A binary array from Python bytes (None is null), via one buffer."""
+    return _var_width(pa.binary(), [None if v is None else bytes(v) for v in values], "binary column")
+
+
+def _var_width(kind: pa.DataType, encoded: list[bytes | None], what: str) -> pa.Array:
+    n = len(encoded)
+    data = [b"" if v is None else v for v in encoded]
     offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=n), out=offsets[1:])
+    np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=n), out=offsets[1:])
     if offsets[-1] >= 2**31:
-        raise ValueError("string column over 2 GiB in one batch; lower batch_bytes")
-    nulls = sum(v is None for v in values)
+        raise ValueError(f"{what} over 2 GiB in one batch; lower batch_bytes")
+    nulls = sum(v is None for v in encoded)
     validity = None
     if nulls:
-        mask = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+        mask = np.fromiter((v is not None for v in encoded), dtype=bool, count=n)
         validity = pa.py_buffer(np.packbits(mask, bitorder="little"))
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded)),
-                                       validity, nulls)
+    return pa.Array.from_buffers(kind, n, [validity, pa.py_buffer(offsets.astype(np.int32)),
+                                           pa.py_buffer(b"".join(data))], null_count=nulls)
 
 
 def string_lists(rows: Sequence[Sequence[str]]) -> pa.ListArray:

@@ -193,7 +193,8 @@ def status(
     """Per phase: shards done, running, failed (with log paths) and pending, from the run directory."""
     from curate.manifest import Manifest
     from curate.planner import Plan
-    from curate.steps import holder, slurm_jobs, status as phase_status
+    from curate.steps import holder, slurm_jobs
+    from curate.steps import status as phase_status
 
     resolved = run_dir / "manifest.resolved.yaml"
     if not resolved.exists():

@@ -52,7 +52,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate import seeds
-from curate.arrays import numeric, strings
+from curate.arrays import binaries, numeric, strings
 from curate.image_tokens import ImageTokenParams
 from curate.registry import register_stage
 from curate.schema import IMAGE
@@ -644,7 +644,7 @@ class LongMultimodal(Synthesizer):
         present = np.fromiter((im is not None for im in flat_images), dtype=bool, count=len(flat_images))
         ints = {name: numeric(np.fromiter(((im or {}).get(name) or 0 for im in flat_images), dtype=np.int32,
                                           count=len(flat_images))) for name in ("width", "height")}
-        children = [_binary([im["bytes"] if im is not None else None for im in flat_images]),
+        children = [binaries([im["bytes"] if im is not None else None for im in flat_images]),
                     strings([im.get("mime") if im is not None else None for im in flat_images]),
                     strings([im.get("sha256") if im is not None else None for im in flat_images]),
                     ints["width"], ints["height"]]
@@ -706,23 +706,6 @@ def _image_number(body: list[_Item], depth: float) -> int:
         n += it.kind == PICTURE
         acc += it.tokens
     return n + 1
-
-
-def _binary(values: list[bytes | None]) -> pa.Array:
-    """A binary array over one buffer (``pa.array`` would import pandas in the worker)."""
-    n = len(values)
-    data = [b"" if v is None else bytes(v) for v in values]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=n), out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        raise ValueError("image bytes over 2 GiB in one batch")
-    nulls = sum(v is None for v in values)
-    validity = None
-    if nulls:
-        mask = np.fromiter((v is not None for v in values), dtype=bool, count=n)
-        validity = pa.py_buffer(np.packbits(mask, bitorder="little"))
-    return pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.astype(np.int32)),
-                                                  pa.py_buffer(b"".join(data))], null_count=nulls)
 
 
 def _row_bytes(row: dict) -> int:

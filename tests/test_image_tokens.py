@@ -41,11 +41,12 @@ def test_patch_grid_equals_the_qwen_processor(model, patch, merge, lo, hi):
 
 def test_patch_grid_on_real_pixels():
     """The whole preprocessing path (resize, patchify) on real photographs gives the same grid."""
+    import io
+
+    from PIL import Image
     from transformers import Qwen2VLImageProcessor
 
     from curate.testing import real_images
-    from PIL import Image
-    import io
 
     proc = Qwen2VLImageProcessor()
     counter = ImageTokenParams(model="qwen2.5-vl", max_pixels=200_000).counter()

@@ -25,6 +25,7 @@ from curate.schema import INTERLEAVED, validate
 from curate.tokenizer import CurateTokenizer
 from tests.conftest import cli, make_text, write_manifest
 from tests.helpers_tokenizer import prepare_tokenizer
+from tests.test_faults import _run as run_in_process
 
 
 # ---------------------------------------------------------------------- inputs
@@ -382,29 +383,6 @@ def output_digest(run: Path) -> dict[str, str]:
     return out
 
 
-def _execute(manifest: Path, out: Path, faults: list | None = None):
-    """Run in this process (one worker, the driver's own), with ``CURATE_FAULTS`` set meanwhile."""
-    import os
-
-    from rich.console import Console
-
-    from curate.driver import execute
-    from curate.manifest import load
-
-    old = os.environ.pop("CURATE_FAULTS", None)
-    if faults:
-        os.environ["CURATE_FAULTS"] = json.dumps(faults)
-    try:
-        execute(load(manifest, output=str(out)), console=Console(file=io.StringIO()), show_progress=False)
-        return None
-    except Exception as e:  # noqa: BLE001 - the injected fault, as the driver reports it
-        return e
-    finally:
-        os.environ.pop("CURATE_FAULTS", None)
-        if old is not None:
-            os.environ["CURATE_FAULTS"] = old
-
-
 def test_cli_output_is_identical_across_workers_reruns_and_a_fault(cli_inputs):
     root, manifest = cli_inputs
     cli("run", str(manifest), "-o", str(root / "w1"), "-w", "1", "--no-progress")
@@ -413,9 +391,9 @@ def test_cli_output_is_identical_across_workers_reruns_and_a_fault(cli_inputs):
     assert output_digest(root / "w2") == reference
     # a fault inside the stage on one shard, then a plain rerun: the bytes of a run that never failed
     fault = [{"point": "stage", "label": "long_multimodal", "shard": "00001", "after": 1}]
-    assert _execute(manifest, root / "faulted", fault) is not None
+    assert run_in_process(manifest, root / "faulted", fault) is not None
     assert not (root / "faulted" / "stats.json").exists()
-    assert _execute(manifest, root / "faulted") is None
+    assert run_in_process(manifest, root / "faulted") is None
     assert output_digest(root / "faulted") == reference
 
     table = pa.concat_tables(pq.read_table(p) for p in sorted((root / "w1" / "parquet").glob("*.parquet")))

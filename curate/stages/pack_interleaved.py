@@ -88,10 +88,10 @@ class PackInterleaved(Stage):
             n = rows[i]["n_tokens"]
             at = bisect.bisect_left(rooms, (n, -1))
             if at < len(rooms):
-                room, k = rooms.pop(at)
+                _, k = rooms.pop(at)
             else:
                 bins.append(_Bin(p.seq_len, []))
-                room, k = p.seq_len, len(bins) - 1
+                k = len(bins) - 1
             bins[k].add(rows[i])
             bisect.insort(rooms, (bins[k].room, k))
         full = [b for b in bins if b.used >= p.fill_target * p.seq_len]
