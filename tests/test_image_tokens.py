@@ -52,7 +52,7 @@ def test_patch_grid_on_real_pixels():
     counter = ImageTokenParams(model="qwen2.5-vl", max_pixels=200_000).counter()
     for _, data, _ in real_images(size=None)[:4]:
         im = Image.open(io.BytesIO(data)).convert("RGB")
-        out = proc(images=[im], max_pixels=200_000, return_tensors="np")
+        out = proc(images=[im], size={"shortest_edge": 56 * 56, "longest_edge": 200_000}, return_tensors="np")
         t, gh, gw = (int(x) for x in out["image_grid_thw"][0])
         assert counter.pad_tokens(*im.size) == t * gh * gw // 4
 
