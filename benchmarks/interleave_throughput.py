@@ -11,8 +11,8 @@ document. Reported per configuration:
   and in the assignment (similarity matrices, the floor and ``linear_sum_assignment``).
 
 Lines: ``decode_workers`` 1, 2 and 4; the ratio of their documents/s says what decode parallelism buys
-where the model runs (the default is 1 on CPU, where the model's threads take every core, and one
-thread per CPU on GPU), and each line's wait share says whether the model is starved. Models (random weights; speed does not depend on the values): ``tiny`` (2-layer
+(the default is one thread per CPU, at most 8), and each line's wait share says whether the model is
+starved. Models (random weights; speed does not depend on the values): ``tiny`` (2-layer
 64-px towers: decoding dominates) and ``ViT-B-32`` (224 px, the usual CLIP filter architecture).
 
 Usage: ``python benchmarks/interleave_throughput.py [--docs 64] [--images 6] [--model tiny] [--json out.json]``
