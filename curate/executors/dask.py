@@ -254,6 +254,10 @@ class _Session:
             return None
 
     def close(self, interrupted: bool) -> None:
+        if interrupted:
+            # Stopped by Ctrl-C or SIGTERM: the connections dask is told to drop log their errors (with
+            # tracebacks, at INFO) on the way down; the user has been told what happened and what to do.
+            _silence_dask_logs()
         if interrupted and self.ours:
             _kill_workers(self.cluster)
         if not self.ours:
@@ -325,6 +329,15 @@ class _LostTaskFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         return "workers died while trying to run it" not in text and "Couldn't gather keys" not in text
+
+
+def _silence_dask_logs() -> None:
+    """Nothing below CRITICAL from dask's (and its tornado's) loggers from now on: this process is
+    shutting its session down after an interrupt, and dropped connections are expected then."""
+    names = ["distributed", "tornado", *(n for n in logging.root.manager.loggerDict
+                                         if n.startswith(("distributed.", "tornado.")))]
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _quiet_lost_task_errors() -> None:
