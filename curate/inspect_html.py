@@ -13,6 +13,7 @@ cannot run code in the viewer's browser.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 from typing import Any
 
@@ -66,10 +67,8 @@ def _sample(i: int, row: dict[str, Any], max_chars: int) -> str:
         if key in ("texts", "images", "text", "files", "__key__", "id", "input_ids", "loss_mask"):
             continue
         if key == "meta" and isinstance(value, str):
-            try:
+            with contextlib.suppress(orjson.JSONDecodeError):  # not JSON: shown as the string it is
                 value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                pass
         out.append(f"<tr><td>{_e(key)}</td><td>{_e(_brief(value))}</td></tr>")
     out.append("</table>")
     texts, images = row.get("texts"), row.get("images")

@@ -83,3 +83,13 @@ class Stream:
         while len(picked) < k:
             picked.add(self.below(n))
         return sorted(picked)
+
+
+def pick_weighted(u: float, weights: list[float]) -> int:
+    """The index whose cumulative-weight interval holds ``u`` (uniform in [0, 1); weights summing to 1)."""
+    acc = 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if u < acc:
+            return i
+    return max(i for i, w in enumerate(weights) if w > 0)  # rounding left u above the sum

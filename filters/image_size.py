@@ -30,6 +30,7 @@ image filters before scoring stages.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,11 +154,11 @@ class ImageFilter(Filter):
     def score_names(self) -> list[str]:
         return []
 
+    @abstractmethod
     def image_reasons(self, batch: pa.RecordBatch, view: ImageView, ctx, row0: int) -> tuple[list, set[int]]:
         """Per image of ``view`` (in its order) a reason to remove it or None, and the indices of the
         images already counted (through ``ctx.failure``), which the base must not count again.
         ``row0`` is the shard-wide index of the batch's first row."""
-        raise NotImplementedError
 
     def run(self, batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
         yield from super().run(self._strip(batches, ctx), ctx)

@@ -338,14 +338,14 @@ class LongMultimodal(Synthesizer):
                 target = p.targets[s.k % len(p.targets)]
                 rng.random()  # the same draws either way
             else:
-                target = p.targets[_pick(rng.random(), _normalized(p.target_weights))]
+                target = p.targets[seeds.pick_weighted(rng.random(), _normalized(p.target_weights))]
             u_insert, u_kind, u_depth = rng.random(), rng.random(), rng.random()
             digits = ins.code_digits if ins is not None else 6
             code = str(1 + rng.below(9)) + "".join(str(rng.below(10)) for _ in range(digits - 1))
             if ins is None:
                 draw = _Draw(target, False, "text", 0.0, code)
             else:
-                kind = ins.kinds[_pick(u_kind, _normalized(ins.kind_weights or [1.0] * len(ins.kinds)))]
+                kind = ins.kinds[seeds.pick_weighted(u_kind, _normalized(ins.kind_weights or [1.0] * len(ins.kinds)))]
                 depth = ins.depths[min(int(u_depth * len(ins.depths)), len(ins.depths) - 1)]
                 draw = _Draw(target, u_insert < ins.fraction, kind, depth, code)
             s.draws = {s.k: draw}
@@ -720,13 +720,3 @@ def _normalized(weights: list[float]) -> list[float]:
 def _weight(ins: InsertParams, kind: str) -> float:
     weights = _normalized(ins.kind_weights or [1.0] * len(ins.kinds))
     return sum(w for k, w in zip(ins.kinds, weights) if k == kind)
-
-
-def _pick(u: float, weights: list[float]) -> int:
-    """The index whose cumulative-weight interval holds ``u`` (uniform in [0, 1))."""
-    acc = 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if u < acc:
-            return i
-    return max(i for i, w in enumerate(weights) if w > 0)

@@ -259,7 +259,7 @@ class ChunkShuffle(Synthesizer):
         p = self.params
         if p.split == "fixed":
             return list(range(p.span, length, p.span))
-        n = p.chunks[_pick(rng.random(), _weights(p))]
+        n = p.chunks[seeds.pick_weighted(rng.random(), _weights(p))]
         if n < 2 or length < n:
             return []
         if p.split == "equal":
@@ -424,16 +424,6 @@ def _weights(p) -> list[float]:
     weights = p.chunk_weights or [1.0] * len(p.chunks)
     total = sum(weights)
     return [w / total for w in weights]
-
-
-def _pick(u: float, weights: list[float]) -> int:
-    """The index whose cumulative weight interval holds ``u`` (u uniform in [0, 1))."""
-    acc = 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if u < acc:
-            return i
-    return max(i for i, w in enumerate(weights) if w > 0)  # rounding left u above the sum
 
 
 def _id_text(rng: seeds.Stream, chars: int) -> str:

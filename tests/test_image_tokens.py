@@ -125,4 +125,7 @@ def test_helpers_keep_their_invariants():
         assert rw % 28 == 0 and rh % 28 == 0 and 3136 <= rw * rh <= 1003520
         cols, rows = tile_grid(w, h, 1, 12, 448)
         assert 1 <= cols * rows <= 12
+        # no allowed grid is closer to the image's aspect ratio than the chosen one
+        best = min(abs(w / h - c / r) for c in range(1, 13) for r in range(1, 13) if c * r <= 12)
+        assert abs(w / h - cols / rows) == pytest.approx(best)
         assert best_resolution(w, h, [[336, 672], [672, 336]]) in ((336, 672), (672, 336))
