@@ -289,6 +289,60 @@ def stats(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     _print_stats(orjson.loads(path.read_bytes()))
 
 
+@app.command()
+def compact(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    sink: Optional[str] = typer.Option(None, "--sink", help="only this sink (its folder name or kind)"),
+    target_bytes: Optional[str] = typer.Option(None, "--target-bytes",
+                                               help="close a file before this size (default 500MB; WebDataset 1GB)"),
+    target_samples: Optional[int] = typer.Option(None, "--target-samples", help="at most this many samples per file"),
+) -> None:
+    """Rewrite a finished output into Hub-sized files under RUN/compacted/ (the original is kept)."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    from curate.compact import compact as compact_run
+
+    size = None
+    if target_bytes is not None:
+        try:
+            size = int(TypeAdapter(ByteSize).validate_python(target_bytes))
+        except ValidationError:
+            raise ConfigError(f"--target-bytes {target_bytes!r}: not a size (e.g. 500MB, 1GB, 200000000)") from None
+    for r in compact_run(run_dir, sink=sink, target_bytes=size, target_samples=target_samples, notice=_notice):
+        what = "already compacted" if r.skipped else "compacted"
+        out.print(f"{r.label}: {what}: {r.files_in} file(s) → {r.files_out} file(s), {r.samples:,} samples, "
+                  f"{r.bytes:,} bytes → {escape(str(r.directory))}")
+
+
+@app.command()
+def publish(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    repo: str = typer.Option(..., "--repo", help="the Hub dataset to publish to, namespace/name"),
+    private: bool = typer.Option(False, "--private", help="create the repository as private"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="branch to upload to (created if missing)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="build the repository folder only; upload nothing"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="where to build it (default RUN/publish/<org>__<name>)"),
+    compacted: bool = typer.Option(True, "--compacted/--original",
+                                   help="use `curate compact`'s files when a compaction of this output is complete"),
+    report: bool = typer.Option(True, "--report/--no-report", help="add report.html and the plots to the card"),
+    sink: Optional[str] = typer.Option(None, "--sink", help="the sink to publish (folder name or kind; default: "
+                                       "the first Parquet sink); one repository holds one file format"),
+) -> None:
+    """Lay out a finished run as a Hub dataset (card, configs, data files) and upload it."""
+    from curate.publish import publish as publish_run
+
+    r = publish_run(run_dir, repo, private=private, revision=revision, dry_run=dry_run, folder=folder,
+                    use_compacted=compacted, with_report=report, sink=sink, notice=_notice)
+    for name, rows in r.configs.items():
+        out.print(f"config {escape(name)}: {rows:,} rows")
+    for note in r.notes:
+        _notice(note)
+    if r.uploaded is None:
+        out.print(f"built {escape(str(r.folder))} ({len(r.files)} data file(s)); nothing uploaded (--dry-run)")
+    else:
+        out.print(f"uploaded {escape(str(r.folder))} → {escape(str(r.uploaded.get('url', repo)))}")
+
+
 def _print_stats(merged: dict) -> None:
     table = Table("stage", "rows in", "rows out", "dropped (reason: n)", "tokens", "seconds", title="stats")
     table.columns[3].overflow = "fold"

@@ -12,7 +12,9 @@ Each fault has
   (after the global stage observed ``after`` batches of the shard), ``sink`` (after ``after``
   batches were written to the sinks), ``completion`` (just before a shard's completion marker),
   ``combine`` (after a global stage combined, before its state is saved), ``index`` (before a sink's
-  ``index.json``), ``stats`` (before ``stats.json``);
+  ``index.json``), ``stats`` (before ``stats.json``), ``compact_file`` (after ``curate compact``
+  committed its ``after``-th file of a group, before recording it) and ``compact_index`` (before the
+  compacted ``index.json``), both filtered by ``label`` (the sink folder);
 - optional filters ``shard``, ``phase``, ``label`` (stage label or sink folder);
 - ``action``: ``raise`` (an exception, the default), ``oserror`` (an ``OSError`` as from a full
   disk), ``retryable`` (a :class:`~curate.errors.RetryableError`), ``kill`` (SIGKILL of the process

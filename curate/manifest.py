@@ -50,6 +50,7 @@ class _Envelope(BaseModel):
     sink: dict[str, Any] | list[dict[str, Any]]
     executor: dict[str, Any] = {"kind": "local"}
     tokenizer: dict[str, Any] | None = None
+    card: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Manifest:
     executor: Part
     description: str | None = None
     tokenizer: BaseModel | None = None
+    card: BaseModel | None = None
     lines: dict[Loc, int] = field(default_factory=dict, repr=False)
     secrets: dict[Loc, str] = field(default_factory=dict, repr=False)
 
@@ -110,10 +112,11 @@ class Manifest:
         executor = _part(env.executor, ("executor",), "executor", errors)
         stages = _stages(env.stages, errors)
         tokenizer = _tokenizer(env.tokenizer, errors) if env.tokenizer is not None else None
+        card = _card(env.card, errors) if env.card is not None else None
         errors.raise_if_any()
         return cls(path=path, name=env.name, seed=env.seed, output=env.output or f"runs/{env.name}",
                    source=source, stages=stages, sinks=[s for s in sinks if s], executor=executor,  # type: ignore[misc]
-                   description=env.description, tokenizer=tokenizer, lines=lines, secrets=secrets)
+                   description=env.description, tokenizer=tokenizer, card=card, lines=lines, secrets=secrets)
 
     # ---------------------------------------------------------------- use
     def error(self, loc: Loc, message: str) -> ConfigError:
@@ -141,6 +144,8 @@ class Manifest:
         out["sink"] = sinks[0] if len(sinks) == 1 else sinks
         if with_executor:
             out["executor"] = _dump_part(self.executor)
+        if self.card is not None:
+            out["card"] = self.card.model_dump(mode="json", exclude_none=True)
         return _restore_secrets(out, self.secrets)
 
     def resolved_yaml(self, *, with_executor: bool = True) -> str:
@@ -367,6 +372,16 @@ def _tokenizer(section: dict[str, Any], errors: _Errors) -> BaseModel | None:
         return TokenizerSpec.model_validate(section)
     except ValidationError as e:
         errors.pydantic(e, ("tokenizer",), "tokenizer", list(TokenizerSpec.model_fields))
+        return None
+
+
+def _card(section: dict[str, Any], errors: _Errors) -> BaseModel | None:
+    from curate.dataset_card import CardParams
+
+    try:
+        return CardParams.model_validate(section)
+    except ValidationError as e:
+        errors.pydantic(e, ("card",), "card", list(CardParams.model_fields))
         return None
 
 

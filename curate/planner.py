@@ -175,6 +175,7 @@ class Plan:
         and the input shards' content keys."""
         resolved = self.manifest.resolved(with_executor=False)
         resolved.pop("output", None)
+        resolved.pop("card", None)  # the dataset card's metadata does not shape a byte of the output
         import yaml
 
         manifest_digest = _sha(yaml.safe_dump(resolved, sort_keys=True))

@@ -43,7 +43,8 @@ from typing import Any
 
 #: First components of a sink path that are curate's own entries of the run directory.
 RESERVED = frozenset({"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "cache",
-                      "downloads", "tokenizer", "fingerprint", "manifest.resolved.yaml", "stats.json"})
+                      "downloads", "tokenizer", "fingerprint", "manifest.resolved.yaml", "stats.json",
+                      "compacted", "publish", "report", "report.html"})
 #: Longest encoded part of a partition folder name (column and value each), in characters.
 MAX_COMPONENT = 96
 NULL = "%null"
