@@ -136,9 +136,9 @@ def card_text(data: Any, *, name: str, summary: str | None, resolved_yaml: str, 
     parts = [f"# {cell(name)}", ""]
     if summary:
         parts += [cell(summary), ""]
-    parts += ["Made with [curate](https://pypi.org/project/curate-longctx/) from the manifest below; every "
-              "file in `data/` is listed by config in this card's header, and "
-              "`datasets.load_dataset(<this repo>, <config>)` reads it.", ""]
+    parts += [("Made with [curate](https://pypi.org/project/curate-longctx/) from the manifest below; every "
+               "file in `data/` is listed by config in this card's header, and "
+               "`datasets.load_dataset(<this repo>, <config>)` reads it."), ""]
     parts += ["## Configs", "", _table(["config", "rows", "files"],
                                        [[c["config_name"], f"{config_rows.get(c['config_name'], 0):,}",
                                          ", ".join(_paths(c))] for c in configs]), ""]

@@ -34,8 +34,8 @@ from typing import Any
 import orjson
 
 from curate.errors import ConfigError
-from curate.rundir import AtomicFile
 from curate.run_outputs import finished_outputs, read_resolved, read_stats, stage_order
+from curate.rundir import AtomicFile
 
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -205,4 +205,4 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
-__all__ = ["PublishResult", "build", "publish", "check_repo_id", "default_folder", "write_if_changed"]
+__all__ = ["PublishResult", "build", "check_repo_id", "default_folder", "publish", "write_if_changed"]

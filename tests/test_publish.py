@@ -229,3 +229,25 @@ def test_an_unfinished_run_is_refused(tmp_path):
     proc = cli("publish", str(tmp_path / "run"), "--repo", "me/x", "--dry-run", check=False)
     assert proc.returncode == 2 and "has not finished" in proc.stderr
     assert os.listdir(tmp_path / "run") == ["manifest.resolved.yaml"]
+
+
+def test_the_card_names_teacher_models_with_their_prompt_template_hash(tmp_path):
+    import pyarrow as pa
+    import yaml
+
+    from curate.registry import get_stage
+
+    run = _written_run(tmp_path / "run", pa.RecordBatch.from_pydict({"id": ["a"], "text": ["t"]}))
+    resolved = yaml.safe_load((run / "manifest.resolved.yaml").read_text())
+    cls = get_stage("segment_qa")
+    params = cls.Params.model_validate({"teacher": {"backend": "openai", "model": "tiny-teacher",
+                                                    "base_url": "http://127.0.0.1:9/v1"}})
+    resolved["stages"] = [{"segment_qa": params.model_dump(mode="json")}]
+    (run / "manifest.resolved.yaml").write_text(yaml.safe_dump(resolved))
+    folder = tmp_path / "repo"
+    cli("publish", str(run), "--repo", "me/t", "--dry-run", "--no-report", "--folder", str(folder))
+    body = (folder / "README.md").read_text()
+    expected = cls(params, "segment_qa").template_hash
+    assert "tiny-teacher" in body and expected in body
+    line = next(x for x in body.splitlines() if "tiny-teacher" in x)
+    assert "| segment\\_qa | openai | tiny-teacher |" in line
