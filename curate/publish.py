@@ -17,15 +17,14 @@ plus one for the whole sink.
 
 Before anything is uploaded, each config's row count is checked against ``stats.json`` (a sink's
 ``samples``; a partitioned sink's configs add up to it). ``--dry-run`` stops there. Otherwise the folder
-is uploaded with ``huggingface_hub``'s resumable large-folder upload (:mod:`curate.hub_upload`): the
-token comes from ``HF_TOKEN`` or the saved login, and a rerun after an interruption sends only what the
-Hub does not have yet. Rebuilding the folder rewrites a file only when its content changed, so the
-upload's own progress records stay valid.
+is uploaded by :mod:`curate.hub_upload` (``huggingface_hub``'s commit API, in batches, data first and the
+card last): the token comes from ``HF_TOKEN`` or the saved login, and a rerun after an interruption
+skips every file the Hub already holds with the same bytes. Rebuilding the folder rewrites a file only
+when its content changed (data files are links), so the uploader's cache of hashes stays valid.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,6 @@ import orjson
 from curate.errors import ConfigError
 from curate.run_outputs import finished_outputs, read_resolved, read_stats, stage_order
 from curate.rundir import AtomicFile
-
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 @dataclass
@@ -54,11 +51,11 @@ class PublishResult:
 
 
 def check_repo_id(repo_id: str) -> str:
-    """``repo_id`` if it is ``namespace/name`` as the Hub allows, else ConfigError."""
-    if not isinstance(repo_id, str) or not _REPO.match(repo_id) or ".." in repo_id or "--" in repo_id \
-            or repo_id.endswith((".git", ".")):
-        raise ConfigError(f"--repo {repo_id!r}: a Hub dataset id is `namespace/name` (letters, digits, '-', '_', "
-                          "'.'; no '--' or '..'; at most 96 characters each)")
+    """``repo_id`` if it is ``namespace/name`` as the Hub allows, else ConfigError (checked before
+    anything is built, with the uploader's own rules)."""
+    from curate.hub_upload import check_repo_id as check
+
+    check(repo_id)
     return repo_id
 
 

@@ -251,3 +251,26 @@ def test_the_card_names_teacher_models_with_their_prompt_template_hash(tmp_path)
     assert "tiny-teacher" in body and expected in body
     line = next(x for x in body.splitlines() if "tiny-teacher" in x)
     assert "| segment\\_qa | openai | tiny-teacher |" in line
+
+
+def test_curate_publish_uploads_the_folder_it_built_and_a_rerun_sends_nothing(run, tmp_path):
+    """The whole command against the loopback fake of the Hub's API (tests/fake_hub.py)."""
+    from tests.fake_hub import FakeHub
+    from tests.test_hub_upload import TOKEN, hub_env
+
+    folder = tmp_path / "repo"
+    args = ("publish", str(run), "--repo", "me/pub", "--no-report", "--folder", str(folder), "--private")
+    with FakeHub(tokens={TOKEN}, lfs_threshold=50_000) as hub:
+        env = {**hub_env(hub.url, tmp_path), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+        proc = cli(*args, env=env)
+        assert "uploaded" in proc.stdout and TOKEN not in proc.stdout + proc.stderr
+        local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                 if p.is_file() and ".cache" not in p.parts}
+        remote = hub.snapshot("me/pub")
+        remote.pop(".gitattributes")  # the Hub's own, made with the repository
+        assert remote == local
+        assert hub.repos[("datasets", "me/pub")].private
+        mark = hub.mark()
+        cli(*args, env=env)
+        assert not [c for c in hub.calls_since(mark) if c.kind in ("commit", "lfs_batch", "lfs_put", "lfs_part",
+                                                                   "preupload")]
