@@ -281,6 +281,23 @@ def inspect(
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="the HTML file to write (default RUN/report.html)"),
+    png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="folder for the plots as PNG files "
+                                           "(default RUN/report/)"),
+    samples: int = typer.Option(3, "--samples", help="how many output samples to render"),
+) -> None:
+    """Write one self-contained HTML report of a finished run: outputs, token lengths, score
+    distributions with thresholds, drops, time per stage and a few samples."""
+    from curate.report import write_report
+
+    result = write_report(run_dir, html_path=out_path, png_dir=png_dir, samples=samples)
+    out.print(f"report → {escape(str(result['html']))} ({len(result['pngs'])} plot(s) in "
+              f"{escape(str(png_dir or run_dir / 'report'))})", highlight=False)
+
+
+@app.command()
 def stats(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Print a run's merged stats.json."""
     path = run_dir / "stats.json"

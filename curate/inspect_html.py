@@ -54,12 +54,12 @@ def page(rows: list[dict[str, Any]], title: str, max_chars: int = 20_000) -> str
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"]
     for i, row in enumerate(rows):
-        parts.append(_sample(i, row, max_chars))
+        parts.append(sample_section(i, row, max_chars))
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def _sample(i: int, row: dict[str, Any], max_chars: int) -> str:
+def sample_section(i: int, row: dict[str, Any], max_chars: int) -> str:
     name = row.get("id") or row.get("__key__") or f"sample {i}"
     out = [f"<section><h2>{_e(str(name))}</h2><table class='fields'>"]
     files = row.get("files") or {}

@@ -181,8 +181,15 @@ def _report(run_dir: Path, target: Path, notice: Callable[[str], None], notes: l
     from curate.report import write_report
 
     result = write_report(run_dir, html_path=target / "report.html", png_dir=target / "assets")
-    return {name.replace("_", " "): Path(p).relative_to(target).as_posix()
+    return {_plot_title(name): Path(p).relative_to(target).as_posix()
             for name, p in sorted(result.get("pngs", {}).items())}
+
+
+def _plot_title(name: str) -> str:
+    """``scores-heuristics-n_words`` → ``scores: heuristics / n_words`` (the report's PNG names)."""
+    kind, _, rest = name.partition("-")
+    kind = kind.replace("_", " ")
+    return f"{kind}: {rest.replace('-', ' / ')}" if rest else kind
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:

@@ -141,7 +141,9 @@ class Filter(Stage):
 
     The base writes the scores as ``scores.<label>.<metric>``, counts every drop under its reason in
     ``stats.json`` and, with ``quarantine: true``, writes the rejected rows (with a ``drop_reason``
-    column) to ``quarantine/<label>/`` in the run directory instead of only counting them.
+    column) to ``quarantine/<label>/`` in the run directory instead of only counting them. It also
+    records, in the stage's stats, the distribution of every numeric or boolean score it stores
+    (``scores``) and the bounds :meth:`thresholds` reports (``thresholds``), for ``curate report``.
     """
 
     class Params(StageParams):
@@ -160,12 +162,22 @@ class Filter(Stage):
         """A string array of drop reasons, null where the row is kept."""
         return pa.nulls(batch.num_rows, pa.string())
 
+    def thresholds(self, ctx: RunContext) -> dict[str, dict[str, float | None]]:
+        """The fixed bounds this configured filter drops rows by: metric → ``{"min": x, "max": y}``
+        (either may be None). A key is one of this stage's own metrics, or a column path
+        (``scores.<label>.<metric>``) for a bound on another stage's score. Called once per shard,
+        before the first batch; ``{}`` (the default) when the filter has none."""
+        return {}
+
     def run(self, batches: Iterator[pa.RecordBatch], ctx: RunContext) -> Iterator[pa.RecordBatch]:
         """Score and decide each batch. A :class:`~curate.errors.BadRecord` raised by ``score`` or
         ``decide`` sends that batch through row by row: the rows that raise it are dropped under its
         reason and written to ``failures/``; the others go on."""
         from curate.errors import BadRecord
 
+        stats = ctx.stats[self.label]
+        for name, bound in self.thresholds(ctx).items():
+            stats.threshold(name, bound.get("min"), bound.get("max"))
         for batch in batches:
             try:
                 out = self._filter(batch, ctx)
@@ -180,6 +192,7 @@ class Filter(Stage):
         if stored:
             batch = _with_scores(batch, self.label, stored)
         reasons = self.decide(batch, scores, ctx)
+        record_scores(ctx.stats[self.label], stored)  # after decide: a BadRecord retries row by row
         return _apply_reasons(batch, reasons, ctx.stats[self.label], ctx, self.label, self.params)
 
     def _filter_rows(self, batch: pa.RecordBatch, ctx: RunContext) -> pa.RecordBatch | None:
@@ -200,6 +213,20 @@ class Filter(Stage):
         table = pa.Table.from_batches(kept) if all(b.schema.equals(kept[0].schema) for b in kept) else \
             pa.concat_tables([pa.Table.from_batches([b]) for b in kept], promote_options="default")
         return table.combine_chunks().to_batches()[0]
+
+
+def record_scores(stats, scores: dict[str, pa.Array]) -> None:
+    """Add each numeric or boolean score array to ``stats.scores[metric]`` (vectorized; nulls and NaNs
+    are counted, not bucketed). Other types (strings, lists, structs) are skipped."""
+    for name, values in scores.items():
+        if name not in stats.scores:
+            from curate.stats import ScoreHistogram
+
+            histogram = ScoreHistogram()
+            if histogram.add_array(values):
+                stats.scores[name] = histogram
+        else:
+            stats.scores[name].add_array(values)
 
 
 def _with_scores(batch: pa.RecordBatch, label: str, scores: dict[str, pa.Array]) -> pa.RecordBatch:

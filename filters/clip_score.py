@@ -88,6 +88,11 @@ class ClipScore(Filter):
         scores["text_scores"] = _text_scores(texts, flat, image_emb, ok, owner, text_emb)
         return scores
 
+    def thresholds(self, ctx) -> dict[str, dict[str, float | None]]:
+        """``min_score`` as a bound on ``score``."""
+        s = self.params.min_score
+        return {} if s is None else {"score": {"min": s, "max": None}}
+
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         if self.params.min_score is None:
             return pa.nulls(batch.num_rows, pa.string())

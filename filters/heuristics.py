@@ -68,15 +68,23 @@ class Heuristics(Filter):
         table = df.to_arrow()
         return {m: table.column(m).combine_chunks() for m in METRICS}
 
-    def decide(self, batch: pa.RecordBatch, scores: dict[str, pa.Array], ctx) -> pa.Array:
+    def bounds(self) -> list[tuple[str, float | None, float | None]]:
+        """``(metric, min, max)`` of every bounded metric, in the order that names a drop."""
         p = self.params
-        bounds = [
+        return [
             ("n_chars", p.min_chars, p.max_chars), ("n_words", p.min_words, p.max_words),
             ("mean_word_length", p.min_mean_word_length, p.max_mean_word_length),
             ("alpha_ratio", p.min_alpha_ratio, None), ("digit_ratio", None, p.max_digit_ratio),
             ("upper_ratio", None, p.max_upper_ratio), ("whitespace_ratio", None, p.max_whitespace_ratio),
             ("punct_ratio", None, p.max_punct_ratio),
         ]
+
+    def thresholds(self, ctx) -> dict[str, dict[str, float | None]]:
+        """The bounds that are set, by metric (``min_words: 50`` → ``{"n_words": {"min": 50, "max": None}}``)."""
+        return {m: {"min": lo, "max": hi} for m, lo, hi in self.bounds() if lo is not None or hi is not None}
+
+    def decide(self, batch: pa.RecordBatch, scores: dict[str, pa.Array], ctx) -> pa.Array:
+        bounds = self.bounds()
         import polars as pl
 
         df = pl.from_arrow(pa.table(scores))

@@ -66,6 +66,11 @@ class LanguageId(Filter):
         score = np.array([min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs])
         return {"language": strings(lang), "language_score": numeric(score)}
 
+    def thresholds(self, ctx) -> dict[str, dict[str, float | None]]:
+        """``min_score`` as a bound on ``language_score``."""
+        s = self.params.min_score
+        return {} if s is None else {"language_score": {"min": s, "max": None}}
+
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         p = self.params
         reason = pa.nulls(batch.num_rows, pa.string())

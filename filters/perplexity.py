@@ -149,6 +149,11 @@ class Perplexity(LMScorer):
                 break
             start = end - (self.max_length - self.stride)
 
+    def thresholds(self, ctx) -> dict[str, dict[str, float | None]]:
+        """``max_perplexity`` as a bound on ``perplexity``."""
+        p = self.params.max_perplexity
+        return {} if p is None else {"perplexity": {"min": None, "max": p}}
+
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         if self.params.max_perplexity is None:
             return pa.nulls(batch.num_rows, pa.string())

@@ -28,6 +28,7 @@ from curate.registry import register_stage
 from curate.schema import score_column
 from curate.seeds import doc_hashes
 from curate.stage import Filter, concat_partials
+from curate.stats import merge_bounds
 
 
 class Bound(BaseModel):
@@ -67,6 +68,23 @@ class Select(Filter):
     @property
     def is_global(self) -> bool:
         return self.params.top is not None
+
+    def thresholds(self, ctx) -> dict[str, dict[str, float | None]]:
+        """The ``where`` bounds and the ``top`` cut-off (a min when keeping the largest, else a max),
+        by column path as written (``scores.heuristics.n_words``); on one column, the tighter of each
+        side. The cut-off is the combined state's own score value, so it is known in the phase that
+        applies it; a ``top`` that kept nothing, or an infinite cut-off, draws no line."""
+        out: dict[str, dict[str, float | None]] = {}
+        bounds = [(b.column, b.min, b.max) for b in self.params.where]
+        top = self.params.top
+        if top is not None:
+            cut = ctx.global_state(self.label).get("value")
+            if cut is not None and math.isfinite(_from_json(cut)):
+                cut = _from_json(cut)
+                bounds.append((top.column, cut, None) if top.largest else (top.column, None, cut))
+        for column, lo, hi in bounds:
+            out[column] = merge_bounds(out.get(column), {"min": lo, "max": hi})
+        return out
 
     # ---------------------------------------------------------------- per row
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:

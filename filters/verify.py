@@ -181,13 +181,14 @@ class Verify(Filter):
 
     def _filter(self, batch: pa.RecordBatch, ctx) -> pa.RecordBatch:
         """As :class:`Filter`, and with a judge, the picked answer replaces ``answer`` and the assistant turn."""
-        from curate.stage import _apply_reasons, _with_scores
+        from curate.stage import _apply_reasons, _with_scores, record_scores
 
         scores = self.score(batch, ctx)
         if self.params.candidates_column:
             batch = _replace_answers(batch, self.params.answer_column, scores["_answers"])
         batch = _with_scores(batch, self.label, {"supported": scores["supported"]})
         reasons = self.decide(batch, scores, ctx)
+        record_scores(ctx.stats[self.label], {"supported": scores["supported"]})
         return _apply_reasons(batch, reasons, ctx.stats[self.label], ctx, self.label, self.params)
 
 
