@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: The Hub's size categories, by upper bound on the number of rows.
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -41,6 +41,12 @@ class CardParams(BaseModel):
     tags: list[str] = Field(default_factory=list, description="extra Hub tags (curate and long-context are added)")
     description: str | None = Field(None, description="a paragraph for the card's summary (default: the "
                                     "manifest's description)")
+
+    @field_validator("language", "task_categories", "tags", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """``language: en`` means ``[en]``."""
+        return [value] if isinstance(value, str) else value
 
 
 def size_category(rows: int) -> str:
