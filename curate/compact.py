@@ -20,6 +20,14 @@ group's folder, and goes on from that row; it refuses nothing and writes the sam
 compaction writes. ``index.json`` is written last (per folder and at the top, in the sink's own index
 format, plus a ``compacted_from`` record); when it exists and the state matches, a rerun does nothing.
 A change of target, or a changed source ``index.json``, starts that sink's compaction over.
+
+**Damaged sources are refused**, never compacted into a shorter output. Every file the index lists
+must exist with the size it records (checked before anything is written) and decode to its end: a
+JSONL file ends with a newline and its gzip/zstd stream is complete, a tar has its end-of-archive
+blocks after the last member, Parquet and Arrow files open and read. Each group must hold exactly the
+rows its index entries count. Otherwise a :class:`~curate.errors.ConfigError` names the file (or the
+group) and no ``index.json`` is written. Compressed JSONL is flushed after each unit of rows, so its
+size is known while the file is written (the lines decompress to the same bytes).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import hashlib
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +75,6 @@ def compact(run_dir: str | Path, *, sink: str | None = None, target_bytes: int |
     """Compact every sink of the finished run at ``run_dir`` (or the one whose folder name or label is
     ``sink``) into ``RUN/compacted/<folder>/``; see the module docstring for the contract."""
     outputs = finished_outputs(run_dir)
-    root = Path(run_dir) / FOLDER
-    for o in outputs:  # compaction empties folders under RUN/compacted/: never one a sink wrote
-        if o.directory == root or root in o.directory.parents:
-            raise ConfigError(f"{o.directory}: this sink's folder is inside {root}, where `curate compact` "
-                              "writes; it cannot compact this run (give the sink another path)")
     if sink is not None:
         chosen = [o for o in outputs if sink in (o.label, o.directory.name)] or [o for o in outputs if o.kind == sink]
         if not chosen:
@@ -117,7 +120,10 @@ def _compact_sink(run_dir: Path, output: SinkOutput, target_bytes: int | None, t
     groups = output.groups()
     _check_sources(output, groups)
     dest.mkdir(parents=True, exist_ok=True)
-    codec = _codec(output)
+    from curate.plugins import kinds_of
+
+    sink_class = kinds_of("sink")[output.kind]  # once: each lookup scans the installed entry points
+    codec = _codec(output, sink_class)
     for group, entries in groups.items():
         done = state["groups"].setdefault(group, {"files": [], "rows": 0, "complete": False})
         folder = dest / group if group else dest
@@ -148,7 +154,7 @@ def _compact_sink(run_dir: Path, output: SinkOutput, target_bytes: int | None, t
             raise ConfigError(f"{output.directory}: {group or 'the sink'} holds more rows than index.json's {rows_in}")
         done["complete"] = True
         _write_state(dest, state)
-    index = _write_indexes(output, dest, state)
+    index = _write_indexes(output, dest, state, sink_class)
     state["complete"] = True
     _write_state(dest, state)
     return CompactResult(output.label, dest, len(output.index["shards"]), len(index["shards"]),
@@ -190,6 +196,9 @@ def _write_file(codec: _Codec, stream: Iterator[Any], path: Path, unit: int, tar
             return {"name": path.name, "samples": 0, "bytes": 0, "sha256": ""}
         fh.commit()
     except BaseException:
+        if not fh.closed:  # finish the encoder first: a tar or Parquet writer left open writes on collection
+            with suppress(Exception):
+                writer.close()
         fh.abort()
         raise
     return {"name": path.name, "samples": rows, "bytes": fh.size, "sha256": fh.sha256}
@@ -289,19 +298,21 @@ def _write_state(dest: Path, state: dict[str, Any]) -> None:
     f.commit()
 
 
-def _write_indexes(output: SinkOutput, dest: Path, state: dict[str, Any]) -> dict[str, Any]:
+def _write_indexes(output: SinkOutput, dest: Path, state: dict[str, Any], sink_class: type) -> dict[str, Any]:
     """``index.json`` for the compacted folder, in the sink's own format (see ``write_index``)."""
-    from curate.plugins import kinds_of
     from curate.sinks.base import write_index
 
-    sink = kinds_of("sink")[output.kind](output.params, dest.parent)
+    sink = sink_class(output.params, dest.parent)
     sink.directory = dest
     partitions = output.index.get("partitions", {})
     column = output.params.partition_by
     entries = []
     for group, done in sorted(state["groups"].items()):
         for f in done["files"]:
-            entry = {**f, "name": f"{group}/{f['name']}" if group else f["name"]}
+            # keys in the writers' order: entries read back from the state file have theirs sorted, and
+            # index.json must not depend on whether a file was written in this process or an earlier one
+            entry = {"name": f"{group}/{f['name']}" if group else f["name"], "samples": f["samples"],
+                     "bytes": f["bytes"], "sha256": f["sha256"]}
             if group:
                 info = partitions.get(group, {})
                 entry["partition"] = {"column": column, "value": info.get("value"), "type": info.get("type")}
@@ -364,21 +375,18 @@ class _Codec:
 class _ArrowCodec(_Codec):
     """Parquet and Arrow IPC: record batches, written by the sink's own encoder and settings."""
 
-    def __init__(self, output: SinkOutput, extension: str):
-        from curate.plugins import kinds_of
-
+    def __init__(self, output: SinkOutput, extension: str, sink_class: type):
         self.output, self.extension = output, extension
         params = output.params
         if "images" in type(params).model_fields:  # the files already hold the feature layout: write as is
             params = params.model_copy(update={"images": "struct"})
         self.params = params
-        self.encoder = kinds_of("sink")[output.kind].encoder
+        self.encoder = sink_class.encoder
         self.schema: pa.Schema | None = None
 
     def read(self, files: list[Path]) -> Iterator[pa.RecordBatch]:
-        with _damaged(files[0].parent):
-            self.schema = self._schema(files)  # now: the writer needs it before the first batch is read
-            self.footer_base, self.footer_per_write = self._footer_sizes(files)
+        self.schema = self._schema(files)  # now: the writer needs it before the first batch is read
+        self.footer_base, self.footer_per_write = self._footer_sizes(files)
         return self._read(files)
 
     def _footer_sizes(self, files: list[Path]) -> tuple[int, int]:
@@ -396,7 +404,8 @@ class _ArrowCodec(_Codec):
         base = empty.size
         per_group = 0
         for f in files:
-            md = pq.read_metadata(f)
+            with _damaged(f):
+                md = pq.read_metadata(f)
             if md.num_row_groups:
                 per_group = max(per_group, -(-max(0, md.serialized_size + 12 - base) // md.num_row_groups))
         return base, per_group
@@ -424,13 +433,14 @@ class _ArrowCodec(_Codec):
     def _schema(self, files: list[Path]) -> pa.Schema:
         schemas = []
         for f in files:
-            if self.output.kind == "parquet":
-                import pyarrow.parquet as pq
+            with _damaged(f):
+                if self.output.kind == "parquet":
+                    import pyarrow.parquet as pq
 
-                schemas.append(pq.read_schema(f))
-            else:
-                with pa.memory_map(str(f), "r") as src:
-                    schemas.append(pa.ipc.open_file(src).schema)
+                    schemas.append(pq.read_schema(f))
+                else:
+                    with pa.memory_map(str(f), "r") as src:
+                        schemas.append(pa.ipc.open_file(src).schema)
         first = schemas[0]
         if all(s.equals(first) for s in schemas):
             return first
@@ -469,8 +479,7 @@ class _EncoderWriter:
         self.writes += 1
 
     def size(self) -> int:
-        """Bytes written so far, plus the footer (estimated) that closing the file adds; with the
-        next write's footer share when that write is being considered (see ``would_pass``)."""
+        """Bytes written so far, plus (Parquet) the estimated footer that closing the file adds."""
         if not self.footer_per_write:
             return self.fh.size
         return self.fh.size + self.footer_base + self.writes * self.footer_per_write
@@ -535,11 +544,10 @@ class _JsonlCodec(_Codec):
                             yield lines[:4096]
                             lines = lines[4096:]
                 except DamagedInput as e:
-                    raise ConfigError(f"{f}: damaged ({e.reason}: {e.detail}); the output cannot be compacted "
-                                      "until it is rebuilt") from None
+                    raise ConfigError(f"{f}: cannot be read ({e.reason}: {e.detail}); the output is damaged") \
+                        from None
                 if rest:
-                    raise ConfigError(f"{f}: the last line has no newline: the file is cut (truncated); the "
-                                      "output cannot be compacted until it is rebuilt")
+                    raise ConfigError(f"{f}: the last line has no newline: the file is cut; the output is damaged")
                 if lines:
                     yield lines
 
@@ -609,6 +617,13 @@ class _TarCodec(_Codec):
                             samples = []
                     key = k
                     current.append((member, data))
+                # a tar cut at a member's header reads as a shorter archive (tarfile stops there without
+                # an error): its end-of-archive blocks must follow the last member
+                end = tf.offset
+                fh.seek(end)
+                if fh.read(2 * _TAR_BLOCK) != bytes(2 * _TAR_BLOCK):
+                    raise ConfigError(f"{f}: no end-of-archive after byte {end}: the tar is cut; "
+                                      "the output is damaged")
                 if current:
                     samples.append(current)
                 if samples:
@@ -640,7 +655,7 @@ class _TarWriter:
         import io
 
         self.fh, self._io = fh, io
-        # closed by close(), which _write_file always reaches or replaces with fh.abort()
+        # closed by close(), which _write_file calls whether the file is committed or aborted
         self.tar = tarfile.open(fileobj=fh, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.body = 0
 
@@ -657,10 +672,10 @@ class _TarWriter:
         self.tar.close()
 
 
-def _codec(output: SinkOutput) -> _Codec:
-    ext = output.extension
+def _codec(output: SinkOutput, sink_class: type) -> _Codec:
+    ext = sink_class(output.params, output.directory.parent).extension
     if output.kind in ("parquet", "arrow"):
-        return _ArrowCodec(output, ext)
+        return _ArrowCodec(output, ext, sink_class)
     if output.kind == "jsonl":
         return _JsonlCodec(output, ext)
     if output.kind == "webdataset":
