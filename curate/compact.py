@@ -19,7 +19,9 @@ many rows of the group they hold. A rerun after a kill keeps those files, remove
 group's folder, and goes on from that row; it refuses nothing and writes the same bytes an uninterrupted
 compaction writes. ``index.json`` is written last (per folder and at the top, in the sink's own index
 format, plus a ``compacted_from`` record); when it exists and the state matches, a rerun does nothing.
-A change of target, or a changed source ``index.json``, starts that sink's compaction over.
+A change of target, or a changed source ``index.json``, starts that sink's compaction over, and so does
+a compacted file gone missing or changed in size. One compaction works on a run directory at a time
+(``RUN/compacted/.lock``; a lock left by a killed process is taken over).
 
 **Damaged sources are refused**, never compacted into a shorter output. Every file the index lists
 must exist with the size it records (checked before anything is written) and decode to its end: a
@@ -32,6 +34,7 @@ size is known while the file is written (the lines decompress to the same bytes)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tarfile
@@ -88,8 +91,24 @@ def compact(run_dir: str | Path, *, sink: str | None = None, target_bytes: int |
         raise ConfigError("--target-bytes must be positive")
     if target_samples is not None and target_samples <= 0:
         raise ConfigError("--target-samples must be positive")
-    return [_compact_sink(Path(run_dir), o, target_bytes, target_samples, notice or (lambda m: None))
-            for o in outputs]
+    from curate.lock import FileLock
+
+    command = "curate compact " + str(run_dir)
+    # one compaction per run directory at a time (a second one would remove the first one's files)
+    try:
+        with FileLock(Path(run_dir) / FOLDER / ".lock", command=command, mode="compact", notice=notice):
+            return [_compact_sink(Path(run_dir), o, target_bytes, target_samples, notice or (lambda m: None))
+                    for o in outputs]
+    finally:
+        with contextlib.suppress(OSError):  # the lock's folder, when nothing was compacted into it
+            (Path(run_dir) / FOLDER).rmdir()
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def compacted_directory(run_dir: str | Path, output: SinkOutput) -> Path:
@@ -111,8 +130,13 @@ def _compact_sink(run_dir: Path, output: SinkOutput, target_bytes: int | None, t
         state = None
     if state is not None and state.get("complete") and (dest / "index.json").is_file():
         index = orjson.loads((dest / "index.json").read_bytes())
-        return CompactResult(output.label, dest, len(output.index["shards"]), len(index["shards"]),
-                             index["total_samples"], index["total_bytes"], True)
+        missing = [e["name"] for e in index["shards"] if not _has_size(dest / e["name"], e["bytes"])]
+        if not missing:
+            return CompactResult(output.label, dest, len(output.index["shards"]), len(index["shards"]),
+                                 index["total_samples"], index["total_bytes"], True)
+        notice(f"{dest}: {len(missing)} compacted file(s) missing or changed ({missing[0]} …); compacting again")
+        shutil.rmtree(dest)
+        state = None
     if state is None:
         if dest.exists():  # not ours, or from before a state was written: nothing in it is trusted
             shutil.rmtree(dest)

@@ -58,14 +58,27 @@ def samples(path: str | Path, keep_bytes: bool = False) -> Iterator[dict[str, An
             for batch in open_ipc(str(f)):
                 yield from batch.to_pylist()
         elif fmt == "jsonl":
-            import fsspec
-
-            with fsspec.open(str(f), "rb", compression="infer") as fh:
-                for line in fh:
-                    if line.strip():
-                        yield orjson.loads(line)
+            for line in jsonl_lines(f):
+                if line.strip():
+                    yield orjson.loads(line)
         elif fmt == "webdataset":
             yield from _tar_samples(f, keep_bytes)
+
+
+def jsonl_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a JSONL output file, plain, ``.gz`` or ``.zst`` (decoded as the JSONL reader decodes:
+    fsspec's zstd reader cannot iterate lines)."""
+    from curate.readers.jsonl import _decoded
+
+    codec = "zstd" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else None
+    with open(path, "rb") as raw:
+        blocks = _decoded(raw, codec) if codec else iter(lambda: raw.read(1 << 20), b"")
+        rest = b""
+        for block in blocks:
+            *lines, rest = (rest + block).split(b"\n")
+            yield from lines
+        if rest:
+            yield rest
 
 
 def _tar_samples(path: Path, keep_bytes: bool = False) -> Iterator[dict[str, Any]]:

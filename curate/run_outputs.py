@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import yaml
+from pydantic import ValidationError
 
 from curate.errors import ConfigError
 
@@ -88,7 +89,12 @@ def finished_outputs(run_dir: str | Path) -> list[SinkOutput]:
         kind = spec.pop("kind", None)
         if kind not in registry:
             raise ConfigError(f"{root}/manifest.resolved.yaml: sink[{i}] has unknown kind {kind!r}")
-        params = registry[kind].Params.model_validate(spec)
+        try:
+            params = registry[kind].Params.model_validate(spec)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise ConfigError(f"{root}/manifest.resolved.yaml: sink[{i}] ({kind}).{where}: {first.get('msg')}") from None
         directory = root / (params.path or kind)
         index_path = directory / "index.json"
         if not index_path.is_file():

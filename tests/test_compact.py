@@ -574,3 +574,25 @@ def test_a_tar_cut_at_a_member_header_is_an_error(source_run, tmp_path):
                                           rf"{last.offset}: the tar is cut"):
         _compact(run, sink="webdataset", target_bytes=TARGET)
     assert not (run / "compacted" / "webdataset" / "index.json").exists()
+
+
+def test_a_missing_compacted_file_is_compacted_again_to_the_same_bytes(reference, tmp_path):
+    ref_run, ref_tree, _ = reference
+    run = _copy(ref_run, tmp_path / "run")
+    victim = sorted((run / "compacted" / "parquet").glob("part-*.parquet"))[1]
+    victim.unlink()
+    results = _compact(run, target_bytes=TARGET)
+    assert [r.skipped for r in results if r.label == "sink:parquet"] == [False]
+    assert _tree(run / "compacted") == ref_tree
+
+
+def test_one_compaction_at_a_time(source_run, tmp_path):
+    from curate.lock import FileLock, LockHeld
+
+    run = _copy(source_run, tmp_path / "run", only=["parquet"])
+    with FileLock(run / "compacted" / ".lock", command="another compaction"):
+        with pytest.raises(LockHeld, match="in use by another curate process"):
+            _compact(run, sink="parquet", target_bytes=TARGET)
+    assert not (run / "compacted" / "parquet").exists()
+    assert _compact(run, sink="parquet", target_bytes=TARGET)[0].samples == ROWS
+    assert not (run / "compacted" / ".lock").exists()
