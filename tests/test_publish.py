@@ -274,3 +274,45 @@ def test_curate_publish_uploads_the_folder_it_built_and_a_rerun_sends_nothing(ru
         cli(*args, env=env)
         assert not [c for c in hub.calls_since(mark) if c.kind in ("commit", "lfs_batch", "lfs_put", "lfs_part",
                                                                    "preupload")]
+
+
+def test_interleaved_images_publish_as_the_datasets_image_feature(tmp_path):
+    """An interleaved output written with `images: feature`: the card's features say Image, `datasets`
+    hands back PIL images, the card counts images per sample and tags the task image-text-to-text."""
+    import hashlib as h
+
+    import pyarrow as pa
+
+    from curate.schema import INTERLEAVED
+    from curate.testing import real_images
+
+    photos = real_images(size=128)[:4]
+    rows = []
+    for i in range(6):
+        n = i % 3  # 0, 1 or 2 images per sample
+        texts, images = [], []
+        for k in range(n):
+            _, data, _ = photos[(i + k) % len(photos)]
+            texts += [f"text {i}.{k}", None]
+            images += [None, {"bytes": data, "mime": "image/jpeg", "sha256": h.sha256(data).hexdigest(),
+                              "width": 64, "height": 48}]
+        texts.append(f"closing text {i}")
+        images.append(None)
+        rows.append({"id": f"doc-{i}", "texts": texts, "images": images, "source": "t", "meta": "{}"})
+    batch = pa.RecordBatch.from_pylist(rows, schema=INTERLEAVED)
+    run = _written_run(tmp_path / "run", batch, images="feature")
+    folder = tmp_path / "repo"
+    cli("publish", str(run), "--repo", "me/mm", "--dry-run", "--no-report", "--folder", str(folder))
+    card = _card(folder)
+    data = card.data.to_dict()
+    assert data["task_categories"] == ["image-text-to-text"]
+    assert data["dataset_info"][0]["features"][2] == {"name": "images", "list": "image"}
+    ds = _load(folder, "parquet", tmp_path / "cache")
+    assert ds.num_rows == 6
+    import io
+
+    from PIL import Image
+
+    first = [im for im in ds[1]["images"] if im is not None]
+    assert len(first) == 1 and first[0].size == Image.open(io.BytesIO(photos[1][1])).size
+    assert "## Images per sample" in card.text and "| parquet | 0: 2; 1: 2; 2: 2 |" in card.text
