@@ -157,7 +157,7 @@ def _compact_sink(run_dir: Path, output: SinkOutput, target_bytes: int | None, t
         rows_in = sum(e["samples"] for e in entries)
         group_bytes = sum(e["bytes"] for e in entries)
         files = [(output.directory / group / e["name"]) if group else (output.directory / e["name"]) for e in entries]
-        stream = _skip(codec.read(files), done["rows"])
+        stream = _skip(_read_ahead(codec.read(files)), done["rows"])
         unit = codec.unit_rows(group_bytes, rows_in, target)
         while done["rows"] < rows_in:
             name = f"part-{len(done['files']):05d}.{codec.extension}"
@@ -242,6 +242,56 @@ class _Pushback:
 
     def send_back(self, chunk: Any) -> None:
         self.back.append(chunk)
+
+
+def _read_ahead(chunks: Iterator[Any], depth: int = 4) -> Iterator[Any]:
+    """``chunks`` read by a thread of its own, up to ``depth`` ahead, in order: reading and decoding the
+    next chunks (pyarrow, zstd and tarfile reads release the GIL) overlaps with encoding this one. An
+    error in the reader is raised here, where the chunk would have come; closing this generator stops
+    the reader."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Raised(e))
+
+    thread = threading.Thread(target=work, name="compact-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 def _skip(chunks: Iterator[Any], rows: int) -> _Pushback:
