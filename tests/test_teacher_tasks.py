@@ -271,17 +271,37 @@ def test_transformers_backend_on_a_tiny_local_model(tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _jsonl_corpus(path: Path, target_bytes: int, **kw) -> Path:
+    """``write_jsonl_corpus`` cut back to about ``target_bytes``: it writes 256 documents at a time, so a
+    small target (500 KB of ~4 KB documents, 400 KB of ~40 KB books) would give 1 MB and 10 MB."""
+    from curate.testing import write_jsonl_corpus
+
+    write_jsonl_corpus(path, target_bytes, **kw)
+    lines, size = [], 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if size >= target_bytes:
+                break
+            lines.append(line)
+            size += len(line)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
 @pytest.mark.slow
-def test_teacher_recipes_run_against_a_server(tmp_path):
+def test_teacher_recipes_run_against_a_server(tmp_path, monkeypatch):
     """The shipped in2-longqa-32k, book-qa and dense-captions manifests, as their usage comments say,
     pointed at a loopback server."""
-    from curate.testing import real_images, write_jsonl_corpus
+    import functools
+
+    import curate.testing
+    from curate.testing import real_images
     from curate.tokenizer import TrainSpec, train_bpe
 
-    corpus = tmp_path / "corpus.jsonl"
-    write_jsonl_corpus(corpus, 500_000)
-    books = tmp_path / "books.jsonl"
-    write_jsonl_corpus(books, 400_000, paragraphs_per_doc=(200, 400))  # ~10-20K tokens each
+    # both corpora draw from the same paragraphs (the stdlib's docstrings, ~4 s to collect): collect once
+    monkeypatch.setattr(curate.testing, "_paragraphs", functools.cache(curate.testing._paragraphs))
+    corpus = _jsonl_corpus(tmp_path / "corpus.jsonl", 500_000)  # ~115 documents of ~4 KB
+    books = _jsonl_corpus(tmp_path / "books.jsonl", 400_000, paragraphs_per_doc=(200, 400))  # ~10-20K tokens each
     tok = tmp_path / "tok"
     tok.mkdir()
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:200]]
