@@ -473,9 +473,9 @@ class _ArrowCodec(_Codec):
             return 0, 0  # Arrow IPC: per-batch metadata is written with the batch; the footer is tiny
         import pyarrow.parquet as pq
 
-        empty = _Counter()
+        empty = pa.BufferOutputStream()  # an empty file in memory: its size is the footer's base
         self.encoder(empty, self.schema, self.params).close()
-        base = empty.size
+        base = empty.getvalue().size
         per_group = 0
         for f in files:
             with _damaged(f):
@@ -560,35 +560,6 @@ class _EncoderWriter:
 
     def close(self) -> None:
         self.encoder.close()
-
-
-class _Counter:
-    """A write-only file that only counts bytes (an empty Parquet file's size)."""
-
-    def __init__(self):
-        self.size, self.closed = 0, False
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class _JsonlCodec(_Codec):

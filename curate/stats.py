@@ -59,6 +59,14 @@ def _upper_edge(bucket: int) -> float:
     return 10.0 ** (_LOW_EXP + bucket / _PER_DECADE)
 
 
+def _widen(into, other) -> None:
+    """Extend ``into.min``/``into.max`` (None: nothing seen) to cover ``other``'s."""
+    for v in (other.min, other.max):
+        if v is not None:
+            into.min = v if into.min is None else min(into.min, v)
+            into.max = v if into.max is None else max(into.max, v)
+
+
 @dataclass
 class Histogram:
     """A mergeable histogram of positive values (latencies) on fixed log-spaced buckets; ``to_dict``
@@ -79,10 +87,7 @@ class Histogram:
     def merge(self, other: Histogram) -> None:
         self.buckets.update(other.buckets)
         self.count += other.count
-        for v in (other.min, other.max):
-            if v is not None:
-                self.min = v if self.min is None else min(self.min, v)
-                self.max = v if self.max is None else max(self.max, v)
+        _widen(self, other)
 
     def percentile(self, q: float) -> float | None:
         if not self.count:
@@ -212,10 +217,7 @@ class ScoreHistogram:
         self.null += other.null
         self.inf += other.inf
         self.neg_inf += other.neg_inf
-        for v in (other.min, other.max):
-            if v is not None:
-                self.min = v if self.min is None else min(self.min, v)
-                self.max = v if self.max is None else max(self.max, v)
+        _widen(self, other)
 
     def percentile(self, q: float) -> float | None:
         """The ``q`` quantile (0..1) of the finite values; None when there are none."""
