@@ -327,7 +327,7 @@ def compact(
             raise ConfigError(f"--target-bytes {target_bytes!r}: not a size (e.g. 500MB, 1GB, 200000000)") from None
     for r in compact_run(run_dir, sink=sink, target_bytes=size, target_samples=target_samples, notice=_notice):
         what = "already compacted" if r.skipped else "compacted"
-        out.print(f"{r.label}: {what}: {r.files_in} file(s) → {r.files_out} file(s), {r.samples:,} samples, "
+        out.print(f"{escape(r.label)}: {what}: {r.files_in} file(s) → {r.files_out} file(s), {r.samples:,} samples, "
                   f"{r.bytes:,} bytes → {escape(str(r.directory))}")
 
 

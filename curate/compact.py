@@ -104,6 +104,12 @@ def compact(run_dir: str | Path, *, sink: str | None = None, target_bytes: int |
             (Path(run_dir) / FOLDER).rmdir()
 
 
+def _state_files_present(dest: Path, state: dict[str, Any]) -> bool:
+    """Every file the progress record lists is there with the size it records."""
+    return all(_has_size((dest / group / f["name"]) if group else (dest / f["name"]), f["bytes"])
+               for group, done in state.get("groups", {}).items() for f in done.get("files", []))
+
+
 def _has_size(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
@@ -137,12 +143,16 @@ def _compact_sink(run_dir: Path, output: SinkOutput, target_bytes: int | None, t
         notice(f"{dest}: {len(missing)} compacted file(s) missing or changed ({missing[0]} …); compacting again")
         shutil.rmtree(dest)
         state = None
+    if state is not None and not _state_files_present(dest, state):
+        notice(f"{dest}: a compacted file recorded as finished is missing or changed; compacting again")
+        shutil.rmtree(dest)
+        state = None
     if state is None:
         if dest.exists():  # not ours, or from before a state was written: nothing in it is trusted
             shutil.rmtree(dest)
         state = {"settings": settings, "groups": {}, "complete": False}
     groups = output.groups()
-    _check_sources(output, groups)
+    check_sources(output, groups)
     dest.mkdir(parents=True, exist_ok=True)
     from curate.plugins import kinds_of
 
@@ -330,7 +340,7 @@ def _take(stream: _Pushback, want: int, codec: _Codec) -> Any | None:
     return codec.join(parts)
 
 
-def _check_sources(output: SinkOutput, groups: dict[str, list[dict[str, Any]]]) -> None:
+def check_sources(output: SinkOutput, groups: dict[str, list[dict[str, Any]]]) -> None:
     """Every file the index lists is there, with the size it records; else nothing is written (a cut
     file would give a silently shorter output)."""
     for group, entries in groups.items():
@@ -532,9 +542,9 @@ class _ArrowCodec(_Codec):
         return chunk.num_rows
 
     def join(self, parts: list[pa.RecordBatch]) -> pa.RecordBatch:
-        if len(parts) == 1:
-            return parts[0]
-        return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+        # always a fresh batch, never a slice: Arrow IPC encodes a slice differently from the same rows
+        # in a batch of their own, and a resumed run slices where an uninterrupted one does not
+        return pa.concat_batches(parts)
 
     def estimate(self, chunk: pa.RecordBatch) -> int:
         return 0  # compressed size unknown before writing: the last unit's size is the estimate

@@ -63,7 +63,14 @@ def cell(value: Any) -> str:
     for a, b in (("\\", "\\\\"), ("|", "\\|"), ("<", "&lt;"), (">", "&gt;"), ("`", "\\`"), ("*", "\\*"),
                  ("_", "\\_"), ("[", "\\["), ("]", "\\]")):
         text = text.replace(a, b)
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    # a block marker at the start (heading, quote, list item, rule) would turn the text into structure
+    if text[:1] in "#>+-=":
+        text = "\\" + text
+    head, dot, _ = text.partition(".") if "." in text[:10] else text.partition(")")
+    if dot and head.isdigit():
+        text = f"{head}\\{text[len(head):]}"
+    return text
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -6,8 +6,10 @@ written with ``partition_by`` (one folder per length bucket, language …) gives
 Config names keep ``[A-Za-z0-9._-]``; any other character becomes ``_`` and the name then ends with
 ``-`` and 8 hex digits of the original's sha256, so two different folders never share a config.
 
-Data files are named the way the Hub's own converters name them, ``train-00000-of-00003.parquet``, in
-the source's file order, and are **hard links** to the run's files (a copy that keeps the modification
+Data files are named the way the Hub's own converters name them, ``train-00000-of-00003.parquet`` (more
+digits past 99,999 files), in the source's file order, and each config's ``data_files`` matches exactly
+that build's names (``train-*-of-00003.parquet``), so files an earlier publish left on the Hub are never
+read with them. They are **hard links** to the run's files (a copy that keeps the modification
 time where linking is impossible): building the folder again changes nothing on disk, so a resumed
 upload finds every file it already sent unchanged. When ``curate compact`` has compacted a sink (a
 complete ``RUN/compacted/<sink>/`` made from the current output), its files are used instead.
@@ -53,12 +55,21 @@ class HubConfig:
     def data_files(self) -> list[dict[str, str]]:
         """The ``data_files`` entry of this config in the card's ``configs``."""
         parts = self.spans or [self]
-        paths = [f"data/{c.name}/*.{self.extension}" for c in parts]
+        # exactly this build's files: a file left on the Hub by an earlier publish (another file count)
+        # never matches, so a config cannot load old rows twice
+        paths = [f"data/{c.name}/train-*-of-{_width(len(c.sources)) % len(c.sources)}.{self.extension}"
+                 for c in parts]
         return [{"split": "train", "path": paths[0] if len(paths) == 1 else paths}]  # type: ignore[dict-item]
 
     def file_names(self) -> list[str]:
         n = len(self.sources)
-        return [f"train-{i:05d}-of-{n:05d}.{self.extension}" for i in range(n)]
+        w = _width(n)
+        return [f"train-{w % i}-of-{w % n}.{self.extension}" for i in range(n)]
+
+
+def _width(n: int) -> str:
+    """The %-format of file numbers: 5 digits, more when needed, so name order is file order."""
+    return f"%0{max(5, len(str(n)))}d"
 
 
 def config_name(text: str) -> str:
@@ -71,7 +82,8 @@ def config_name(text: str) -> str:
 
 def source_of(run_dir: Path, output: SinkOutput) -> tuple[SinkOutput, bool]:
     """``output``, or its compacted form when ``curate compact`` finished one from this very output."""
-    from curate.compact import STATE, compacted_directory
+    from curate.compact import STATE, check_sources, compacted_directory
+    from curate.errors import ConfigError
 
     dest = compacted_directory(run_dir, output)
     try:
@@ -82,17 +94,26 @@ def source_of(run_dir: Path, output: SinkOutput) -> tuple[SinkOutput, bool]:
     digest = hashlib.sha256((output.directory / "index.json").read_bytes()).hexdigest()
     if not state.get("complete") or state.get("settings", {}).get("source_index_sha256") != digest:
         return output, False
-    return SinkOutput(output.label, output.kind, output.params, dest, index), True
+    compacted = SinkOutput(output.label, output.kind, output.params, dest, index)
+    try:
+        check_sources(compacted, compacted.groups())
+    except ConfigError:  # a compacted file gone or changed: publish the run's own files
+        return output, False
+    return compacted, True
 
 
 def plan_configs(run_dir: Path, outputs: list[SinkOutput], use_compacted: bool = True) -> list[HubConfig]:
-    """The repository's configs, the first sink's first (the default)."""
+    """The repository's configs, the first sink's first (the default); ConfigError when a file the
+    index lists is missing or not the size it records."""
+    from curate.compact import check_sources
+
     configs: list[HubConfig] = []
     taken: set[str] = set()
     for original in outputs:
         output, compacted = source_of(run_dir, original) if use_compacted else (original, False)
         base = _unique(config_name(original.directory.name), taken)
         groups = output.groups()
+        check_sources(output, groups)  # every file there, with the size index.json records
         if not output.partitioned:
             entries = groups.get("", [])
             configs.append(HubConfig(base, output, None, [output.directory / e["name"] for e in entries],

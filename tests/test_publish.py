@@ -316,3 +316,48 @@ def test_interleaved_images_publish_as_the_datasets_image_feature(tmp_path):
     first = [im for im in ds[1]["images"] if im is not None]
     assert len(first) == 1 and first[0].size == Image.open(io.BytesIO(photos[1][1])).size
     assert "## Images per sample" in card.text and "| parquet | 0: 2; 1: 2; 2: 2 |" in card.text
+
+
+def test_data_files_match_only_this_builds_files(run, tmp_path):
+    """An earlier publish with another file count leaves its files on the Hub: the config's data_files
+    must not read them too (the Hub keeps files the folder no longer has)."""
+    folder = tmp_path / "repo"
+    cli("publish", str(run), "--repo", "me/pub", "--dry-run", "--no-report", "--folder", str(folder))
+    flat = folder / "data" / "flat"
+    names = sorted(p.name for p in flat.iterdir())
+    n = len(names)
+    assert n > 1 and names[0] == f"train-00000-of-{n:05d}.parquet"
+    stale = flat / "train-00000-of-00001.parquet"  # as a compacted publish before this one left it
+    stale.write_bytes((flat / names[0]).read_bytes())
+    assert _load(folder, "flat", tmp_path / "cache").num_rows == orjson.loads(
+        (run / "stats.json").read_bytes())["outputs"]["sink:flat"]["samples"]
+
+
+def test_a_cut_data_file_stops_the_publish(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    victim = sorted((copy / "flat").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    proc = cli("publish", str(copy), "--repo", "me/pub", "--dry-run", "--no-report", "--folder",
+               str(tmp_path / "repo"), check=False)
+    assert proc.returncode == 2 and victim.name in proc.stderr and "index.json says" in proc.stderr
+
+
+def test_file_names_keep_their_order_past_99999_files():
+    from types import SimpleNamespace
+
+    from curate.hub_layout import HubConfig
+
+    output = SimpleNamespace(extension="parquet")
+    c = HubConfig("x", output, None, [Path(f"/f{i}") for i in range(100_001)])  # type: ignore[arg-type]
+    names = c.file_names()
+    assert names == sorted(names) and names[-1] == "train-100000-of-100001.parquet"
+
+
+def test_markdown_block_markers_from_the_run_stay_text():
+    from curate.dataset_card import cell
+
+    assert cell("# Title\n\n---\nline") == "\\# Title --- line"
+    assert cell("- item").startswith("\\-") and cell("1. one") == "1\\. one" and cell("a|b") == "a\\|b"
