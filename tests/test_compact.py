@@ -617,7 +617,9 @@ def test_a_resumed_arrow_compaction_by_samples_writes_the_same_bytes(source_run,
     clean = _copy(source_run, tmp_path / "clean", only=["arrow"])
     _compact(clean, sink="arrow", target_bytes=TARGET, target_samples=25)
     run = _copy(source_run, tmp_path / "run", only=["arrow"])
-    with pytest.raises(Exception):
+    from curate.faults import InjectedFault
+
+    with pytest.raises(InjectedFault):
         _compact(run, [{"point": "compact_file", "label": "arrow", "after": 1, "action": "raise"}],
                  sink="arrow", target_bytes=TARGET, target_samples=25)
     _compact(run, sink="arrow", target_bytes=TARGET, target_samples=25)
