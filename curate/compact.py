@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import shutil
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -421,16 +422,18 @@ def _damaged(path: Path) -> Iterator[None]:
         raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e}); the output is damaged") from None
 
 
-class _Codec:
+class _Codec(ABC):
     """How one output kind is read as row chunks and written back."""
 
     extension = ""
 
+    @abstractmethod
     def read(self, files: list[Path]) -> Iterator[Any]:
-        raise NotImplementedError
+        """The rows of ``files``, in order, as chunks (record batches, lists of lines or samples)."""
 
+    @abstractmethod
     def writer(self, fh: AtomicFile) -> Any:
-        raise NotImplementedError
+        """An object with ``write(chunk)``, ``size()`` and ``close()`` writing into ``fh``."""
 
     def rows(self, chunk: Any) -> int:
         return len(chunk)

@@ -362,11 +362,9 @@ class _HashCache:
 
     def get(self, rel: str, path: Path) -> str | None:
         e = self.entries.get(rel)
-        try:
+        with contextlib.suppress(OSError):  # a file gone since listing: no cached hash
             if isinstance(e, list) and len(e) == 2 and e[0] == self._key(path):
                 return str(e[1])
-        except OSError:
-            pass
         return None
 
     def put(self, rel: str, path: Path, sha256: str) -> None:
