@@ -6,12 +6,20 @@ filter gives none). Filters that edit the text (C4 removes lines) write the edit
 text column of the rows they keep; quarantined rows keep their original text. The line-level counters
 datatrove keeps (``line-filter-javascript`` …) are added to the stage's metrics in ``stats.json``.
 Subclasses say which datatrove class to build and map their ``Params`` to its constructor.
+
+``engine: fast`` runs the same rules vectorized over the Arrow column instead (a :class:`FastRule` of
+the stage's own, in ``filters/fast_*.py``): no per-document Python and no datatrove or spaCy needed.
+Its word splitting is a regular expression rather than spaCy's tokenizer, so a few verdicts differ
+from datatrove's; ``docs/filters/quality.md`` lists every kind of difference and the measured
+agreement. ``engine: datatrove`` stays for users who need datatrove's verdicts exactly.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -27,6 +35,10 @@ class DatatroveFilter(Filter):
     class Params(Filter.Params):
         text_column: str = Field("text", description="the column the filter reads")
         language: str = Field("en", description="language for datatrove's word tokenizer (spaCy blank pipeline)")
+        engine: Literal["datatrove", "fast"] = Field(
+            "datatrove", description="datatrove: its per-document rules, verdicts identical to datatrove's; "
+            "fast: the same rules vectorized over the column (no datatrove or spaCy needed; a few verdicts "
+            "differ, see the filter's docs)")
 
     requires = ("text",)
     needs = {"datatrove": "quality", "spacy": "quality"}
@@ -35,6 +47,14 @@ class DatatroveFilter(Filter):
     datatrove_class: ClassVar[str] = ""
     #: True when the filter edits ``doc.text`` and the edit is the point (C4 line removal).
     rewrites_text: ClassVar[bool] = False
+
+    def requirements(self) -> dict[str, str]:
+        """datatrove and spaCy for ``engine: datatrove``; the fast engine needs only polars (a core dependency)."""
+        return {} if self.params.engine == "fast" else dict(self.needs)
+
+    def fast_rule(self) -> FastRule:
+        """The vectorized rule set of ``engine: fast`` (subclasses that offer it override this)."""
+        raise NotImplementedError(f"{self.name} has no fast engine")
 
     def score_names(self) -> list[str]:
         """No scores: a datatrove rule only keeps or drops (its counters go to the stage's metrics)."""
@@ -49,6 +69,9 @@ class DatatroveFilter(Filter):
         return getattr(filters, self.datatrove_class)(**kwargs)
 
     def setup(self, ctx) -> None:
+        if self.params.engine == "fast":
+            self.fast = self.fast_rule()
+            return
         try:
             from datatrove.data import Document
             self.filter = self.build()
@@ -59,6 +82,9 @@ class DatatroveFilter(Filter):
     def run(self, batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
         stats = ctx.stats[self.label]
         column = self.params.text_column
+        if self.params.engine == "fast":
+            yield from self._run_fast(batches, ctx)
+            return
         for batch in batches:
             texts = batch.column(column).to_pylist()
             docs = [self.Document(text=t or "", id=str(i)) for i, t in enumerate(texts)]
@@ -75,6 +101,47 @@ class DatatroveFilter(Filter):
                     i = batch.schema.get_field_index(column)
                     batch = batch.set_column(i, column, strings(new))
             yield _apply_reasons(batch, strings(reasons), stats, ctx, self.label, self.params)
+
+
+    def _run_fast(self, batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
+        stats = ctx.stats[self.label]
+        column = self.params.text_column
+        for batch in batches:
+            texts = batch.column(column)
+            verdict = self.fast.verdicts(texts)
+            for name, value in verdict.counters.items():
+                if value:
+                    stats.metric(name).add_many(1, value, value, value)
+            reasons = verdict.reasons
+            if verdict.texts is not None:  # rewritten text for kept rows; dropped rows keep the original
+                import pyarrow.compute as pc
+
+                new = pc.if_else(reasons.is_null(), verdict.texts, texts)
+                i = batch.schema.get_field_index(column)
+                batch = batch.set_column(i, batch.schema.field(i), new.cast(texts.type))
+            yield _apply_reasons(batch, reasons.cast(pa.string()), stats, ctx, self.label, self.params)
+
+
+@dataclass
+class FastVerdicts:
+    """What a :class:`FastRule` says about one column of texts.
+
+    ``reasons``: one string per row, null for a kept row, else datatrove's reason name. ``texts``: the
+    rewritten texts (same length; only read for kept rows), or None when the rule does not edit text.
+    ``counters``: datatrove's line counters for this batch (``line-filter-javascript`` …), when it has any.
+    """
+
+    reasons: pa.Array
+    texts: pa.Array | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class FastRule(ABC):
+    """A datatrove rule set computed on a whole Arrow column at once (``engine: fast``)."""
+
+    @abstractmethod
+    def verdicts(self, texts: pa.Array) -> FastVerdicts:
+        """The verdict of every row of ``texts`` (a string or large_string array; nulls are empty texts)."""
 
 
 def _tuples(value):
