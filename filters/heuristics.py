@@ -4,14 +4,17 @@ Scores (always written, under ``scores.<label>``): ``n_chars``, ``n_words`` (run
 ``n_lines``, ``mean_word_length`` (non-space characters per word), and the ratios of letters
 (``alpha_ratio``), digits, upper-case letters among letters, whitespace and punctuation to all
 characters. Every bound is off (``null``) unless set; a row outside a bound is dropped with the
-reason ``<metric>_below_min`` or ``<metric>_above_max``. All work is vectorized in Polars.
+reason ``<metric>_below_min`` or ``<metric>_above_max``. The counts come from one pass over the column's
+code points (:mod:`curate.char_classes`); the bounds are applied in Polars.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from curate.char_classes import class_counts
 from curate.registry import register_stage
 from curate.stage import Filter
 
@@ -45,28 +48,18 @@ class Heuristics(Filter):
         return list(METRICS)
 
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
-        import polars as pl  # imported where used: ~30 MB per process, only for workers running this stage
-
-        text = pl.col("t")
-        n_chars = text.str.len_chars()
-        letters = text.str.count_matches(r"\p{L}")
-        spaces = text.str.count_matches(r"\s")
-        n_words = text.str.count_matches(r"\S+")
-        denominator = pl.max_horizontal(n_chars, pl.lit(1)).cast(pl.Float64)
-        df = pl.from_arrow(pa.table({"t": batch.column(self.params.text_column)})).select(
-            n_chars.cast(pl.Int64).alias("n_chars"),
-            n_words.cast(pl.Int64).alias("n_words"),
-            (text.str.count_matches("\n") + 1).cast(pl.Int64).alias("n_lines"),
-            ((n_chars - spaces) / pl.max_horizontal(n_words, pl.lit(1))).cast(pl.Float64).alias("mean_word_length"),
-            (letters / denominator).alias("alpha_ratio"),
-            (text.str.count_matches(r"\p{N}") / denominator).alias("digit_ratio"),
-            (text.str.count_matches(r"\p{Lu}") / pl.max_horizontal(letters, pl.lit(1)).cast(pl.Float64))
-            .alias("upper_ratio"),
-            (spaces / denominator).alias("whitespace_ratio"),
-            (text.str.count_matches(r"\p{P}") / denominator).alias("punct_ratio"),
-        )
-        table = df.to_arrow()
-        return {m: table.column(m).combine_chunks() for m in METRICS}
+        counts = class_counts(batch.column(self.params.text_column))
+        chars = counts["chars"]
+        per_char = np.maximum(chars, 1).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            metrics = {
+                "n_chars": chars, "n_words": counts["words"], "n_lines": counts["newlines"] + 1,
+                "mean_word_length": (chars - counts["spaces"]) / np.maximum(counts["words"], 1),
+                "alpha_ratio": counts["letters"] / per_char, "digit_ratio": counts["numbers"] / per_char,
+                "upper_ratio": counts["upper"] / np.maximum(counts["letters"], 1).astype(np.float64),
+                "whitespace_ratio": counts["spaces"] / per_char, "punct_ratio": counts["punct"] / per_char,
+            }
+        return {m: pa.array(metrics[m]) for m in METRICS}
 
     def bounds(self) -> list[tuple[str, float | None, float | None]]:
         """``(metric, min, max)`` of every bounded metric, in the order that names a drop."""
