@@ -43,7 +43,7 @@ class DatatroveFilter(Filter):
     requires = ("text",)
     needs = {"datatrove": "quality", "spacy": "quality"}
     #: The class in ``datatrove.pipeline.filters`` this stage runs; its keyword arguments are the
-    #: stage's parameters (minus ``quarantine`` and ``text_column``), with lists turned into tuples.
+    #: stage's parameters (minus ``quarantine``, ``text_column`` and ``engine``), with lists turned into tuples.
     datatrove_class: ClassVar[str] = ""
     #: True when the filter edits ``doc.text`` and the edit is the point (C4 line removal).
     rewrites_text: ClassVar[bool] = False
@@ -64,7 +64,7 @@ class DatatroveFilter(Filter):
         """The configured datatrove filter instance."""
         import datatrove.pipeline.filters as filters
 
-        kwargs = self.params.model_dump(exclude={"quarantine", "text_column"})
+        kwargs = self.params.model_dump(exclude={"quarantine", "text_column", "engine"})
         kwargs = {k: _tuples(v) if k not in ("stop_words",) else v for k, v in kwargs.items()}
         return getattr(filters, self.datatrove_class)(**kwargs)
 
