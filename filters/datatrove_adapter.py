@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.arrays import strings
 from curate.errors import MissingDependency
@@ -39,6 +39,13 @@ class DatatroveFilter(Filter):
             "datatrove", description="datatrove: its per-document rules, verdicts identical to datatrove's; "
             "fast: the same rules vectorized over the column (no datatrove or spaCy needed; a few verdicts "
             "differ, see the filter's docs)")
+
+        @model_validator(mode="after")
+        def _fast_is_english(self):
+            if self.engine == "fast" and self.language != "en":
+                raise ValueError(f"engine: fast splits words like spaCy's English tokenizer; language "
+                                 f"{self.language!r} needs engine: datatrove")
+            return self
 
     requires = ("text",)
     needs = {"datatrove": "quality", "spacy": "quality"}

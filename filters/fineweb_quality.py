@@ -27,3 +27,16 @@ class FineWebQuality(DatatroveFilter):
         new_line_ratio: float = Field(0.3, description="most newlines per word")
 
     datatrove_class = "FineWebQualityFilter"
+
+    def fast_rule(self):
+        """The same rules vectorized (``engine: fast``); see ``filters/fast_fineweb.py``."""
+        from filters.fast_fineweb import FastFineWebQuality
+        from filters.gopher_quality import _english_only
+
+        _english_only(self.params.language)
+        p = self.params
+        return FastFineWebQuality(
+            line_punct_thr=p.line_punct_thr, line_punct_exclude_zero=p.line_punct_exclude_zero,
+            stop_chars=None if p.stop_chars is None else tuple(p.stop_chars),
+            short_line_thr=p.short_line_thr, short_line_length=p.short_line_length,
+            char_duplicates_ratio=p.char_duplicates_ratio, new_line_ratio=p.new_line_ratio)

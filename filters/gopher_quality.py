@@ -31,3 +31,24 @@ class GopherQuality(DatatroveFilter):
         stop_words: list[str] | None = Field(None, description="stop-word list (default: Gopher's English list)")
 
     datatrove_class = "GopherQualityFilter"
+
+    def fast_rule(self):
+        """The same rules vectorized (``engine: fast``); see ``filters/fast_gopher_quality.py``."""
+        from filters.fast_gopher_quality import FastGopherQuality
+
+        _english_only(self.params.language)
+        p = self.params
+        return FastGopherQuality(
+            min_doc_words=p.min_doc_words, max_doc_words=p.max_doc_words,
+            min_avg_word_length=p.min_avg_word_length, max_avg_word_length=p.max_avg_word_length,
+            max_symbol_word_ratio=p.max_symbol_word_ratio, max_bullet_lines_ratio=p.max_bullet_lines_ratio,
+            max_ellipsis_lines_ratio=p.max_ellipsis_lines_ratio,
+            max_non_alpha_words_ratio=p.max_non_alpha_words_ratio, min_stop_words=p.min_stop_words,
+            stop_words=None if p.stop_words is None else tuple(p.stop_words))
+
+
+def _english_only(language: str) -> None:
+    """The fast engine's word splitting follows spaCy's English tokenizer only."""
+    if language != "en":
+        raise ValueError(f"engine: fast splits words like spaCy's English tokenizer; language {language!r} "
+                         "needs engine: datatrove")
