@@ -30,3 +30,12 @@ class GopherRepetition(DatatroveFilter):
             description="(n, largest character share of duplicated n-grams)")
 
     datatrove_class = "GopherRepetitionFilter"
+
+    def fast_rule(self):
+        """``engine: fast``: the same checks vectorized (``filters/fast_gopher_repetition.py``)."""
+        from filters.fast_gopher_repetition import FastGopherRepetition
+
+        p = self.params
+        return FastGopherRepetition(
+            dup_line_frac=p.dup_line_frac, dup_para_frac=p.dup_para_frac, dup_line_char_frac=p.dup_line_char_frac,
+            dup_para_char_frac=p.dup_para_char_frac, top_n_grams=p.top_n_grams, dup_n_grams=p.dup_n_grams)
