@@ -5,16 +5,22 @@ fewer than ``min_words_per_line`` words, mentioning javascript or a cookie/terms
 citation marks like ``[1]``. Per document: drop it when it holds "lorem ipsum" or a curly bracket, or
 keeps fewer than ``min_num_sentences`` sentences. Kept documents get the cleaned text (C4's behaviour);
 line-level counts go to the stage's metrics.
+
+``engine: fast`` (``filters/fast_c4.py``) computes the same rules over the whole column with polars:
+verdicts, reasons, rewritten texts and line counters as datatrove's, except that the sentence count
+is a regular-expression model of spaCy's sentencizer (see ``docs/filters/quality.md``). It supports
+``split_paragraph: true`` only; ``split_paragraph: false`` (spaCy sentences as lines) needs
+``engine: datatrove``, and the manifest is refused with a message saying so.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.registry import register_stage
-from filters.datatrove_adapter import DatatroveFilter
+from filters.datatrove_adapter import DatatroveFilter, FastRule
 
 
 @register_stage("c4_quality")
@@ -33,5 +39,25 @@ class C4Quality(DatatroveFilter):
         filter_curly_bracket: bool = Field(True, description="drop documents with a curly bracket")
         filter_policy: bool = Field(True, description="drop lines about terms of use, cookies, privacy policy")
 
+        @model_validator(mode="after")
+        def _fast_needs_paragraphs(self):
+            if self.engine == "fast" and not self.split_paragraph:
+                raise ValueError("engine: fast supports split_paragraph: true only (lines split on line breaks); "
+                                 "with split_paragraph: false datatrove splits the text into spaCy sentences, "
+                                 "which the fast engine does not reproduce: use engine: datatrove")
+            return self
+
     datatrove_class = "C4QualityFilter"
     rewrites_text: ClassVar[bool] = True
+
+    def fast_rule(self) -> FastRule:
+        """The vectorized C4 rules (``filters/fast_c4.py``) with this stage's parameters."""
+        from filters.fast_c4 import FastC4Rule
+
+        p = self.params
+        return FastC4Rule(
+            remove_citations=p.remove_citations, filter_no_terminal_punct=p.filter_no_terminal_punct,
+            min_num_sentences=p.min_num_sentences, min_words_per_line=p.min_words_per_line,
+            max_word_length=p.max_word_length, filter_lorem_ipsum=p.filter_lorem_ipsum,
+            filter_javascript=p.filter_javascript, filter_curly_bracket=p.filter_curly_bracket,
+            filter_policy=p.filter_policy)
