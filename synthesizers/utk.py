@@ -231,8 +231,7 @@ class ChunkShuffle(Synthesizer):
     # ------------------------------------------------------------------ one document
     def _plan(self, seed: int, doc_id: str, tokens: np.ndarray, aug: bool) -> _Doc:
         p = self.params
-        rng = seeds.Stream(seed, self.label, doc_id)
-        cuts = self._cuts(rng, len(tokens)) if aug else []
+        cuts = self._cuts(seeds.Stream(seed, self.label, doc_id), len(tokens)) if aug else []
         bounds = [0, *cuts, len(tokens)]
         n = len(bounds) - 1
         if n == 1:  # not augmented (or too short to split): the document as it is

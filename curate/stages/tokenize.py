@@ -1,5 +1,7 @@
 """``tokenize``: documents → token ids with the run tokenizer (Rust ``encode_batch``, all cores).
 
+The next batch is encoded in a thread while the stages after this one use the current batch.
+
 Adds ``input_ids`` (``list<int32>``) and ``n_tokens``; drops ``text`` unless ``keep_text``. With
 ``append_eos`` each document ends with the tokenizer's end-of-text token (Dataset Decomposition and
 concat-and-chunk packing want a separator). Documents that encode to fewer than ``min_tokens`` are
@@ -54,8 +56,7 @@ class Tokenize(Stage):
         if self.params.append_eos and eos is None:
             raise ValueError("append_eos: the tokenizer has no end-of-text token")
         stats = ctx.stats[self.label]
-        for batch in batches:
-            arr = self._encode(tok, batch.column(self.params.text_column), eos)
+        for batch, arr in _encoded_ahead(batches, lambda b: self._encode(tok, b.column(self.params.text_column), eos)):
             n = pc.list_value_length(arr).cast(pa.int32())
             out = batch if self.params.keep_text else batch.drop_columns([self.params.text_column])
             out = out.append_column("input_ids", arr).append_column("n_tokens", n)
@@ -72,3 +73,24 @@ class Tokenize(Stage):
         if eos is not None:
             ids = [np.append(row, np.int32(eos)) for row in ids]
         return id_lists(ids)
+
+
+def _encoded_ahead(batches, encode):
+    """``(batch, encode(batch))`` in order, the next batch encoding in a thread while this one is used.
+
+    ``encode_batch`` releases the GIL and runs on Rust threads, so while the stages after this one
+    (UtK, packing, the writer) work on batch k in Python, batch k + 1 is already being encoded: the
+    encoder is never idle waiting for them. At most one batch is encoded ahead (bounded memory); an
+    error while encoding is raised here, for the batch it belongs to.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="curate-encode") as pool:
+        pending = None
+        for batch in batches:
+            ahead = (batch, pool.submit(encode, batch))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = ahead
+        if pending is not None:
+            yield pending[0], pending[1].result()
