@@ -1,14 +1,28 @@
-"""JSONL → Parquet and → WebDataset: curate's writers beside pyarrow's and webdataset's own, one run.
+"""JSONL → Parquet and → WebDataset: curate's reader and writers beside pyarrow's and webdataset's own, one run.
 
-Two comparisons on the same generated corpus:
+Three comparisons on the same generated corpus, every contender interleaved with the others in each
+repeat (the best and the median of ``--repeat`` are reported: on a shared machine the best is the one
+least disturbed):
 
 1. **writer only** — the same in-memory documents table written by ``pq.write_table`` vs curate's
    Parquet sink, and by ``webdataset.ShardWriter`` vs curate's WebDataset sink (same members:
-   ``txt`` + ``json`` with id/source/meta). This is the "writer overhead" the goal bounds (≤ 10%).
-2. **end to end** — ``curate run`` (1 and 2 workers) vs the script a user would write
-   (``pyarrow.json.read_json`` → ``pq.write_table``; orjson lines → ``ShardWriter``).
+   ``txt`` + ``json`` with id/source/meta). This is the "writer overhead" the goal bounds (≤ 10%);
+   its figures are medians (the smoke test in ``tests/test_scale.py`` bounds them).
+2. **reader only** — in this process: ``pyarrow.json.read_json(path)`` (pyarrow's documented defaults:
+   ``use_threads=True``, 1 MB blocks, inferred schema) vs curate's JSONL reader over the same file
+   (every batch, ids and meta, bad lines checked).
+3. **end to end** — ``curate run`` (no stages; 1 and 2 workers) vs the script pyarrow's documentation
+   gives: ``table = pyarrow.json.read_json(path)`` then ``pyarrow.parquet.write_table(table, out,
+   compression="zstd")`` (zstd because it is the Parquet sink's default codec). The script runs both as a
+   function in this process (pyarrow already imported) and as its own ``python`` process (what a user
+   runs, paying interpreter start and imports as ``curate run`` does); ratios are given against both.
+   WebDataset: orjson lines → ``ShardWriter``. With ``--compare-tree DIR`` (another checkout of curate,
+   e.g. ``git archive <commit> curate | tar -x -C DIR``) that version runs too, as ``before_*``, so a
+   change is measured before and after in one run. ``startup_s`` is ``curate run`` on a one-line file.
 
-Usage: ``python benchmarks/io_throughput.py [--mb 200] [--repeat 3] [--json out.json]``
+Versions, CPU count, load average and every setting are printed with the figures.
+
+Usage: ``python benchmarks/io_throughput.py [--mb 200] [--repeat 3] [--json out.json] [--compare-tree DIR]``
 """
 
 from __future__ import annotations
@@ -29,13 +43,38 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 
-def _timed(fn, repeat: int) -> float:
-    times = []
+def _interleaved(contenders: dict, repeat: int) -> dict[str, dict[str, float]]:
+    """Run every contender once per repeat, in turn; best and median seconds of each."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"best_s": round(min(t), 3), "median_s": round(statistics.median(t), 3)} for name, t in times.items()}
+
+
+def _settings(args) -> dict:
+    import os
+    import platform
+
+    import numpy
+
+    import curate
+
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "describe", "--always",
+                                 "--dirty"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "pyarrow": pa.__version__,
+            "orjson": orjson.__version__, "numpy": numpy.__version__,
+            "curate": getattr(curate, "__version__", None), "curate_commit": commit,
+            "corpus_MB": args.mb, "repeat": args.repeat, "parquet_compression": "zstd",
+            "read_json": "pyarrow.json.read_json(path): defaults (use_threads=True, block_size=1 MB, inferred schema)",
+            "curate_source": "jsonl, id_field: id, shard_bytes: 64MB, batch defaults (2048 rows / 16 MB)",
+            "compare_tree": args.compare_tree}
 
 
 def _documents(path: Path) -> pa.Table:
@@ -88,22 +127,65 @@ def writer_only(table: pa.Table, work: Path, repeat: int) -> dict:
     mb = table.column("text").nbytes / 1e6
     for name, base, mine in (("parquet", base_parquet, ours("parquet", shard_bytes="100GB")),
                              ("webdataset", base_wds, ours("webdataset", shard_bytes="256MB"))):
-        tb, to = _timed(base, repeat), _timed(mine, repeat)
+        times = _interleaved({"base": base, "ours": mine}, repeat)
+        tb, to = times["base"]["median_s"], times["ours"]["median_s"]
         out[name] = {"baseline_s": round(tb, 3), "ours_s": round(to, 3), "baseline_MBps": round(mb / tb, 1),
                      "ours_MBps": round(mb / to, 1), "docs_per_s": round(table.num_rows / to),
                      "overhead_pct": round(100 * (to / tb - 1), 1)}
     return out
 
 
-def end_to_end(path: Path, work: Path, repeat: int, n_docs: int) -> dict:
+def reader_only(path: Path, work: Path, repeat: int) -> dict:
+    """pyarrow's JSON reader vs curate's JSONL reader, in this process, over the same file."""
+    from curate.context import RunContext
+    from curate.plugins import kinds_of
+    from curate.rundir import RunDir
+
+    cls = kinds_of("source")["jsonl"]
+    reader = cls(cls.Params(paths=[str(path)], id_field="id", shard_bytes="64MB"))
+    shards = reader.shards()
+
+    def ours():
+        rd = RunDir(work / "reader-run")
+        for shard in shards:
+            ctx = RunContext(0, shard, rd)
+            for _ in reader.read(shard, ctx):
+                pass
+            ctx.close()
+
+    mb = path.stat().st_size / 1e6
+    times = _interleaved({"read_json": lambda: pj.read_json(path), "curate_reader": ours}, repeat)
+    out = {name: {**t, "MBps": round(mb / t["best_s"], 1)} for name, t in times.items()}
+    out["ratio"] = round(times["read_json"]["best_s"] / times["curate_reader"]["best_s"], 2)
+    return out
+
+
+_PEER_SCRIPT = """import sys
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+table = pj.read_json(sys.argv[1])
+pq.write_table(table, sys.argv[2], compression="zstd")
+"""
+
+
+def end_to_end(path: Path, work: Path, repeat: int, n_docs: int, compare_tree: str | None = None) -> dict:
+    import os
+
     import webdataset as wds
 
     mb = path.stat().st_size / 1e6
-    out = {}
+    peer_script = work / "peer.py"
+    peer_script.write_text(_PEER_SCRIPT)
+    tiny = work / "tiny.jsonl"
+    with open(path, "rb") as fh:
+        tiny.write_bytes(fh.readline())
 
     def base_parquet():
         table = pj.read_json(path)
         pq.write_table(table, work / "e2e.parquet", compression="zstd")
+
+    def base_parquet_script():
+        subprocess.run([sys.executable, str(peer_script), str(path), str(work / "e2e-script.parquet")], check=True)
 
     def base_wds():
         folder = work / "e2e-wds"
@@ -115,27 +197,45 @@ def end_to_end(path: Path, work: Path, repeat: int, n_docs: int) -> dict:
                 text = rec.pop("text")
                 sink.write({"__key__": f"k{i:08d}", "txt": text.encode(), "json": orjson.dumps(rec)})
 
-    def ours(kind: str, workers: int):
-        manifest = work / f"{kind}.yaml"
+    def ours(kind: str, workers: int, tree: str | None = None, corpus: Path = path):
+        tag = f"{kind}-{workers}-{'before' if tree else 'now'}-{corpus.stem}"
+        manifest = work / f"{tag}.yaml"
         manifest.write_text(json.dumps({
-            "name": "bench", "source": {"kind": "jsonl", "paths": [str(path)], "id_field": "id",
+            "name": "bench", "source": {"kind": "jsonl", "paths": [str(corpus)], "id_field": "id",
                                         "shard_bytes": "64MB"},
             "stages": [], "sink": {"kind": kind}, "executor": {"kind": "local", "workers": workers}}))
+        env = dict(os.environ)
+        if tree:
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), env.get("PYTHONPATH", "")])
 
         def run():
-            subprocess.run([sys.executable, "-m", "curate", "run", str(manifest), "-o", str(work / f"run-{kind}"),
-                            "--restart", "--no-progress"], check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "curate", "run", str(manifest), "-o", str(work / f"run-{tag}"),
+                            "--restart", "--no-progress"], check=True, capture_output=True, env=env)
         return run
 
-    for name, base in (("parquet", base_parquet), ("webdataset", base_wds)):
-        tb = _timed(base, repeat)
-        row = {"baseline_s": round(tb, 3), "baseline_MBps": round(mb / tb, 1)}
+    out = {}
+    for name, peers in (("parquet", {"script_inprocess": base_parquet, "script_process": base_parquet_script}),
+                        ("webdataset", {"script_inprocess": base_wds})):
+        contenders = dict(peers)
         for workers in (1, 2):
-            t = _timed(ours(name, workers), repeat)
-            row[f"ours_{workers}w_s"] = round(t, 3)
-            row[f"ours_{workers}w_MBps"] = round(mb / t, 1)
-            row[f"ours_{workers}w_docs_per_s"] = round(n_docs / t)
-            row[f"ratio_{workers}w"] = round(tb / t, 2)
+            contenders[f"ours_{workers}w"] = ours(name, workers)
+            if compare_tree:
+                contenders[f"before_{workers}w"] = ours(name, workers, compare_tree)
+        contenders["startup"] = ours(name, 1, corpus=tiny)
+        if compare_tree:
+            contenders["before_startup"] = ours(name, 1, compare_tree, corpus=tiny)
+        times = _interleaved(contenders, repeat)
+        row: dict = {}
+        for who, t in times.items():
+            row[f"{who}_s"] = t["best_s"]
+            row[f"{who}_median_s"] = t["median_s"]
+            if "startup" not in who:
+                row[f"{who}_MBps"] = round(mb / t["best_s"], 1)
+        for who in times:
+            if who.startswith(("ours_", "before_")) and "startup" not in who:
+                for peer in peers:
+                    row[f"ratio_{who}_vs_{peer}"] = round(times[peer]["best_s"] / times[who]["best_s"], 2)
+                row[f"{who}_docs_per_s"] = round(n_docs / times[who]["best_s"])
         out[name] = row
     return out
 
@@ -145,21 +245,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mb", type=int, default=200, help="corpus size in MB")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="write the figures here")
-    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true", help="writer (and reader) only")
+    ap.add_argument("--skip-reader", action="store_true")
+    ap.add_argument("--compare-tree", help="another checkout of curate (the folder holding its `curate/` "
+                                           "package) to run end to end beside this one")
     args = ap.parse_args(argv)
 
     from curate.testing import write_jsonl_corpus, write_report
 
+    settings = _settings(args)
+    print("settings:", json.dumps(settings), flush=True)
     work = Path(tempfile.mkdtemp(prefix="curate-io-"))
     try:
         corpus = work / "corpus.jsonl"
         n_docs = write_jsonl_corpus(corpus, args.mb * 1_000_000)
         table = _documents(corpus)
-        report = {"corpus_MB": round(corpus.stat().st_size / 1e6, 1), "docs": n_docs,
+        report = {"settings": settings, "corpus_MB": round(corpus.stat().st_size / 1e6, 1), "docs": n_docs,
                   "writer_only": writer_only(table, work, args.repeat)}
         del table
+        if not args.skip_reader:
+            report["reader_only"] = reader_only(corpus, work, args.repeat)
         if not args.skip_e2e:
-            report["end_to_end"] = end_to_end(corpus, work, args.repeat, n_docs)
+            report["end_to_end"] = end_to_end(corpus, work, args.repeat, n_docs, args.compare_tree)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return write_report(report, args.json)

@@ -14,6 +14,11 @@ newline that is not valid JSON: the file was cut) or ``corrupt_input`` (the deco
 with ``line`` (the last whole line, 0 for none), ``offset`` (the byte of the file where decoding
 stopped: the compressed position) and ``lost`` (1 when a partial line was cut, None when unknown).
 A partial last line is part of that record, never a document nor an ``invalid_json``.
+
+Lines are parsed a block at a time (:mod:`curate.readers.jsonl_blocks`): orjson over every line of a
+block, batches cut and built in a thread that runs at most two items ahead of the consumer. Only blank
+and bad lines go through the per-line path (``_parse``), which names each failure with its exact line;
+the batches are those of the per-line path (``_BULK = False``), row for row and cut for cut.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import fsspec
 import orjson
@@ -32,10 +38,13 @@ from pydantic import ByteSize, Field
 from curate.errors import ConfigError
 from curate.plugins import register_source
 from curate.readers import sniff
-from curate.readers.base import (DamagedInput, DocumentBuilder, Reader, ReaderParams, Shard, content_key,
-                                 list_files, meta_json)
+from curate.readers.base import DamagedInput, Reader, ReaderParams, Shard, content_key, list_files, meta_json
+from curate.readers.jsonl_blocks import BatchCutter, Fields, ParsedBlock, parse_block, read_ahead
 
 _BLOCK = 4 << 20
+#: Parse blocks of lines in bulk, in a thread ahead of the consumer (False: every line through the
+#: per-line path, in the consumer's thread — the reference the bulk path is tested against).
+_BULK = True
 #: Bytes read at a time past the last range start while looking for its first line.
 _TAIL = 1 << 10
 #: Compressed bytes fed to the zstd decoder at a time (bounds the decompressed output per step).
@@ -65,7 +74,7 @@ class JsonlReader(Reader):
                 continue
             starts = list(range(0, size, step))
             anchors = line_anchors(uri, starts[1:])
-            for start, anchor in zip(starts, [None, *anchors]):
+            for start, anchor in zip(starts, [None, *anchors], strict=True):
                 stop = min(start + step, size)
                 extra = {} if anchor is None else {"start_pos": anchor[0], "first_line": anchor[1]}
                 key = content_key(uri, info, start, stop)
@@ -77,21 +86,22 @@ class JsonlReader(Reader):
         return infer_compression(uri) if c == "infer" else c
 
     def read(self, shard: Shard, ctx) -> Iterator[pa.RecordBatch]:
-        p = self.params
-        builder = DocumentBuilder(p.batch_rows, int(p.batch_bytes))
-        exclude = (p.text_field,) + ((p.id_field,) if p.id_field else ())
+        compression = self._compression(shard.uri)
+        if _BULK:
+            items = read_ahead(lambda: _items(shard, compression, self.params, bulk=True))
+        else:
+            items = _items(shard, compression, self.params, bulk=False)
         try:
-            for line_no, raw in _lines(shard, self._compression(shard.uri)):
-                doc = _parse(raw, line_no, shard, p, exclude, ctx)
-                if doc is not None:
-                    batch = builder.add(*doc)
-                    if batch is not None:
-                        yield batch
-        except DamagedInput as damage:
-            damage.record_in(ctx, shard.uri)
-        last = builder.flush()
-        if last is not None:
-            yield last
+            for item in items:
+                if isinstance(item, pa.RecordBatch):
+                    yield item
+                elif isinstance(item, DamagedInput):
+                    item.record_in(ctx, shard.uri)
+                else:
+                    for bad in item:
+                        ctx.failure(bad.reason, bad.detail, file=shard.uri, line=bad.line, record=bad.record)
+        finally:
+            items.close()  # stops the read-ahead thread when the consumer stops early
 
 
 def check_file(uri: str, compression: str | None) -> None:
@@ -153,9 +163,62 @@ def line_anchors(uri: str, starts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _parse(raw: bytes, line_no: int, shard: Shard, p, exclude, ctx):
-    def bad(reason: str, detail: str = ""):
-        ctx.failure(reason, detail, file=shard.uri, line=line_no, record=raw)
+class BadLine(NamedTuple):
+    """A line that makes no document: ``reason`` is one of the module docstring's."""
+
+    line: int
+    reason: str
+    detail: str
+    record: bytes
+
+
+def _items(shard: Shard, compression: str | None, p, bulk: bool) -> Iterator[pa.RecordBatch | list[BadLine] |
+                                                                          DamagedInput]:
+    """The shard as the consumer records it, in file order: batches, the bad lines of each block (a list,
+    after the block's batches that come before its end), and a damage last (then the final batch).
+
+    Touches no run context, so it can run in another thread. ``bulk``: lines through :func:`parse_block`,
+    only the rest through :func:`_parse_line`; otherwise every line through :func:`_parse_line`.
+    """
+    fields = Fields(p.text_field, p.id_field, p.meta_fields, shard.rel)
+    exclude = fields.exclude
+    cutter = BatchCutter(p.batch_rows, int(p.batch_bytes))
+    try:
+        for first, lines in _line_blocks(shard, compression):
+            if bulk:
+                block = parse_block(first, lines, fields)
+            else:
+                block = ParsedBlock(first, lines, rest=list(range(len(lines))))
+            bad: list[BadLine] = []
+            done = 0  # the block's good rows added so far
+            for k, pos in enumerate(block.rest):
+                yield from cutter.extend(block, done, pos - k, shard.rel)
+                done = pos - k
+                doc = _parse_line(lines[pos], first + pos, shard.rel, p, exclude)
+                if isinstance(doc, BadLine):
+                    bad.append(doc)
+                elif doc is not None and (batch := cutter.add(*doc)) is not None:
+                    yield batch
+            yield from cutter.extend(block, done, len(block.ids), shard.rel)
+            if bad:
+                yield bad
+    except DamagedInput as damage:
+        yield damage
+    last = cutter.flush()
+    if last is not None:
+        yield last
+
+
+def _parse_line(raw: bytes, line_no: int, rel: str, p, exclude):
+    """The per-line path: ``(id, text, source, meta)``, a :class:`BadLine`, or None for a blank line."""
+    if not raw.strip():
+        return None
+    return _parse(raw[3:] if line_no == 1 and raw.startswith(sniff.BOM) else raw, line_no, rel, p, exclude)
+
+
+def _parse(raw: bytes, line_no: int, rel: str, p, exclude):
+    def bad(reason: str, detail: str = "") -> BadLine:
+        return BadLine(line_no, reason, detail, raw)
 
     try:
         record = orjson.loads(raw)
@@ -179,15 +242,16 @@ def _parse(raw: bytes, line_no: int, shard: Shard, p, exclude, ctx):
             return bad("missing_id_field", f"no field {p.id_field!r}")
         doc_id = str(record[p.id_field])
     else:
-        doc_id = f"{shard.rel}:{line_no}"
-    return doc_id, text, shard.rel, meta_json(record, exclude, p.meta_fields)
+        doc_id = f"{rel}:{line_no}"
+    return doc_id, text, rel, meta_json(record, exclude, p.meta_fields)
 
 
-def _lines(shard: Shard, compression: str | None) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(1-based line number, line bytes)`` for the non-blank lines owned by the shard.
+def _line_blocks(shard: Shard, compression: str | None) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(number of the first line, lines)`` for the lines owned by the shard, a block at a time.
 
-    Raises :class:`DamagedInput` after the last whole line when the file is damaged (see the module
-    docstring).
+    Lines are numbered 1-based from the start of the file, blank ones and a leading BOM included (the
+    per-line path skips or strips them). Raises :class:`DamagedInput` after the last whole line when
+    the file is damaged (see the module docstring).
     """
     with fsspec.open(shard.uri, "rb") as fh:
         if compression is not None:
@@ -206,12 +270,12 @@ def _lines(shard: Shard, compression: str | None) -> Iterator[tuple[int, bytes]]
             yield from _split(_blocks(fh, shard.stop), first, pos, fh.tell)
 
 
-def _split(blocks: Iterator[bytes], line_no: int, pos: int, tell) -> Iterator[tuple[int, bytes]]:
-    """Cut ``blocks`` (starting at decoded offset ``pos``) into lines numbered from ``line_no``.
+def _split(blocks: Iterator[bytes], line_no: int, pos: int, tell) -> Iterator[tuple[int, list[bytes]]]:
+    """Cut ``blocks`` (starting at decoded offset ``pos``) into blocks of whole lines numbered from ``line_no``.
 
-    A BOM before line 1 is dropped. A cut stream (DamagedInput from ``blocks``) gets the last whole
-    line and the partial line it lost; a last line without a newline that is not valid JSON is a cut
-    too (``tell()`` gives the file position for its ``offset``).
+    A cut stream (DamagedInput from ``blocks``) gets the last whole line and the partial line it lost; a
+    last line without a newline that is not valid JSON (once a BOM before line 1 is dropped) is a cut too
+    (``tell()`` gives the file position for its ``offset``); a valid one is yielded alone.
     """
     parts: list[bytes] = []  # the pieces of a line not yet ended
     try:
@@ -220,25 +284,24 @@ def _split(blocks: Iterator[bytes], line_no: int, pos: int, tell) -> Iterator[tu
             if b"\n" not in block:
                 parts.append(block)
                 continue
-            lines = (b"".join(parts) + block if parts else block).split(b"\n")
+            lines = block.split(b"\n")
+            if parts:  # the line the previous blocks began
+                lines[0] = b"".join((*parts, lines[0]))
             parts = [lines.pop()]
-            for raw in lines:
-                if raw.strip():
-                    yield line_no, (raw[3:] if line_no == 1 and raw.startswith(sniff.BOM) else raw)
-                line_no += 1
+            yield line_no, lines
+            line_no += len(lines)
     except DamagedInput as damage:
         raise _lost_tail(damage, line_no, b"".join(parts), pos) from None
     rest = b"".join(parts)
     if not rest.strip():
         return
-    rest = rest[3:] if line_no == 1 and rest.startswith(sniff.BOM) else rest
     try:
-        orjson.loads(rest)
+        orjson.loads(rest[3:] if line_no == 1 and rest.startswith(sniff.BOM) else rest)
     except orjson.JSONDecodeError as e:
         cut = DamagedInput("truncated_input", f"the last line has no newline and is not valid JSON ({e}): "
                            "the file looks cut inside it", offset=tell())
         raise _lost_tail(cut, line_no, rest, pos) from None
-    yield line_no, rest
+    yield line_no, [rest]
 
 
 def _lost_tail(damage: DamagedInput, line_no: int, partial: bytes, pos: int) -> DamagedInput:
