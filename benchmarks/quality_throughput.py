@@ -97,7 +97,7 @@ def curate_code(rule: str, engine: str, work: Path, out: Path) -> str:
     manifest = work / f"{rule}-{engine}.yaml"
     manifest.write_text(json.dumps({
         "name": f"bench-{rule}-{engine}", "seed": 1,
-        "source": {"kind": "jsonl", "paths": [str(work / "in")]},
+        "source": {"kind": "jsonl", "paths": [str(work / "in")], "id_field": "id"},
         "stages": [{rule: {"engine": engine}}],
         "sink": {"kind": "parquet"}, "executor": {"kind": "local", "workers": 2}}))
     return textwrap.dedent(f"""

@@ -68,17 +68,8 @@ PY_WORD = f"[^{WS}]+"
 @functools.cache
 def python_digit_class() -> str:
     """Character-class ranges of Python's ``\\d`` (Unicode Nd of the running Python), for Rust regex."""
-    ranges, start, prev = [], None, None
-    for code in range(sys.maxunicode + 1):
-        if chr(code).isdecimal() and re.match(r"\d", chr(code)):
-            if start is None:
-                start = code
-            elif code != prev + 1:
-                ranges.append((start, prev))
-                start = code
-            prev = code
-    ranges.append((start, prev))
-    return "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges)
+    every = "".join(map(chr, range(sys.maxunicode + 1)))  # one regex scan finds the runs of digits
+    return "".join(f"\\x{{{m.start():x}}}-\\x{{{m.end() - 1:x}}}" for m in re.finditer(r"\d+", every))
 
 
 @functools.cache
