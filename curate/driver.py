@@ -23,21 +23,20 @@ import pyarrow as pa
 from rich.console import Console
 from rich.markup import escape
 
-from curate import stats as stats_mod
 from curate import faults
+from curate import stats as stats_mod
+from curate.context import RunContext
 from curate.errors import ConfigError, CurateError, Interrupted, RetryableError
 from curate.executors.base import Launcher, LaunchOptions, LaunchResult
 from curate.lock import refuse_if_steps_running, run_lock
-from curate.progress import PhaseProgress
-from curate.secrets import redact, redact_obj
 from curate.manifest import Manifest
 from curate.planner import Phase, Plan
-from curate.context import RunContext
 from curate.plugins import kinds_of
+from curate.progress import PhaseProgress
 from curate.readers.base import Shard
 from curate.rundir import AtomicFile
+from curate.secrets import redact, redact_obj
 from curate.sinks.base import write_index
-
 
 log = logging.getLogger("curate")
 
@@ -324,6 +323,9 @@ def _combine(plan: Plan, phase: Phase) -> None:
         if path.exists():
             with pa.memory_map(str(path)) as src:
                 partials.append(pa.ipc.open_file(src).read_all())
+    if hasattr(stage, "spill_dir"):  # dedup spills its band hashes beside the run, not in /tmp
+        shutil.rmtree(folder / "spill", ignore_errors=True)  # what a killed combine left
+        stage.spill_dir = str(folder / "spill")
     t0 = time.perf_counter()
     state = stage.combine(partials, plan.manifest.seed)
     faults.check("combine", phase=phase.index, label=stage.label)

@@ -18,8 +18,8 @@ import importlib.util
 import pkgutil
 import re
 from functools import lru_cache
-from pathlib import Path
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from curate.errors import ConfigError
 from curate.stage import Stage

@@ -1,8 +1,12 @@
 """The global dedup protocol shared by ``exact_dedup`` and ``minhash_dedup``.
 
 Phase before the stage (per shard, ``observe``): each row contributes a key record (its ``id``, its
-length and whatever the subclass hashes). Driver (``combine``, once): the subclass turns all records
-into clusters of duplicates; one member of each cluster is kept — the first in input order (shard order,
+length and whatever the subclass hashes). Driver (``combine``, once): the subclass reduces each record
+to ``b`` 64-bit keys; rows sharing a key in the same position are duplicates (and, with a pair check,
+only the pairs it accepts), clusters being the connected components — computed by
+:mod:`filters.band_groups` with the keys spilled to disk, so the driver's memory does not grow with the
+rows (spill folder: ``$CURATE_SPILL_DIR``, else the system's temporary folder). One member of each
+cluster is kept — the first in input order (shard order,
 then row order) or, with ``keep: longest``, the longest (ties: the first) — so the choice does not depend
 on the number of workers. Next phase (``run``, per shard): every row gets ``scores.<label>.cluster_size``
 (1 for a unique row) and ``scores.<label>.cluster`` (null for a unique row); the other members are
@@ -17,7 +21,6 @@ Row ids must be unique across the input (every reader makes them so); a repeated
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
@@ -26,8 +29,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.arrays import numeric
-from curate.errors import BadRecord
-from curate.stage import Filter, concat_partials
+from curate.stage import Filter
+from filters.band_groups import Clustering, PairCheck, Rows, cluster_rows, spill_folder
 
 
 class GlobalDedup(Filter):
@@ -51,8 +54,17 @@ class GlobalDedup(Filter):
         """Columns (beside ``id`` and ``n_chars``) that ``cluster`` needs, one value per row."""
 
     @abstractmethod
-    def cluster(self, table: pa.Table) -> np.ndarray:
-        """A cluster label per row of ``table`` (rows in input order); equal labels are duplicates."""
+    def band_keys(self, table: pa.Table) -> np.ndarray:
+        """The ``(rows, bands)`` uint64 keys of a slice of the partials; equal keys in a column join rows."""
+
+    @property
+    def bands(self) -> int:
+        """How many keys :meth:`band_keys` gives per row."""
+        return 1
+
+    def pair_check(self, rows: Rows) -> PairCheck | None:
+        """A test that candidate pairs (row numbers) must also pass, or None (every candidate joins)."""
+        return None
 
     # ---------------------------------------------------------------- global protocol
     def observe(self, batch: pa.RecordBatch, ctx, partial) -> None:
@@ -61,18 +73,18 @@ class GlobalDedup(Filter):
         cols.update(self.keys(texts, batch.column("id").to_pylist()))
         partial.add(pa.table(cols))
 
+    #: where the driver's spill folder goes (None: ``$CURATE_SPILL_DIR``, else the temporary folder)
+    spill_dir: str | None = None
+
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
-        table = concat_partials(partials)
-        if table is None:
+        partials = [p for p in partials if p.num_rows]
+        if not partials:
             return {"rows": 0, "clusters": 0, "duplicates": 0, "size_histogram": {}, "largest": []}
-        ids = table.column("id")
-        if pc.count_distinct(ids).as_py() != table.num_rows:
-            counts = pc.value_counts(ids)
-            repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:3]
-            raise BadRecord(f"{self.label}: row ids repeat across the input ({', '.join(map(repr, repeated))}); "
-                            "dedup needs unique ids")
-        labels = self.cluster(table)
-        return _members(table, labels, self.params.keep)
+        with spill_folder(self.spill_dir) as folder:
+            rows = Rows(partials)
+            how = Clustering(keys=self.band_keys, bands=self.bands, keep=self.params.keep,
+                             check=self.pair_check(rows), label=self.label)
+            return cluster_rows(rows, how, folder)
 
     # ---------------------------------------------------------------- per row
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
@@ -98,40 +110,4 @@ class GlobalDedup(Filter):
         if dup is None or not self.params.drop:
             return pa.nulls(batch.num_rows, pa.string())
         return pc.if_else(dup, pa.scalar("duplicate"), pa.scalar(None, pa.string()))
-
-
-def _members(table: pa.Table, labels: np.ndarray, keep: str) -> dict[str, Any]:
-    """The combined state: cluster statistics and, as a table, every member of a non-trivial cluster."""
-    n = table.num_rows
-    uniq, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
-    size = sizes[inverse]
-    multi = np.flatnonzero(size > 1)
-    order = np.arange(n)
-    if keep == "longest":  # longest first, then input order
-        chars = table.column("n_chars").to_numpy()
-        rank = np.lexsort((order, -chars))
-    else:
-        rank = order
-    # the kept member of each cluster is the first in `rank` order
-    position = np.empty(n, np.int64)
-    position[rank] = np.arange(n)
-    first = np.full(len(uniq), n, np.int64)
-    np.minimum.at(first, inverse, position)
-    kept = position == first[inverse]
-    # clusters are numbered by the input position of their kept member: stable across runs
-    cluster_no = rank[first][inverse]
-    ids = table.column("id")
-    members = pa.table({
-        "id": pc.take(ids, pa.array(multi)),
-        "cluster": numeric(cluster_no[multi], np.int64),
-        "cluster_size": numeric(size[multi], np.int32),
-        "kept": pa.array(kept[multi]),
-    })
-    hist = Counter(int(s) for s in sizes if s > 1)
-    big = np.argsort(-sizes, kind="stable")[:10]
-    largest = [{"kept_id": ids[int(rank[first[c]])].as_py(), "size": int(sizes[c])} for c in big if sizes[c] > 1]
-    return {"rows": n, "clusters": int((sizes > 1).sum()), "duplicates": int(len(multi) - (sizes > 1).sum()),
-            "size_histogram": {str(k): hist[k] for k in sorted(hist)}, "largest": largest,
-            "_tables": {"members": members}}
-
 

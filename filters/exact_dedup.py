@@ -43,5 +43,5 @@ class ExactDedup(GlobalDedup):
     def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         return {"hash": numeric(np.fromiter((self._hash(self._norm(t)) for t in texts), np.uint64, len(texts)))}
 
-    def cluster(self, table: pa.Table) -> np.ndarray:
-        return np.unique(table.column("hash").to_numpy(), return_inverse=True)[1]
+    def band_keys(self, table: pa.Table) -> np.ndarray:
+        return table.column("hash").to_numpy().reshape(-1, 1)

@@ -7,9 +7,15 @@ are candidates when all hashes of at least one bucket (band) agree; the probabil
 texts of Jaccard similarity ``s`` is ``1 − (1 − s^r)^b`` (b = 14, r = 8: 0.92 at s = 0.8, 0.02 at
 s = 0.5). With ``threshold`` set, a candidate pair is only joined when the share of equal min-hashes
 over the whole signature (an unbiased Jaccard estimate) reaches it. The driver gets one 64-bit hash
-per band (the full signature only with ``threshold``). Candidates are joined into clusters
-(union-find); see :mod:`filters.dedup_base` for which row stays, the scores and the report. Texts
-shorter than one shingle get values no other row shares (exact copies of them are ``exact_dedup``'s).
+per band (the full signature only with ``threshold``). Candidates are joined into clusters by
+:mod:`filters.band_groups` (on disk, bounded memory); see :mod:`filters.dedup_base` for which row stays,
+the scores and the report. Texts shorter than one shingle get values no other row shares (exact copies of
+them are ``exact_dedup``'s).
+
+Speed: datatrove's tokenizer (spaCy's rule-based tokenizer) splits the normalized text at whitespace and
+tokenizes each piece on its own, so :class:`DatatroveShingles` tokenizes each distinct word once (cached
+per worker) and gets exactly datatrove's tokens, n-grams and hashes — several times faster. Languages
+whose datatrove tokenizer is not spaCy's rule-based one take datatrove's own function per text.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from curate.errors import MissingDependency
 from curate.models import shared
 from curate.registry import register_stage
 from curate.seeds import doc_hashes
+from filters.band_groups import PairCheck, Rows
 from filters.dedup_base import GlobalDedup
+
+_MERSENNE = np.uint64((1 << 61) - 1)
 
 
 @register_stage("minhash_dedup")
@@ -60,18 +69,23 @@ class MinhashDedup(GlobalDedup):
         # the output folder is never written: only the signature functions are used
         self._sig = MinhashDedupSignature(output_folder="memory://curate-unused", config=config, language=p.language)
         self._width = p.num_buckets * p.hashes_per_bucket
-        # the word-hash cache lives as long as the worker, shared by every shard with these n-grams
-        self._fast = shared("fast_shingles", (p.n_grams,), lambda: FastShingles(p.n_grams)) \
-            if p.shingles == "fast" else None
+        self._a, self._b = self._sig.parameters
+        # word caches live as long as the worker, shared by every shard with these settings
+        if p.shingles == "fast":
+            self._shingles = shared("fast_shingles", (p.n_grams,), lambda: FastShingles(p.n_grams))
+        else:
+            self._shingles = shared("datatrove_shingles", (p.n_grams, p.language),
+                                    lambda: DatatroveShingles(self._sig))
 
     def keys(self, texts: list[str], ids: list[str]) -> dict[str, pa.Array]:
         sigs = np.empty((len(texts), self._width), np.uint64)
         for i, text in enumerate(texts):
-            shingles = self._sig.get_shingles(text) if self._fast is None else self._fast(text)
+            shingles = self._shingles(text)
             if len(shingles) == 0:  # shorter than one n-gram: values no other row shares (exact_dedup's job)
                 sigs[i] = _mix(np.arange(self._width, dtype=np.uint64) + doc_hashes(0, self.label, [ids[i]])[0])
                 continue
-            sigs[i] = np.concatenate(self._sig.get_signature(shingles))
+            # datatrove's get_signature (64-bit precision), without its per-band Python lists
+            sigs[i] = ((shingles * self._a + self._b) % _MERSENNE).min(axis=0)
         p = self.params
         bands = band_hashes(sigs, p.num_buckets, p.hashes_per_bucket)
         out = {"bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), p.num_buckets)}
@@ -79,43 +93,99 @@ class MinhashDedup(GlobalDedup):
             out["signature"] = pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1)), self._width)
         return out
 
-    def cluster(self, table: pa.Table) -> np.ndarray:
-        n = table.num_rows
-        b = self.params.num_buckets
-        bands = table.column("bands").combine_chunks().flatten().to_numpy().reshape(n, b)
-        sigs = None
-        if self.params.threshold is not None:
-            width = table.schema.field("signature").type.list_size
-            sigs = table.column("signature").combine_chunks().flatten().to_numpy().reshape(n, width)
-        parent = np.arange(n)
+    @property
+    def bands(self) -> int:
+        return self.params.num_buckets
 
-        def find(x: int) -> int:
-            root = x
-            while parent[root] != root:
-                root = parent[root]
-            while parent[x] != root:
-                parent[x], x = root, parent[x]
-            return root
+    def band_keys(self, table: pa.Table) -> np.ndarray:
+        return _fixed_lists(table.column("bands"), self.params.num_buckets)
 
-        for band in range(b):
-            _, inverse, counts = np.unique(bands[:, band], return_inverse=True, return_counts=True)
-            shared = np.flatnonzero(counts[inverse] > 1)
-            if len(shared) == 0:
-                continue
-            order = shared[np.argsort(inverse[shared], kind="stable")]
-            for group in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
-                head = int(group[0])  # with a threshold, each member is compared with the group's first
-                for other in group[1:]:
-                    other = int(other)
-                    if sigs is not None and np.mean(sigs[head] == sigs[other]) < self.params.threshold:
-                        continue
-                    a, c = find(head), find(other)
-                    if a != c:
-                        parent[max(a, c)] = min(a, c)
-        labels = np.arange(n)
-        for x in np.flatnonzero(parent != labels):  # only rows that were joined need their root looked up
-            labels[x] = find(int(x))
-        return labels
+    def pair_check(self, rows: Rows) -> PairCheck | None:
+        """With ``threshold``: a pair joins when that share of the whole signatures' min-hashes agree."""
+        threshold = self.params.threshold
+        if threshold is None:
+            return None
+
+        def similar(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            keep = np.empty(len(a), bool)
+            for start in range(0, len(a), 1 << 16):  # bounded: 64K pairs of signatures at a time
+                x, y = a[start:start + (1 << 16)], b[start:start + (1 << 16)]
+                same = rows.matrix("signature", x) == rows.matrix("signature", y)
+                keep[start:start + len(x)] = same.mean(axis=1) >= threshold
+            return keep
+
+        return similar
+
+
+class DatatroveShingles:
+    """datatrove's ``get_shingles`` (same tokens, n-grams and xxhash values), each distinct word tokenized once.
+
+    spaCy's rule-based tokenizer splits at whitespace first and tokenizes every piece independently, and
+    datatrove's normalized text has single spaces only, so the tokens of a text are the concatenation of
+    each word's tokens. Other tokenizers (and any text the per-word path fails on) use datatrove's own.
+    """
+
+    def __init__(self, sig):
+        import xxhash
+        from datatrove.utils.text import simplify_text
+
+        self.sig = sig
+        self.n = sig.config.n_grams
+        self.simplify = lambda text: simplify_text(text, sig.config.norm_config)
+        self.hash = xxhash.xxh64_intdigest
+        self.cache: dict[str, list[str]] = {}
+        self._tokenize = None  # loaded on first use: a worker that only scores never imports spaCy
+
+    @property
+    def tokenize(self):
+        """Token texts of one word with spaCy's rule-based tokenizer, or None (datatrove's path per text)."""
+        if self._tokenize is None:
+            config = self.sig.config.hash_config
+            usable = config.precision == 64 and config.hash_fc == "xxhash"
+            self._tokenize = (_per_word_tokenizer(self.sig) if usable else None) or False
+        return self._tokenize or None
+
+    def __call__(self, text: str) -> np.ndarray:
+        if self.tokenize is None:
+            return self.sig.get_shingles(text)
+        try:
+            words = self._words(self.simplify(text))
+        except Exception:  # what datatrove does about it (e.g. spaCy's "IS_ALPHA" failure) stays its own
+            return self.sig.get_shingles(text)
+        count = len(words) - self.n + 1
+        if count <= 0:
+            return np.zeros((0, 1), np.uint64)
+        joined = " ".join(words)  # a shingle is a slice of it: tokens never contain spaces
+        ends = np.cumsum([len(w) + 1 for w in words]).tolist()
+        starts = [0] + ends[:-1]
+        n, h = self.n, self.hash
+        return np.fromiter((h(joined[starts[i]:ends[i + n - 1] - 1]) for i in range(count)), np.uint64,
+                           count).reshape(-1, 1)
+
+    def _words(self, simple: str) -> list[str]:
+        cache, out = self.cache, []
+        if len(cache) > 1_000_000:
+            cache.clear()
+        for word in simple.split(" "):
+            tokens = cache.get(word)
+            if tokens is None:
+                tokens = cache[word] = [t for t in (tok.strip() for tok in self.tokenize(word)) if t]
+            out.extend(tokens)
+        return out
+
+
+def _per_word_tokenizer(sig):
+    """spaCy's rule-based tokenizer behind datatrove's word tokenizer (token texts), or None."""
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    if type(sig.word_tokenizer) is not SpaCyTokenizer:
+        return None
+    from spacy.tokenizer import Tokenizer
+
+    tokenizer = sig.word_tokenizer.tokenizer.tokenizer
+    if type(tokenizer) is not Tokenizer:
+        return None
+    return lambda word: [t.text for t in tokenizer(word)]
 
 
 class FastShingles:
@@ -152,6 +222,13 @@ class FastShingles:
             r = np.uint64((11 * k) % 64)
             acc = _mix(acc ^ ((part << r) | (part >> (np.uint64(64) - r)) if r else part))
         return acc.reshape(-1, 1)
+
+
+def _fixed_lists(column, width: int) -> np.ndarray:
+    """A fixed-size-list uint64 column (chunked or not) as an ``(rows, width)`` array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy().reshape(-1, width)
 
 
 def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
