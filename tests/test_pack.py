@@ -175,3 +175,29 @@ def test_decompose_output_is_byte_identical_across_reruns_and_worker_counts(tmp_
     cli("run", str(m), "-o", str(tmp_path / "one"), "-w", "1", "--no-progress")
     cli("run", str(m), "-o", str(tmp_path / "two"), "-w", "2", "--no-progress")
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
+def test_best_fit_keeps_a_bounded_number_of_rows_open(tmp_path):
+    """Units a little short of fill_target (UtK windows) never fill a row; rows must still leave as the
+    input streams, not all at the end of the shard (memory would grow with the shard)."""
+    seq_len, n = 1000, 400
+    docs = [[7] * 970 for _ in range(n)]  # 97% full: below fill_target 0.99, and no two fit together
+    cls = get_stage("pack")
+    stage = cls(cls.Params(seq_len=seq_len, buffer_tokens=8 * seq_len))
+    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(tmp_path))
+    batch = pa.RecordBatch.from_pydict({"id": [f"d{i}" for i in range(n)], "input_ids": id_lists(docs)})
+    consumed = []
+
+    def batches():
+        for a in range(0, n, 10):
+            consumed.append(a)
+            yield batch.slice(a, 10)
+
+    out, held = [], []
+    for b in stage.run(batches(), ctx):
+        out.append(b)
+        held.append(len(consumed) * 10 - sum(x.num_rows for x in out))  # rows read but not yet out
+    rows = pa.Table.from_batches(out).to_pylist()
+    assert len(rows) == n and sorted(r["lineage"][0] for r in rows) == sorted(f"d{i}" for i in range(n))
+    # read-ahead batch (10) + buffer (~9 units) + open rows (8) + the stage's 64-row output batches
+    assert len(out) > 1 and max(held[:-1]) <= 10 + 9 + 8 + 64, held

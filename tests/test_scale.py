@@ -55,5 +55,5 @@ def test_io_benchmark_runs_and_writers_stay_near_the_libraries(tmp_path, capsys)
         figures = report["writer_only"][fmt]
         assert figures["ours_MBps"] > 0 and figures["baseline_MBps"] > 0
         # The goal (≤ 10% overhead) is measured on 200 MB by hand; on 40 MB in a busy CI run a
-        # looser bound still catches a real regression without flaking on noise.
-        assert figures["overhead_pct"] < 35, figures
+        # looser bound on the best of each (noise only adds time) still catches a real regression.
+        assert figures["overhead_best_pct"] < 35, figures

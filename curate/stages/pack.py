@@ -6,7 +6,9 @@ its ``loss_mask``, internal ``doc_offsets`` and ``lineage`` are carried into the
 - ``best_fit``: best-fit decreasing over a bounded buffer (``buffer_tokens``). A unit is never split
   unless it is longer than ``seq_len`` (then it is cut into ``seq_len`` pieces: the full ones are rows at
   once, the remainder is packed, so a unit's pieces leave in their order). Rows that are not yet
-  ``fill_target`` full stay open into the next buffer; everything is flushed at the end of the shard.
+  ``fill_target`` full stay open into the next buffer — at most ``buffer_tokens // seq_len`` of them, the
+  emptiest; the fullest others are closed, so memory does not grow with the shard — and everything is
+  flushed at the end of the shard.
 - ``concat_chunk``: the classic baseline: concatenate units and cut every ``seq_len`` tokens (units
   cross row boundaries; the last row of a shard may be short).
 - ``decompose``: Dataset Decomposition (Pouransari et al., 2024): each unit is cut into pieces of
@@ -151,10 +153,26 @@ class Pack(Stage):
                 held += len(unit)
             if held >= budget:
                 open_bins, full = self._fit(buffer, open_bins)
-                yield [(_join(b), None) for b in full]
+                open_bins, closed = self._bounded(open_bins, budget)
+                yield [(_join(b), None) for b in full + closed]
                 buffer, held = [], 0
         open_bins, full = self._fit(buffer, open_bins)
         yield [(_join(b), None) for b in full + open_bins]
+
+    def _bounded(self, bins: list[list[Unit]], budget: int) -> tuple[list[list[Unit]], list[list[Unit]]]:
+        """Keep at most ``budget // seq_len`` open rows (the emptiest); close the fullest others now.
+
+        Without a bound, rows that never reach ``fill_target`` (UtK windows a little short of
+        ``seq_len``, followed only by more such windows) would stay open to the end of the shard, and a
+        worker's memory would grow with its shard. Ties keep the older row open; order is by input only.
+        """
+        keep = max(1, budget // self.params.seq_len)
+        if len(bins) <= keep:
+            return bins, []
+        seq_len = self.params.seq_len
+        by_room = sorted(range(len(bins)), key=lambda i: (seq_len - sum(map(len, bins[i])), -i), reverse=True)
+        stay = set(by_room[:keep])
+        return [b for i, b in enumerate(bins) if i in stay], [b for i, b in enumerate(bins) if i not in stay]
 
     def _fit(self, units: list[Unit], bins: list[list[Unit]]) -> tuple[list[list[Unit]], list[list[Unit]]]:
         """Best-fit decreasing of ``units`` into ``bins`` (kept in order); return (open, full) bins."""
