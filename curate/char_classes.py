@@ -50,8 +50,8 @@ def _bmp_table() -> np.ndarray:
     return np.fromiter((_bits(cp) for cp in range(0x10000)), dtype=np.uint8, count=0x10000)
 
 
-#: Texts are measured in slices of about this many characters, to bound the temporaries (~13 bytes a character).
-_SLICE_CHARS = 1 << 22
+#: Texts are measured in slices of about this many characters, to bound the temporaries (~25 bytes a character).
+_SLICE_CHARS = 1 << 20
 #: Bit set on a character that starts a run of non-space characters (a word, for ``\\S+``).
 _WORD_START = 64
 
