@@ -59,9 +59,9 @@ class DatatroveFilter(Filter):
         """datatrove and spaCy for ``engine: datatrove``; the fast engine needs only polars (a core dependency)."""
         return {} if self.params.engine == "fast" else dict(self.needs)
 
+    @abstractmethod
     def fast_rule(self) -> FastRule:
-        """The vectorized rule set of ``engine: fast`` (subclasses that offer it override this)."""
-        raise NotImplementedError(f"{self.name} has no fast engine")
+        """The vectorized rule set of ``engine: fast`` (every wrapped datatrove filter has one)."""
 
     def score_names(self) -> list[str]:
         """No scores: a datatrove rule only keeps or drops (its counters go to the stage's metrics)."""
@@ -103,7 +103,7 @@ class DatatroveFilter(Filter):
                     stats.metric(name).add_many(1, delta, delta, delta)
             reasons = [None if _kept(v) else (_reason(v) or "dropped") for v in verdicts]
             if self.rewrites_text:
-                new = [d.text if r is None else t for d, t, r in zip(docs, texts, reasons)]
+                new = [d.text if r is None else t for d, t, r in zip(docs, texts, reasons, strict=True)]
                 if new != texts:
                     i = batch.schema.get_field_index(column)
                     batch = batch.set_column(i, column, strings(new))
