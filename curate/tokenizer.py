@@ -45,6 +45,7 @@ RESERVED_PATTERNS = (
     r"<extra_id_\d+>",  # T5
     r"<SPECIAL_\d+>",  # Mistral Tekken
 )
+_RESERVED = re.compile("|".join(f"(?:{p})" for p in RESERVED_PATTERNS))
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 #: Spellings tokenizers use for their own roles (BOS/EOS/PAD/UNK/CLS/SEP/MASK, chat turns): never a marker's id.
 ROLE_SPELLINGS = EOS_CANDIDATES + (
@@ -142,7 +143,7 @@ class CurateTokenizer:
             while stop < len(pieces) and (stop == start or size + len(pieces[stop]) <= group_chars):
                 size += len(pieces[stop])
                 stop += 1
-            for owner, enc in zip(owners[start:stop], self._encode(pieces[start:stop])):
+            for owner, enc in zip(owners[start:stop], self._encode(pieces[start:stop]), strict=True):
                 parts[owner].append(np.array(enc.ids, dtype=np.int32))
             start = stop
         return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
@@ -214,14 +215,15 @@ def prepare(spec: TokenizerSpec, folder: Path, wanted: list[str], training_texts
     ids, strings = _assign_specials(tk, {w: spec.special_tokens.get(w, w) for w in wanted}, spec.reuse_reserved,
                                     roles, renamed=set(spec.special_tokens))
     folder.mkdir(parents=True, exist_ok=True)
-    canonical = orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)
+    canonical = canonical_json(tk)  # serialized once: written, and hashed for the vocab digest
     from curate.rundir import AtomicFile
 
     f = AtomicFile(folder / "tokenizer.json")
     f.write(canonical)
     f.commit()
     meta = {"ids": ids, "strings": strings, "split_chars": spec.split_chars,
-            "vocab_size": tk.get_vocab_size(with_added_tokens=True), "vocab_sha256": vocab_digest(tk)}
+            "vocab_size": tk.get_vocab_size(with_added_tokens=True),
+            "vocab_sha256": hashlib.sha256(canonical).hexdigest()}
     f = AtomicFile(meta_path)
     f.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     f.commit()
@@ -274,13 +276,15 @@ def role_tokens(tk, path: str | None = None) -> set[str]:
     """
     vocab = tk.get_vocab(with_added_tokens=True)
     roles = {t for t in ROLE_SPELLINGS if t in vocab}
-    spec = orjson.loads(tk.to_str())
-    model = spec.get("model") or {}
-    if isinstance(model.get("unk_token"), str):
-        roles.add(model["unk_token"])
-    if model.get("type") == "Unigram" and model.get("unk_id") is not None and model.get("vocab"):
-        roles.add(model["vocab"][model["unk_id"]][0])
-    stack = [spec.get("post_processor")]
+    unk = getattr(tk.model, "unk_token", None)  # BPE, WordPiece, WordLevel
+    if isinstance(unk, str):
+        roles.add(unk)
+    if type(tk.model).__name__ == "Unigram":  # its unknown token is known by id, in the serialized model only
+        model = orjson.loads(tk.model.__getstate__())
+        if model.get("unk_id") is not None and model.get("vocab"):
+            roles.add(model["vocab"][model["unk_id"]][0])
+    # only the post-processor is parsed: serializing the whole tokenizer costs ~0.1 s per 30K tokens
+    stack = [orjson.loads(tk.post_processor.__getstate__()) if tk.post_processor is not None else None]
     while stack:
         proc = stack.pop()
         if not isinstance(proc, dict):
@@ -351,8 +355,8 @@ def _assign_specials(tk, wanted: dict[str, str], reuse_reserved: bool, roles: se
             raise ConfigError(f"tokenizer.special_tokens: {name!r} → {string!r} is already used by the tokenizer "
                               "(a role such as BOS/EOS/PAD/UNK, ordinary text, or another special token); "
                               "choose a string it does not have")
-    reserved = sorted(i for t, i in vocab.items()
-                      if i not in taken and any(re.fullmatch(p, t) for p in RESERVED_PATTERNS))
+    is_reserved = _RESERVED.fullmatch
+    reserved = sorted(i for t, i in vocab.items() if t[:1] in "<[" and i not in taken and is_reserved(t))
     pending: dict[str, str] = {}  # name → string to add
     for name, string in wanted.items():  # pass 2: everything that needs an id of its own
         if name in ids:
@@ -385,9 +389,14 @@ def _assign_specials(tk, wanted: dict[str, str], reuse_reserved: bool, roles: se
     return {n: ids[n] for n in wanted}, {n: strings[n] for n in wanted}
 
 
+def canonical_json(tk) -> bytes:
+    """The tokenizer's JSON with sorted keys: the same bytes for the same vocabulary, merges and pipeline."""
+    return orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)
+
+
 def vocab_digest(tk) -> str:
     """sha256 of the canonical tokenizer JSON (vocabulary, merges, added tokens, pipeline)."""
-    return hashlib.sha256(orjson.dumps(orjson.loads(tk.to_str()), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return hashlib.sha256(canonical_json(tk)).hexdigest()
 
 
 def file_digest(path: str) -> str | None:

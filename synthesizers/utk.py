@@ -144,6 +144,7 @@ class ChunkShuffle(Synthesizer):
         self.tok = tok
         self._digits: dict[int, list[int]] = {}
         self._knot_prefix: list[int] = [0]  # fixed split: knot tokens by chunk count (_knots_length)
+        self._id_cache: dict[tuple[str, int], list[list[int]]] = {}  # this batch's chunk ids (_batch_chunk_ids)
         augments = self.params.augment_fraction > 0  # with 0, nothing is ever split: nothing to check
         if augments and self.params.backtrace:
             self._check_ids()
@@ -175,7 +176,7 @@ class ChunkShuffle(Synthesizer):
                                   f"{self.piece_size} document tokens once augmented, never more than one "
                                   f"span of {p.span}; lower span or raise seq_len")
             return
-        counts = [n for n, w in zip(p.chunks, _weights(p)) if n >= 2 and w > 0]
+        counts = [n for n, w in zip(p.chunks, _weights(p), strict=True) if n >= 2 and w > 0]
         if counts and self.piece_size < min(counts):
             raise ConfigError(f"{self.label}.chunks: a window of seq_len {p.seq_len} holds at most "
                               f"{self.piece_size} document tokens once augmented, too few to split a document "
@@ -194,22 +195,23 @@ class ChunkShuffle(Synthesizer):
         for batch in batches:
             ids = batch.column("id").to_pylist()
             offsets, values = list_parts(batch.column("input_ids"))
-            for i, doc_id in enumerate(ids):
-                tokens = values[offsets[i]:offsets[i + 1]]
-                for piece_id, piece in self._pieces(doc_id, tokens, piece_size):
-                    if not window:
-                        aug = self._augmented(ctx.seed, piece_id)
+            pieces = [piece for i, doc_id in enumerate(ids)
+                      for piece in self._pieces(doc_id, values[offsets[i]:offsets[i + 1]], piece_size)]
+            self._id_cache = self._batch_chunk_ids(ctx.seed, pieces) if p.backtrace and p.augment_fraction else {}
+            for piece_id, piece in pieces:
+                if not window:
+                    aug = self._augmented(ctx.seed, piece_id)
+                doc = self._plan(ctx.seed, piece_id, piece, aug)
+                if window and used + doc.length > p.seq_len:
+                    rows.append(self._emit(ctx.seed, window, planned, aug))
+                    window, planned, used = [], [], 0
+                    aug = self._augmented(ctx.seed, piece_id)
                     doc = self._plan(ctx.seed, piece_id, piece, aug)
-                    if window and used + doc.length > p.seq_len:
-                        rows.append(self._emit(ctx.seed, window, planned, aug))
-                        window, planned, used = [], [], 0
-                        aug = self._augmented(ctx.seed, piece_id)
-                        doc = self._plan(ctx.seed, piece_id, piece, aug)
-                    if doc.length > p.seq_len:  # _overhead_bound guarantees this never happens
-                        raise AssertionError(f"{piece_id}: {doc.length} tokens once augmented > seq_len")
-                    window.append((piece_id, piece))
-                    planned.append(doc)
-                    used += doc.length
+                if doc.length > p.seq_len:  # _overhead_bound guarantees this never happens
+                    raise AssertionError(f"{piece_id}: {doc.length} tokens once augmented > seq_len")
+                window.append((piece_id, piece))
+                planned.append(doc)
+                used += doc.length
             if rows:
                 yield self._batch(rows)
                 rows = []
@@ -237,7 +239,9 @@ class ChunkShuffle(Synthesizer):
         if n == 1:  # not augmented (or too short to split): the document as it is
             return _Doc(doc_id, [tokens], [np.zeros(len(tokens), np.int8)], length=len(tokens))
         blocks, kinds = [], []
-        chunk_ids = self._chunk_ids(seed, doc_id, n) if p.backtrace else None
+        chunk_ids = None
+        if p.backtrace:
+            chunk_ids = self._id_cache.get((doc_id, n)) or self._chunk_ids(seed, doc_id, n)
         for j in range(n):
             pre = [self.sp[D_OPEN], *chunk_ids[j], self.sp[D_CLOSE]] if chunk_ids is not None else []
             head = self._head(j) if j > 0 else []
@@ -271,16 +275,43 @@ class ChunkShuffle(Synthesizer):
         Ids come from their own stream per document, so they do not depend on how the document was split.
         Redraws are bounded (``setup`` checked that ids fit often enough); running out raises ConfigError.
         """
-        rng = seeds.Stream(seed, f"{self.label}/ids", doc_id)
-        out: list[list[int]] = []
-        drawn = 0
-        while len(out) < n:
-            if drawn >= _ID_MAX_DRAWS:
-                raise ConfigError(f"{self.label}.id_max_tokens: {drawn} random ids drawn for {doc_id!r} and "
-                                  f"too few encode to {self.params.id_max_tokens} tokens or fewer; raise it")
-            texts = [_id_text(rng, self.params.id_chars) for _ in range(n - len(out))]
-            drawn += len(texts)
-            out += [ids for ids in self.tok.encode_batch(texts) if len(ids) <= self.params.id_max_tokens]
+        return self._draw_ids(seed, [(doc_id, n)])[(doc_id, n)]
+
+    def _batch_chunk_ids(self, seed: int, pieces: list[tuple[str, np.ndarray]]) -> dict[tuple[str, int], list]:
+        """The chunk ids of every piece of a batch that augmentation would split, encoded together.
+
+        One ``encode_batch`` call per round for the whole batch instead of one per document (the ids are
+        the same: each piece draws from its own stream, in the same order). Pieces of windows that end up
+        not augmented get ids they never use: encoding a few short strings costs less than a call.
+        """
+        wanted = []
+        for piece_id, piece in pieces:
+            n = len(self._cuts(seeds.Stream(seed, self.label, piece_id), len(piece))) + 1
+            if n > 1:
+                wanted.append((piece_id, n))
+        return self._draw_ids(seed, wanted) if wanted else {}
+
+    def _draw_ids(self, seed: int, wanted: list[tuple[str, int]]) -> dict[tuple[str, int], list[list[int]]]:
+        """``n`` encoded ids for each ``(doc_id, n)``; a round draws what every document still lacks."""
+        p = self.params
+        streams = {key: seeds.Stream(seed, f"{self.label}/ids", key[0]) for key in wanted}
+        out: dict[tuple[str, int], list[list[int]]] = {key: [] for key in streams}
+        drawn = dict.fromkeys(streams, 0)
+        short = list(streams)
+        while short:
+            owners, texts = [], []
+            for key in short:
+                if drawn[key] >= _ID_MAX_DRAWS:
+                    raise ConfigError(f"{self.label}.id_max_tokens: {drawn[key]} random ids drawn for {key[0]!r} "
+                                      f"and too few encode to {p.id_max_tokens} tokens or fewer; raise it")
+                missing = key[1] - len(out[key])
+                texts += [_id_text(streams[key], p.id_chars) for _ in range(missing)]
+                owners += [key] * missing
+                drawn[key] += missing
+            for key, ids in zip(owners, self.tok.encode_batch(texts), strict=True):
+                if len(ids) <= p.id_max_tokens:
+                    out[key].append(ids)
+            short = [key for key in short if len(out[key]) < key[1]]
         return out
 
     def _number(self, j: int) -> list[int]:
@@ -307,7 +338,7 @@ class ChunkShuffle(Synthesizer):
         prefix = self._knot_prefix  # prefix[k]: knot tokens of a document of k + 1 chunks
         if len(prefix) < n:
             missing = [j for j in range(n) if j not in self._digits]
-            for j, digits in zip(missing, self.tok.encode_batch([str(j) for j in missing])):
+            for j, digits in zip(missing, self.tok.encode_batch([str(j) for j in missing]), strict=True):
                 self._digits[j] = digits
             for k in range(len(prefix), n):  # the boundary between chunks k-1 and k: tail k-1, head k
                 prefix.append(prefix[-1] + 4 + len(self._digits[k - 1]) + len(self._digits[k]))
@@ -338,7 +369,7 @@ class ChunkShuffle(Synthesizer):
         if p.split == "fixed":
             n = -(-length // p.span)
         else:
-            n = max((c for c, w in zip(p.chunks, _weights(p)) if c <= length and w > 0), default=1)
+            n = max((c for c, w in zip(p.chunks, _weights(p), strict=True) if c <= length and w > 0), default=1)
         if n < 2:
             return 0
         back = (n * (2 + p.id_max_tokens) + 2 + n * p.id_max_tokens + (n - 1)) if p.backtrace else 0

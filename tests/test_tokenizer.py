@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from curate.tokenizer import CurateTokenizer, TokenizerSpec, TrainSpec, prepare, train_bpe
 from curate.testing import _paragraphs
+from curate.tokenizer import CurateTokenizer, TokenizerSpec, TrainSpec, prepare, train_bpe
 from tests.conftest import cli, write_manifest
 
 
@@ -188,3 +188,46 @@ def test_run_records_vocab_digest_and_needs_tokenizer_config(tmp_path):
     stats = json.loads((tmp_path / "r" / "stats.json").read_text())
     assert stats["tokenizer"]["vocab_size"] == 1000 and len(stats["tokenizer"]["vocab_sha256"]) == 64
     assert stats["stages"]["tokenize"]["tokens_out"] > 100_000
+
+
+def _roles_from_full_json(tk) -> set[str]:
+    """Role strings read from the whole serialized tokenizer (the reference for role_tokens)."""
+    import orjson
+
+    spec = orjson.loads(tk.to_str())
+    model, roles = spec.get("model") or {}, set()
+    if isinstance(model.get("unk_token"), str):
+        roles.add(model["unk_token"])
+    if model.get("type") == "Unigram" and model.get("unk_id") is not None:
+        roles.add(model["vocab"][model["unk_id"]][0])
+    stack = [spec.get("post_processor")]
+    while stack:
+        proc = stack.pop()
+        if isinstance(proc, dict):
+            stack += proc.get("processors") or []
+            roles.update((proc.get("special_tokens") or {}).keys())
+            roles.update(proc[k][0] for k in ("sep", "cls") if isinstance(proc.get(k), list) and proc[k])
+    return roles
+
+
+@pytest.mark.parametrize("kind", ["unigram", "bpe-template", "wordpiece-sequence"])
+def test_role_tokens_read_unknown_token_and_post_processor_roles(kind):
+    """Roles come from the model's unknown token and the post-processor (nested in a Sequence too)."""
+    from tokenizers import Tokenizer, models, processors
+
+    from curate.tokenizer import ROLE_SPELLINGS, role_tokens
+
+    if kind == "unigram":
+        tk = Tokenizer(models.Unigram([("a", -1.0), ("<zz-unk>", 0.0), ("b", -2.0)], unk_id=1))
+    elif kind == "bpe-template":
+        tk = Tokenizer(models.BPE({"a": 0, "b": 1, "<my-unk>": 2, "<go>": 3, "<stop>": 4}, [], unk_token="<my-unk>"))
+        tk.post_processor = processors.TemplateProcessing(single="<go> $A <stop>", special_tokens=[("<go>", 3),
+                                                                                                   ("<stop>", 4)])
+    else:
+        tk = Tokenizer(models.WordPiece({"a": 0, "[oov]": 1, "<c>": 2, "<s2>": 3}, unk_token="[oov]"))
+        tk.post_processor = processors.Sequence([processors.RobertaProcessing(("<s2>", 3), ("<c>", 2)),
+                                                 processors.ByteLevel()])
+    roles = role_tokens(tk)
+    expected = _roles_from_full_json(tk)
+    assert expected and expected <= roles
+    assert roles - expected <= set(ROLE_SPELLINGS)
