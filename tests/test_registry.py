@@ -71,3 +71,29 @@ def test_third_party_stage_through_entry_point(tmp_path, monkeypatch):
     m.write_text(bad)
     proc = cli("validate", str(m), check=False)
     assert proc.returncode == 2 and "stages[0] (shout).tims: unknown key (did you mean 'times'?)" in proc.stderr
+
+
+def test_a_sink_kind_installed_later_in_the_process_is_found(tmp_path, monkeypatch):
+    """Entry points are scanned once per sys.path: a package added to the path is seen at the next lookup."""
+    import textwrap
+
+    from curate.plugins import _KINDS, kinds_of
+
+    assert "loud_sink" not in kinds_of("sink")  # scanned (and remembered) before the package exists
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "loud_sink_pkg.py").write_text(textwrap.dedent('''
+        from curate.sinks.jsonl import JsonlSink
+
+        class LoudSink(JsonlSink):
+            """A third-party sink kind (a JSONL sink under another name)."""
+    '''))
+    dist = pkg / "loud_sink_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: loud-sink-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[curate.sinks]\nloud_sink = loud_sink_pkg:LoudSink\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    try:
+        assert kinds_of("sink")["loud_sink"].kind == "loud_sink"
+    finally:
+        _KINDS["sink"].pop("loud_sink", None)

@@ -1,0 +1,56 @@
+"""The local executor shares the machine's cores among its workers' native thread pools."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+from curate.executors.local import THREAD_POOL_VARIABLES, size_thread_pools, threads_per_worker
+
+
+def _pools() -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in THREAD_POOL_VARIABLES}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_threads_per_worker_shares_the_cores_and_never_drops_to_zero():
+    assert threads_per_worker(1) == _cores()
+    assert threads_per_worker(2) == max(1, _cores() // 2)
+    assert threads_per_worker(10 * _cores()) == 1
+
+
+def test_spawned_workers_get_the_share_unless_the_user_set_the_pools(monkeypatch):
+    for name in THREAD_POOL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx, initializer=size_thread_pools, initargs=(3,)) as pool:
+        seen = [pool.submit(_pools).result() for _ in range(4)]
+    assert all(s == dict.fromkeys(THREAD_POOL_VARIABLES, "3") for s in seen)
+
+    monkeypatch.setenv("RAYON_NUM_THREADS", "5")  # the user's choice wins
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=size_thread_pools, initargs=(3,)) as pool:
+        assert pool.submit(_pools).result() == {"RAYON_NUM_THREADS": "5", "POLARS_MAX_THREADS": "3"}
+
+
+def test_the_tokenizer_pool_in_a_sized_worker_uses_that_many_threads(monkeypatch):
+    """The variable is read by the encoder's pool when it starts: a sized worker encodes on 1 thread."""
+    for name in THREAD_POOL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=size_thread_pools, initargs=(1,)) as pool:
+        assert pool.submit(_encoder_threads).result() == 1
+
+
+def _encoder_threads() -> int:
+    """Threads the process gains when ``encode_batch`` starts its pool (the pool's size)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"a": 0, "[U]": 1}, unk_token="[U]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    before = len(os.listdir("/proc/self/task"))
+    tk.encode_batch(["a a a"] * 2000)
+    return len(os.listdir("/proc/self/task")) - before
