@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.arrays import int_lists
+from curate.arrays import int_lists, numeric
 from curate.registry import register_stage
 from curate.stage import Stage, StageParams
 
@@ -57,14 +56,14 @@ class Tokenize(Stage):
             raise ValueError("append_eos: the tokenizer has no end-of-text token")
         stats = ctx.stats[self.label]
         for batch, arr in _encoded_ahead(batches, lambda b: self._encode(tok, b.column(self.params.text_column), eos)):
-            n = pc.list_value_length(arr).cast(pa.int32())
+            lengths = np.diff(arr.offsets.to_numpy()).astype(np.int32)
             out = batch if self.params.keep_text else batch.drop_columns([self.params.text_column])
-            out = out.append_column("input_ids", arr).append_column("n_tokens", n)
-            short = pc.less(n, self.params.min_tokens)
-            dropped = pc.sum(short).as_py() or 0
+            out = out.append_column("input_ids", arr).append_column("n_tokens", numeric(lengths))
+            short = lengths < self.params.min_tokens
+            dropped = int(short.sum())
             if dropped:
                 stats.drop("too_few_tokens", dropped)
-                out = out.filter(pc.invert(short))
+                out = out.filter(numeric(~short))
             yield out
 
     @staticmethod
