@@ -121,6 +121,8 @@ class CurateTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text as Python lists (for short texts; see :meth:`encode_arrays`)."""
+        if texts and sum(map(len, texts)) <= 500_000:  # one group, nothing to cut: no arrays in between
+            return [enc.ids for enc in self._encode(list(texts))]
         return [a.tolist() for a in self.encode_arrays(texts)]
 
     def encode_arrays(self, texts: Sequence[str], group_chars: int = 500_000) -> list[np.ndarray]:
