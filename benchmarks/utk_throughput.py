@@ -14,7 +14,10 @@ its whole process tree's peak RSS is sampled.
 
 Also reports best-fit fill rates at 32K and 128K on a long-tailed document-length mixture.
 
-Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove]``
+Jobs run interleaved (each repeat runs every job once, in turn); medians and bests are reported.
+
+Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove] [--corpus web]
+[--compare-tree DIR]``
 """
 
 from __future__ import annotations
@@ -137,8 +140,8 @@ def run_job(name: str, code: str, env: dict) -> dict:
             "peak_pss_MB": round(mem.peak / 1e6), "stdout": out.decode()}
 
 
-def curate_job(work: Path, corpus: Path, tok: Path) -> str:
-    manifest = work / "utk.yaml"
+def curate_job(work: Path, corpus: Path, tok: Path, tag: str = "now") -> str:
+    manifest = work / f"utk-{tag}.yaml"
     manifest.write_text(json.dumps({
         "name": "bench-utk", "seed": 7,
         "source": {"kind": "jsonl", "paths": [str(corpus)], "shard_bytes": "16MB"},
@@ -147,9 +150,9 @@ def curate_job(work: Path, corpus: Path, tok: Path) -> str:
         "sink": {"kind": "parquet"}, "executor": {"kind": "local", "workers": 2}}))
     return textwrap.dedent(f"""
         import json, subprocess, sys
-        subprocess.run([sys.executable, "-m", "curate", "run", "{manifest}", "-o", "{work}/curate-run",
+        subprocess.run([sys.executable, "-m", "curate", "run", "{manifest}", "-o", "{work}/curate-run-{tag}",
                         "--restart", "--no-progress"], check=True, capture_output=True)
-        s = json.load(open("{work}/curate-run/stats.json"))
+        s = json.load(open("{work}/curate-run-{tag}/stats.json"))
         print(s["stages"]["tokenize"]["tokens_out"])
     """)
 
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip", nargs="*", default=[], help="jobs to leave out (bare, curate, datasets, datatrove)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--compare-tree", help="another checkout of curate (e.g. `git worktree add DIR <commit>`): its "
+                                           "`curate run` of the same job is timed too, as curate_before")
     ap.add_argument("--corpus", choices=["longtail", "web"], default="longtail",
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
                          "web: web-length documents only")
@@ -227,27 +232,36 @@ def main(argv: list[str] | None = None) -> dict:
         codes = {k: textwrap.dedent(v).format(tok=tok, corpus=corpus, work=work) for k, v in JOBS.items()}
         codes["curate"] = curate_job(work, corpus, tok)
         env = {"TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        names = [n for n in ("bare", "curate", "datasets", "datatrove") if n not in args.skip]
+        envs = {name: env for name in names}
+        if args.compare_tree:  # the same curate job from another checkout, e.g. the commit before a change
+            codes["curate_before"] = curate_job(work, corpus, tok, tag="before")
+            tree = str(Path(args.compare_tree).resolve())
+            envs["curate_before"] = {**env, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+            names.insert(names.index("curate") + 1 if "curate" in names else len(names), "curate_before")
+        runs: dict[str, list] = {name: [] for name in names}
+        for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every job alike
+            for name in names:
+                runs[name].append(run_job(name, codes[name], envs[name]))
         counts = {}
-        for name in ("bare", "curate", "datasets", "datatrove"):
-            if name in args.skip:
-                continue
-            runs = [run_job(name, codes[name], env) for _ in range(args.repeat)]
-            secs = statistics.median(r["seconds"] for r in runs)
-            if name in ("bare", "curate"):
-                counts[name] = int(runs[0]["stdout"].strip().splitlines()[-1])
-            report[name] = {"seconds": round(secs, 2), "peak_rss_MB": max(r["peak_rss_MB"] for r in runs),
-                            "peak_pss_MB": max(r["peak_pss_MB"] for r in runs)}
+        for name in names:
+            secs = statistics.median(r["seconds"] for r in runs[name])
+            if name in ("bare", "curate", "curate_before"):
+                counts[name] = int(runs[name][0]["stdout"].strip().splitlines()[-1])
+            report[name] = {"seconds": round(secs, 2), "best_seconds": round(min(r["seconds"] for r in runs[name]), 2),
+                            "peak_rss_MB": max(r["peak_rss_MB"] for r in runs[name]),
+                            "peak_pss_MB": max(r["peak_pss_MB"] for r in runs[name])}
         tokens = counts.get("bare") or counts.get("curate")
         report["tokens"] = tokens
-        if len(counts) == 2:  # curate cuts long documents before encoding: the ids must not change
-            report["same_token_count"] = counts["bare"] == counts["curate"]
-        for name in ("bare", "curate", "datasets", "datatrove"):
-            if name in report:
-                report[name]["M_tokens_per_s"] = round(tokens / report[name]["seconds"] / 1e6, 3)
+        if "bare" in counts and len(counts) > 1:  # curate cuts long documents before encoding: ids must not change
+            report["same_token_count"] = all(n == counts["bare"] for n in counts.values())
+        for name in names:
+            report[name]["M_tokens_per_s"] = round(tokens / report[name]["seconds"] / 1e6, 3)
         if "bare" in report:
-            for name in ("curate", "datasets", "datatrove"):
-                if name in report:
+            for name in names:
+                if name != "bare":
                     report[name]["x_bare"] = round(report["bare"]["seconds"] / report[name]["seconds"], 3)
+                    report[name]["x_bare_best"] = round(report["bare"]["best_seconds"] / report[name]["best_seconds"], 3)
         report["best_fit"] = fill_rates()
     finally:
         shutil.rmtree(work, ignore_errors=True)
