@@ -5,8 +5,8 @@ pickled). ``workers: 1`` runs in the driver process, which is simplest to debug.
 
 The machine's cores are shared out among the workers: each worker's Rust thread pools (the
 tokenizer's ``encode_batch``, polars) get ``cores // workers`` threads (at least one), so N workers do
-not each start a pool as large as the machine (on 2 cores, two workers with two encoder threads each ran
-~20% slower than one worker). ``RAYON_NUM_THREADS`` / ``POLARS_MAX_THREADS`` set by the user win.
+not each start a pool as large as the machine (64 workers on 64 cores would otherwise run 4,096 encoder
+threads). ``RAYON_NUM_THREADS`` / ``POLARS_MAX_THREADS`` set by the user win.
 """
 
 from __future__ import annotations
