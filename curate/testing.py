@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+
 def _paragraphs() -> list[str]:
     """Real paragraphs from the running Python's standard-library docstrings (see stdlib_docs)."""
     import os
@@ -175,9 +176,10 @@ def save_tiny_clip(folder: str | Path, context_length: int = 77, seed: int = 0) 
     """A tiny open_clip model (2-layer towers, 64-px images) saved as a local-dir checkpoint folder."""
     import json
 
-    import open_clip
     import torch
     from safetensors.torch import save_file
+
+    from filters.clip_model import import_open_clip
 
     cfg = {"embed_dim": 64,
            "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
@@ -186,7 +188,7 @@ def save_tiny_clip(folder: str | Path, context_length: int = 77, seed: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
+    model = import_open_clip().CLIP(**cfg)
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
     return folder
 
@@ -195,11 +197,13 @@ def save_open_clip_folder(model, name: str, folder: str | Path) -> Path:
     """Save an open_clip model (e.g. ``create_model("ViT-B-32")``) as a ``local-dir:`` checkpoint folder."""
     import json
 
-    import open_clip
     from safetensors.torch import save_file
+
+    from filters.clip_model import import_open_clip
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    open_clip = import_open_clip()
     cfg = open_clip.get_model_config(name)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))

@@ -30,6 +30,22 @@ from curate.stage import StageParams
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
+def import_open_clip():
+    """``import open_clip`` without its side effect on the process: importing it sets
+    ``TOKENIZERS_PARALLELISM=false`` for the whole process and every process it starts, which would
+    leave a run's ``tokenize`` stage (and the workers of a CLIP run) encoding on one core. The
+    variable is put back as it was; open_clip's own tokenizers are not used by curate."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        import open_clip
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    return open_clip
+
+
 class ClipModelParams(StageParams):
     """Which open_clip model, where it runs, and how images are guarded."""
 
@@ -72,7 +88,7 @@ class ClipModel:
         if os.path.exists(os.path.expanduser(p.pretrained)) or looks_like_path(p.pretrained):
             return {"pretrained": LOCAL + p.pretrained}
         try:
-            import open_clip
+            open_clip = import_open_clip()
         except ImportError:  # reported by the planner's module check
             return {}
         cfg = open_clip.get_pretrained_cfg(p.model, p.pretrained)
@@ -86,8 +102,9 @@ class ClipModel:
     def load(self) -> None:
         """Load (or reuse) the model, its preprocessing and its tokenizer."""
         try:
-            import open_clip
             import torch
+
+            open_clip = import_open_clip()
         except ImportError as e:
             raise MissingDependency(e.name or "open_clip", "clip") from None
         p = self.params

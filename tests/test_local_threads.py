@@ -40,6 +40,7 @@ def test_the_tokenizer_pool_in_a_sized_worker_uses_that_many_threads(monkeypatch
     """The variable is read by the encoder's pool when it starts: a sized worker encodes on 1 thread."""
     for name in THREAD_POOL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # another library may have turned it off in this process
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=size_thread_pools, initargs=(1,)) as pool:
         assert pool.submit(_encoder_threads).result() == 1
@@ -54,3 +55,22 @@ def _encoder_threads() -> int:
     before = len(os.listdir("/proc/self/task"))
     tk.encode_batch(["a a a"] * 2000)
     return len(os.listdir("/proc/self/task")) - before
+
+
+def test_importing_open_clip_leaves_the_tokenizer_parallelism_alone():
+    """open_clip sets TOKENIZERS_PARALLELISM=false on import; curate's import puts it back (unset here)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    code = "import os; {}; print(os.environ.get('TOKENIZERS_PARALLELISM'))"
+    plain = subprocess.run([sys.executable, "-c", code.format("import open_clip")], env=env, capture_output=True,
+                           text=True, check=True).stdout.split()[-1]
+    ours = subprocess.run([sys.executable, "-c", code.format("from filters.clip_model import import_open_clip; "
+                                                             "import_open_clip()")],
+                          env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert plain == "false"  # what the library does on its own
+    assert ours == "None"
