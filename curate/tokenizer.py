@@ -38,6 +38,7 @@ from curate.errors import ConfigError
 from curate.stage import StageParams
 
 #: Reserved-token spellings of common tokenizers, reused for new special tokens before growing the vocab.
+#: Each starts with ``<`` or ``[``: the vocabulary scan tests that first character before the expression.
 RESERVED_PATTERNS = (
     r"<\|reserved_special_token_\d+\|>",  # Llama 3
     r"<\|extra_\d+\|>",  # Qwen

@@ -231,3 +231,12 @@ def test_role_tokens_read_unknown_token_and_post_processor_roles(kind):
     expected = _roles_from_full_json(tk)
     assert expected and expected <= roles
     assert roles - expected <= set(ROLE_SPELLINGS)
+
+
+def test_every_reserved_pattern_starts_with_the_character_the_scan_tests_first():
+    import re
+
+    from curate.tokenizer import RESERVED_PATTERNS
+
+    for pattern in RESERVED_PATTERNS:
+        assert re.sub(r"^\\", "", pattern)[:1] in "<[", pattern
