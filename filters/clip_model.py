@@ -34,7 +34,8 @@ def import_open_clip():
     """``import open_clip`` without its side effect on the process: importing it sets
     ``TOKENIZERS_PARALLELISM=false`` for the whole process and every process it starts, which would
     leave a run's ``tokenize`` stage (and the workers of a CLIP run) encoding on one core. The
-    variable is put back as it was; open_clip's own tokenizers are not used by curate."""
+    variable is put back as it was: it guards against forking after the encoder's threads started,
+    and curate starts its workers with ``spawn``."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         import open_clip

@@ -215,6 +215,7 @@ class ChunkShuffle(Synthesizer):
             if rows:
                 yield self._batch(rows)
                 rows = []
+        self._id_cache = {}  # the stage object serves the next shard: keep nothing of this one
         if window:
             rows.append(self._emit(ctx.seed, window, planned, aug))
         if rows:

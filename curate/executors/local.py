@@ -121,9 +121,8 @@ def size_thread_pools(threads: int) -> dict[str, str]:
     return {name: os.environ[name] for name in THREAD_POOL_VARIABLES}
 
 
-def _init(plan_dict: dict, queue, driver_pid: int, retry: dict, threads: int | None = None) -> None:
-    if threads is not None:
-        size_thread_pools(threads)
+def _init(plan_dict: dict, queue, driver_pid: int, retry: dict, threads: int) -> None:
+    size_thread_pools(threads)
     _watch_driver(driver_pid)
     _worker["plan"] = Plan.from_dict(plan_dict)
     _worker["queue"] = queue
