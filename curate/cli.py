@@ -123,11 +123,13 @@ def run_shard_cmd(
     output: Optional[str] = OutputOpt,
 ) -> None:
     """Run one shard of one phase in a run directory that `curate run` (or a launcher) claimed."""
+    from curate.allocator import tune_allocator
     from curate.lock import shard_lock
     from curate.planner import Plan
     from curate.runner import run_shard_retrying
     from curate.steps import claimed
 
+    tune_allocator()
     p = Plan.build(_load(manifest, output))
     rd = p.run_dir
     claimed(p)

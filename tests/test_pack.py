@@ -201,3 +201,45 @@ def test_best_fit_keeps_a_bounded_number_of_rows_open(tmp_path):
     assert len(rows) == n and sorted(r["lineage"][0] for r in rows) == sorted(f"d{i}" for i in range(n))
     # read-ahead batch (10) + buffer (~9 units) + open rows (8) + the stage's 64-row output batches
     assert len(out) > 1 and max(held[:-1]) <= 10 + 9 + 8 + 64, held
+
+
+def test_rows_left_open_do_not_pin_their_input_batches(tmp_path):
+    """A unit is a view of its batch's token array; a row left open across buffers must hold its own
+    copy, or each open row keeps a whole input batch alive and memory grows with the shard."""
+    import tracemalloc
+
+    seq_len, per_batch = 4096, 50
+    cls = get_stage("pack")
+    stage = cls(cls.Params(seq_len=seq_len, buffer_tokens=16 * seq_len))
+    ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(tmp_path))
+
+    def batches(n: int):
+        """Full-length units (rows at once) and one unit per batch that no other unit fits beside and
+        that is emptier than every row open before it: the rows left open come from the newest batches."""
+        for b in range(n):
+            sizes = np.full(per_batch, seq_len)
+            sizes[b % per_batch] = 3000 - 10 * b
+            values = np.full(int(sizes.sum()), b, np.int32)  # numpy-owned (traced), wrapped by Arrow as is
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+            ids = pa.array([f"b{b}-{i}" for i in range(per_batch)])
+            yield pa.RecordBatch.from_arrays([ids, pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))],
+                                             ["id", "input_ids"])
+
+    def peak_while_packing(n: int) -> tuple[int, int]:
+        tracemalloc.start()
+        try:
+            base, peak, tokens = tracemalloc.get_traced_memory()[0], 0, 0
+            for out in stage.run(batches(n), ctx):
+                tokens += int(out.column("n_tokens").to_numpy().sum())
+                peak = max(peak, tracemalloc.get_traced_memory()[0] - base)
+        finally:
+            tracemalloc.stop()
+        return peak, tokens
+
+    peak_while_packing(3)  # warm up: first-use imports and caches are not what is measured
+    short, _ = peak_while_packing(4)
+    long, tokens = peak_while_packing(60)
+    batch_bytes = per_batch * seq_len * 4
+    assert tokens > 0.9 * 60 * per_batch * seq_len
+    # 8x the input, same memory: a few batches in flight (reader, buffer, output), not one per open row
+    assert long < short + 2 * batch_bytes, (short, long, batch_bytes)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from curate.allocator import tune_allocator
 from curate.executors.base import Done, Executor, ExecutorParams, Progress
 from curate.planner import Phase, Plan
 from curate.plugins import register_executor
@@ -39,6 +40,7 @@ class LocalExecutor(Executor):
         workers = min(self.params.workers or os.cpu_count() or 1, len(shards))
         retry = {"retries": self.params.retries, "backoff": self.params.retry_backoff}
         if workers <= 1:
+            tune_allocator()
             for shard in shards:
                 try:
                     done(shard, run_shard_retrying(plan, phase, shard, progress, **retry), None)
@@ -122,6 +124,7 @@ def size_thread_pools(threads: int) -> dict[str, str]:
 
 
 def _init(plan_dict: dict, queue, driver_pid: int, retry: dict, threads: int) -> None:
+    tune_allocator(threads)
     size_thread_pools(threads)
     _watch_driver(driver_pid)
     _worker["plan"] = Plan.from_dict(plan_dict)

@@ -168,11 +168,11 @@ class Pack(Stage):
         """
         keep = max(1, budget // self.params.seq_len)
         if len(bins) <= keep:
-            return bins, []
+            return [_owned(b) for b in bins], []
         seq_len = self.params.seq_len
         by_room = sorted(range(len(bins)), key=lambda i: (seq_len - sum(map(len, bins[i])), -i), reverse=True)
         stay = set(by_room[:keep])
-        return [b for i, b in enumerate(bins) if i in stay], [b for i, b in enumerate(bins) if i not in stay]
+        return [_owned(b) for i, b in enumerate(bins) if i in stay], [b for i, b in enumerate(bins) if i not in stay]
 
     def _fit(self, units: list[Unit], bins: list[list[Unit]]) -> tuple[list[list[Unit]], list[list[Unit]]]:
         """Best-fit decreasing of ``units`` into ``bins`` (kept in order); return (open, full) bins."""
@@ -273,6 +273,16 @@ class Pack(Stage):
         if self.params.strategy == "decompose":
             arrays["bucket"] = numeric([k for _, k in rows], np.int16)
         return pa.RecordBatch.from_pydict(arrays)
+
+
+def _owned(units: list[Unit]) -> list[Unit]:
+    """``units`` with tokens and loss copied out of the batches they view.
+
+    A unit is a slice of its input batch's token array, and a slice keeps the whole array alive. Rows
+    that stay open across buffers would otherwise pin one input batch each (megabytes, for a few
+    kilobytes of tokens), and a worker's memory would grow with its shard.
+    """
+    return [u if u.tokens.base is None else Unit(u.tokens.copy(), u.loss.copy(), u.offsets, u.lineage) for u in units]
 
 
 def _join(units: list[Unit]) -> Unit:
