@@ -135,20 +135,54 @@ def _save_ids(rd: RunDir, shard_id: str, ids: list[np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.save(buf, np.concatenate(ids) if ids else np.empty(0, np.uint64))
+    np.save(buf, np.sort(np.concatenate(ids)) if ids else np.empty(0, np.uint64))  # sorted: see duplicate_ids
     f = AtomicFile(rd.stats / f"ids-{shard_id}.npy")
     f.write(buf.getvalue())
     f.commit()
 
 
-def duplicate_ids(rd: RunDir) -> dict[str, int]:
-    """How many input rows share an id with an earlier row, and how many ids repeat (from phase 0's hashes)."""
-    parts = [np.load(p) for p in sorted(rd.stats.glob("ids-p0-*.npy"))]
-    if not parts:
-        return {"rows": 0, "ids": 0}
-    _, counts = np.unique(np.concatenate(parts), return_counts=True)
-    repeated = counts[counts > 1]
-    return {"rows": int((repeated - 1).sum()), "ids": int(len(repeated))}
+def duplicate_ids(rd: RunDir, budget: int = 1 << 24) -> dict[str, int]:
+    """How many input rows share an id with an earlier row, and how many ids repeat (from phase 0's hashes).
+
+    Memory stays bounded at any corpus size: each shard's hashes are saved sorted and memory-mapped
+    here; the 64-bit hash space is cut into ranges holding at most ``budget`` hashes of all shards
+    together (found by binary search in each file), and each range is counted alone. A range that is
+    one repeated value is counted without reading it. Files written unsorted (by an older version)
+    are sorted in memory one at a time, which is bounded by one shard.
+    """
+    runs = []
+    for path in sorted(rd.stats.glob("ids-p0-*.npy")):
+        a = np.load(path, mmap_mode="r")
+        if len(a) and not bool(np.all(a[:-1] <= a[1:])):
+            a = np.sort(a)
+        if len(a):
+            runs.append(a)
+    rows = ids = 0
+    todo = [(0, 1 << 64)]  # half-open ranges of hash values still to count
+    while todo:
+        lo, hi = todo.pop()
+        bounds = [(_at(a, lo), _at(a, hi)) for a in runs]
+        n = sum(b - a for a, b in bounds)
+        if n < 2:
+            continue
+        if hi - lo == 1:  # one value, held n times
+            rows, ids = rows + n - 1, ids + 1
+        elif n > budget:
+            mid = (lo + hi) // 2
+            todo += [(mid, hi), (lo, mid)]
+        else:
+            _, counts = np.unique(np.concatenate([a[i:j] for a, (i, j) in zip(runs, bounds, strict=True)]),
+                                  return_counts=True)
+            repeated = counts[counts > 1]
+            rows, ids = rows + int((repeated - 1).sum()), ids + len(repeated)
+    return {"rows": int(rows), "ids": int(ids)}
+
+
+def _at(sorted_hashes: np.ndarray, value: int) -> int:
+    """Index of the first hash ≥ ``value`` (``value`` may be 2**64: the end)."""
+    if value >= 1 << 64:
+        return len(sorted_hashes)
+    return int(np.searchsorted(sorted_hashes, np.uint64(value), side="left"))
 
 
 def intermediate_path(rd: RunDir, phase: int, shard: Shard | str):

@@ -1,0 +1,69 @@
+"""The duplicate-id count reads shards' sorted hash files in bounded ranges (``runner.duplicate_ids``)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from curate.rundir import RunDir
+from curate.runner import _save_ids, duplicate_ids
+
+
+def _reference(parts: list[np.ndarray]) -> dict[str, int]:
+    _, counts = np.unique(np.concatenate(parts), return_counts=True)
+    repeated = counts[counts > 1]
+    return {"rows": int((repeated - 1).sum()), "ids": int(len(repeated))}
+
+
+def _shards(rng: np.random.Generator, n_shards: int, rows: int) -> list[np.ndarray]:
+    shared = rng.integers(0, 1 << 64, 300, dtype=np.uint64, endpoint=False)  # ids that recur across shards
+    edges = np.array([0, (1 << 64) - 1, 1 << 63, (1 << 63) - 1], np.uint64)  # the ends of the hash space
+    parts = []
+    for s in range(n_shards):
+        own = rng.integers(0, 1 << 64, rows, dtype=np.uint64, endpoint=False)
+        part = np.concatenate([own, rng.choice(shared, 50), own[: rows // 20], edges[s % 4:s % 4 + 2]])
+        if s == 3:
+            part = np.concatenate([part, np.full(5000, shared[0], np.uint64)])  # one hot id
+        rng.shuffle(part)
+        parts.append(part)
+    return parts
+
+
+@pytest.mark.parametrize("budget", [50, 1000, 1 << 24])
+def test_counts_equal_a_sort_of_everything(tmp_path, budget):
+    rd = RunDir(tmp_path)
+    rd.stats.mkdir(parents=True, exist_ok=True)
+    parts = _shards(np.random.default_rng(budget), 9, 2000)
+    for i, part in enumerate(parts):
+        _save_ids(rd, f"p0-{i:05d}", [part[: len(part) // 2], part[len(part) // 2:]])
+    assert duplicate_ids(rd, budget=budget) == _reference(parts)
+
+
+def test_files_written_unsorted_by_an_older_version_still_count(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.stats.mkdir(parents=True, exist_ok=True)
+    parts = _shards(np.random.default_rng(5), 5, 1000)
+    for i, part in enumerate(parts):
+        np.save(rd.stats / f"ids-p0-{i:05d}.npy", part)  # as saved before: in row order
+    assert duplicate_ids(rd, budget=500) == _reference(parts)
+    assert duplicate_ids(RunDir(tmp_path / "empty")) == {"rows": 0, "ids": 0}
+
+
+def test_memory_is_bounded_by_the_budget_not_the_corpus(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.stats.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 1 << 62, 250_000, dtype=np.uint64) for _ in range(16)]  # 32 MB of hashes
+    parts[0][:1000] = parts[1][:1000]
+    for i, part in enumerate(parts):
+        _save_ids(rd, f"p0-{i:05d}", [part])
+    tracemalloc.start()
+    try:
+        got = duplicate_ids(rd, budget=100_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == _reference(parts)
+    assert peak < 8 << 20, peak  # a few ranges of 100,000 hashes and one file's order check, not 32 MB
