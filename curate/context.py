@@ -117,17 +117,21 @@ class RunContext:
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_file(source).read_all()
 
-    def global_columns(self, label: str, name: str) -> dict[str, pa.Array]:
-        """:meth:`global_table` as one contiguous array per column, read once per process.
+    def global_columns(self, label: str, name: str, rows: tuple[int, int] | None = None) -> dict[str, pa.Array]:
+        """:meth:`global_table` (or its rows ``[start, stop)``) as one contiguous array per column.
 
-        The cache is keyed by the file's path, size and modification time, never by the stage object,
-        so a worker that serves many shards (or a new run in the same process) reads what is on disk.
+        Read once per process and range: the table is memory-mapped and only the rows asked for are
+        copied. The cache is keyed by the file's path, size and modification time, never by the stage
+        object, so a worker that serves many shards (or a new run in the same process) reads what is on disk.
         """
         path = self.run_dir.global_dir / label / f"{name}.arrow"
         st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, rows)
         if key not in _GLOBAL_COLUMNS:
-            table = self.global_table(label, name).combine_chunks()
+            table = self.global_table(label, name)
+            if rows is not None:
+                table = table.slice(rows[0], rows[1] - rows[0])
+            table = table.combine_chunks()
             _GLOBAL_COLUMNS.clear()  # one run's tables at a time: they can be large
             _GLOBAL_COLUMNS[key] = {c: (table.column(c).chunk(0) if table.column(c).num_chunks else
                                         pa.array([], table.schema.field(c).type)) for c in table.column_names}

@@ -317,12 +317,13 @@ def _combine(plan: Plan, phase: Phase) -> None:
     state_path = folder / "state.json"
     if state_path.exists():
         return
-    partials = []
+    partials, names = [], []
     for shard in plan.shards:
         path = folder / f"p{phase.index - 1}-{shard.name}.arrow"
         if path.exists():
             with pa.memory_map(str(path)) as src:
                 partials.append(pa.ipc.open_file(src).read_all())
+            names.append(shard.name)
     if hasattr(stage, "spill_dir"):  # dedup spills its band hashes beside the run, not in /tmp
         shutil.rmtree(folder / "spill", ignore_errors=True)  # what a killed combine left
         stage.spill_dir = str(folder / "spill")
@@ -336,6 +337,7 @@ def _combine(plan: Plan, phase: Phase) -> None:
             w.write_table(table)
         f.commit()
     state["tables"] = sorted(tables)
+    state["partials"] = names  # whose partial each one was, in the order ``combine`` saw them
     # the combine time counts as the stage's own (stats/ is merged into stats.json at the end)
     rd.write_json(rd.stats / f"combine-{phase.index}.json", {stage.label: stats_mod.StageStats(seconds=time.perf_counter() - t0).to_dict()})
     rd.write_json(state_path, state)
@@ -362,7 +364,8 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     for stage in plan.stages:  # global stages' reports (dedup clusters, top-fraction cut-offs)
         path = rd.global_dir / stage.label / "state.json"
         if stage.is_global and path.exists():
-            reports[stage.label] = orjson.loads(path.read_bytes())
+            state = orjson.loads(path.read_bytes())  # without the workers' index (one entry per shard)
+            reports[stage.label] = {k: v for k, v in state.items() if k not in ("partials", "members_at")}
     if reports:
         merged["global"] = reports
     from curate.runner import duplicate_ids

@@ -329,6 +329,8 @@ class _Joiner:
         hist: Counter = Counter()
         largest = np.zeros((0, 2), np.int64)  # (size, root) of the biggest clusters so far
         members = clusters = 0
+        table_starts = np.cumsum([0] + [t.num_rows for t in self.rows.tables])
+        per_table = np.zeros(len(self.rows.tables), np.int64)  # members of each partial (rows are in order)
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
             for start in range(0, n, step):
                 stop = min(n, start + step)
@@ -350,6 +352,8 @@ class _Joiner:
                 hist.update(sizes.tolist())
                 members += len(rows)
                 clusters += len(roots)
+                per_table += np.bincount(np.searchsorted(table_starts, rows, side="right") - 1,
+                                         minlength=len(per_table))
                 both = np.concatenate([largest, np.stack([sizes, roots], axis=1)])
                 largest = both[np.lexsort((both[:, 1], -both[:, 0]))][:10]
         keepers = largest[:, 1] if kept is None or not len(largest) else \
@@ -362,7 +366,7 @@ class _Joiner:
         return {"rows": n, "clusters": clusters, "duplicates": members - clusters,
                 "size_histogram": {str(k): hist[k] for k in sorted(hist)},
                 "largest": [{"kept_id": names[int(k)], "size": int(s)} for k, (s, _) in zip(keepers, largest, strict=True)],
-                "_tables": {"members": table}}
+                "_tables": {"members": table}, "_members_per_partial": per_table.tolist()}
 
 
 # ---------------------------------------------------------------------- union-find on a memory map

@@ -77,6 +77,8 @@ class GlobalDedup(Filter):
     spill_dir: str | None = None
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
+        """The clusters of all partials; ``members_at[k]:members_at[k + 1]`` are partial ``k``'s members."""
+        sizes = [p.num_rows for p in partials]
         partials = [p for p in partials if p.num_rows]
         if not partials:
             return {"rows": 0, "clusters": 0, "duplicates": 0, "size_histogram": {}, "largest": []}
@@ -84,7 +86,12 @@ class GlobalDedup(Filter):
             rows = Rows(partials)
             how = Clustering(keys=self.band_keys, bands=self.bands, keep=self.params.keep,
                              check=self.pair_check(rows), label=self.label)
-            return cluster_rows(rows, how, folder)
+            state = cluster_rows(rows, how, folder)
+        counts, at = iter(state.pop("_members_per_partial")), [0]
+        for size in sizes:
+            at.append(at[-1] + (next(counts) if size else 0))
+        state["members_at"] = at
+        return state
 
     # ---------------------------------------------------------------- per row
     def score(self, batch: pa.RecordBatch, ctx) -> dict[str, pa.Array]:
@@ -100,10 +107,25 @@ class GlobalDedup(Filter):
         return {"cluster_size": size, "cluster": cluster, "_duplicate": dup}
 
     def _members(self, ctx) -> dict[str, pa.Array] | None:
-        """The members table as contiguous arrays (None when nothing repeats)."""
-        if not ctx.global_state(self.label)["clusters"]:
+        """This shard's rows of the members table, as contiguous arrays (None when none of its rows repeat).
+
+        The members table lists rows in input order, so a shard's members are one slice of it
+        (``members_at``, by the order of ``partials``): a worker reads its own shard's members, never
+        the whole table — memory stays bounded by a shard whatever the corpus size.
+        """
+        state = ctx.global_state(self.label)
+        if not state["clusters"]:
             return None
-        return ctx.global_columns(self.label, "members")
+        at, names = state.get("members_at"), state.get("partials")
+        if at is None or names is None or len(at) != len(names) + 1:  # combined by an older version
+            return ctx.global_columns(self.label, "members")
+        try:
+            k = names.index(ctx.shard.name)
+        except ValueError:  # no partial from this shard: none of its rows was seen, none repeats
+            return None
+        if at[k] == at[k + 1]:
+            return None
+        return ctx.global_columns(self.label, "members", rows=(at[k], at[k + 1]))
 
     def decide(self, batch: pa.RecordBatch, scores, ctx) -> pa.Array:
         dup = scores.get("_duplicate")

@@ -178,3 +178,40 @@ def test_fast_shingles_are_the_word_ngrams_of_the_normalized_text():
         for j in range(len(grams)):
             assert (shingles[i] == shingles[j]) == (grams[i] == grams[j])
     assert fast("two words").shape == (0, 1)
+
+
+def test_each_shard_reads_only_its_own_members(tmp_path, planted):
+    """The members table lists rows in input order; a worker reads its shard's slice, and scores its
+    rows as it would with the whole table (a run combined by an older version has no index)."""
+    import pyarrow as pa
+
+    from curate.context import RunContext
+    from curate.readers.base import Shard
+    from curate.rundir import RunDir
+    from tests.conftest import make_stage
+
+    rows, near, exact = planted
+    everything = rows + near + exact
+    random.Random(8).shuffle(everything)
+    out, stats, run = _run(tmp_path, "slices", everything, "[minhash_dedup]", workers=2, files=4)
+    assert len(out) == len(rows)
+    state = json.loads((run / "global" / "minhash_dedup" / "state.json").read_text())
+    assert "partials" not in stats["global"]["minhash_dedup"]  # bookkeeping stays out of stats.json
+    names, at = state["partials"], state["members_at"]
+    assert len(names) == 4 and len(at) == 5 and at[-1] == state["clusters"] + state["duplicates"]
+    assert 0 < at[1] < at[-1]  # members in more than one shard
+    stage, _ = make_stage("minhash_dedup", run)
+    inputs = sorted((tmp_path / "in-slices").glob("*.jsonl"))
+    for name, path in zip(names, inputs, strict=True):
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+        batch = pa.record_batch({"id": pa.array(ids)})
+        ctx = RunContext(11, Shard(name, "k", str(path)), RunDir(run), phase=1)
+        mine = stage._members(ctx)
+        assert mine is None or set(mine["id"].to_pylist()) <= set(ids)
+        sliced = stage.score(batch, ctx) if mine is not None else None
+        ctx._global["minhash_dedup"] = {k: v for k, v in state.items() if k not in ("partials", "members_at")}
+        whole = stage.score(batch, ctx)
+        if sliced is None:
+            assert whole["cluster_size"].to_pylist() == [1] * len(ids)
+        else:
+            assert {k: v.to_pylist() for k, v in sliced.items()} == {k: v.to_pylist() for k, v in whole.items()}

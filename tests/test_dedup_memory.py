@@ -119,7 +119,12 @@ def on_disk(tmp_path, partials, bands, keep="first", check=None, **sizes) -> dic
     how = Clustering(keys=lambda t: t.column("bands").combine_chunks().flatten().to_numpy().reshape(-1, bands),
                      bands=bands, keep=keep, check=check(rows) if check else None, **sizes)
     state = cluster_rows(rows, how, folder)
-    state["members"] = state.pop("_tables")["members"]
+    members = state["members"] = state.pop("_tables")["members"]
+    # each partial's members are one slice of the table, in order (what a worker reads of it)
+    at = np.cumsum([0, *state.pop("_members_per_partial")])
+    assert at[-1] == members.num_rows
+    for table, a, b in zip(rows.tables, at[:-1], at[1:], strict=True):
+        assert set(members.slice(a, b - a).column("id").to_pylist()) <= set(table.column("id").to_pylist())
     return state
 
 
@@ -190,15 +195,21 @@ def test_the_stage_combines_as_before(tmp_path):
 
     keys = synthetic(800, bands=14, seed=4)
     partials = as_partials(tmp_path, keys)
+    partials.insert(2, partials[0].slice(0, 0))  # a shard with no rows
     stage, _ = make_stage("minhash_dedup", tmp_path, keep="longest")
     got = stage.combine(partials, 0)
-    got["members"] = got.pop("_tables")["members"]
+    members = got["members"] = got.pop("_tables")["members"]
+    at = got.pop("members_at")  # each partial's slice of the members table, empty ones included
+    assert len(at) == len(partials) + 1 and at[0] == 0 and at[-1] == members.num_rows and at[2] == at[3]
+    for table, a, b in zip(partials, at[:-1], at[1:], strict=True):
+        assert set(members.slice(a, b - a).column("id").to_pylist()) <= set(table.column("id").to_pylist())
     assert_same(got, reference(pa.concat_tables(partials).combine_chunks(), 14, "longest"))
     hashes = [pa.table({"id": t["id"], "n_chars": t["n_chars"], "hash": pc.list_element(t["bands"], 0)})
               for t in partials]
     exact, _ = make_stage("exact_dedup", tmp_path)
     got = exact.combine(hashes, 0)
     got["members"] = got.pop("_tables")["members"]
+    assert got.pop("members_at")[-1] == got["members"].num_rows
     whole = pa.concat_tables(hashes).combine_chunks()
     one_band = whole.set_column(2, "bands", pa.FixedSizeListArray.from_arrays(whole["hash"].chunk(0), 1))
     assert_same(got, reference(one_band, 1, "first"))
