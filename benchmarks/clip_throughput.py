@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,ViT-B-32")
     ap.add_argument("--json")
     args = ap.parse_args()
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
 
     import open_clip
     import torch

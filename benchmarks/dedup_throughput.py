@@ -324,6 +324,9 @@ def main() -> None:
     ap.add_argument("--shingles", action="store_true", help="only the shingle speed and agreement figures")
     ap.add_argument("--driver-rows", help="only the driver memory/disk figures, at these row counts (a,b,c)")
     args = ap.parse_args()
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
     from curate.testing import write_report
 
     if args.driver_rows:

@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
 
     from curate.testing import write_report
 

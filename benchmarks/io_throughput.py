@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-tree", help="another checkout of curate (the folder holding its `curate/` "
                                            "package) to run end to end beside this one")
     args = ap.parse_args(argv)
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
+    if args.compare_tree:
+        byte_compile(args.compare_tree)
 
     from curate.testing import write_jsonl_corpus, write_report
 

@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
 
     import torch
     import transformers

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", nargs="*", default=[], choices=["datatrove", "curate-datatrove", "curate-fast"])
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
 
     from curate.testing import write_report
 

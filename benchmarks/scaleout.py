@@ -271,6 +271,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
     if args.shards <= SMALL or (args.slurm_shards and args.slurm_shards <= SMALL):
         ap.error(f"--shards and --slurm-shards must be above {SMALL} (the slope's smaller count)")
     from curate.testing import write_report

@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-adaptive", action="store_true")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
 
     import openai
 

@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
                          "web: web-length documents only")
     args = ap.parse_args(argv)
+    from curate.testing import byte_compile
+
+    byte_compile()  # as an installed curate is (see its docstring)
+    if args.compare_tree:
+        byte_compile(args.compare_tree)
 
     from curate.testing import write_jsonl_corpus, write_report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import distributions
 
 _KINDS: dict[str, dict[str, type]] = {"source": {}, "sink": {}, "executor": {}}
 _MODULES = {"source": "curate.readers", "sink": "curate.sinks", "executor": "curate.executors"}
@@ -49,7 +49,7 @@ def kinds_of(what: str) -> dict[str, type]:
     importlib.import_module(_MODULES[what])
     path = tuple(sys.path)
     if _SCANNED.get(what) != path:
-        for ep in entry_points(group=_GROUPS[what]):
+        for ep in installed_entry_points(_GROUPS[what]):
             if ep.name not in _KINDS[what]:
                 _KINDS[what][ep.name] = ep.load()
                 _KINDS[what][ep.name].kind = ep.name
@@ -57,4 +57,28 @@ def kinds_of(what: str) -> dict[str, type]:
     return _KINDS[what]
 
 
+def installed_entry_points(group: str) -> list:
+    """The installed entry points of one of curate's groups (``curate.sources`` … ``curate.stages``).
+
+    Every distribution's metadata is read once per process and ``sys.path`` for all of curate's groups
+    together: the scan costs the same for one group as for all (~0.1 s with hundreds of packages).
+    """
+    global _ENTRY_POINTS
+    path = tuple(sys.path)
+    if _ENTRY_POINTS is None or _ENTRY_POINTS[0] != path:
+        found: dict[str, list] = {}
+        seen: set[str] = set()
+        for dist in distributions():  # the first of a name on sys.path wins, as in entry_points()
+            name = getattr(dist, "_normalized_name", None) or (dist.metadata["Name"] or "").lower().replace("-", "_")
+            if name in seen:
+                continue
+            seen.add(name)
+            for ep in dist.entry_points:
+                if ep.group.startswith("curate."):
+                    found.setdefault(ep.group, []).append(ep)
+        _ENTRY_POINTS = (path, found)
+    return _ENTRY_POINTS[1].get(group, [])
+
+
 _SCANNED: dict[str, tuple[str, ...]] = {}  # part → the sys.path its entry points were scanned under
+_ENTRY_POINTS: tuple[tuple[str, ...], dict[str, list]] | None = None  # (sys.path, group → entry points)

@@ -18,10 +18,10 @@ import importlib.util
 import pkgutil
 import re
 from functools import lru_cache
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from curate.errors import ConfigError
+from curate.plugins import installed_entry_points
 from curate.stage import Stage
 
 _REGISTRY: dict[str, type[Stage]] = {}
@@ -81,7 +81,7 @@ def _load_one(name: str) -> None:
 
 
 def _entry_points() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group="curate.stages")}
+    return {ep.name: ep for ep in installed_entry_points("curate.stages")}
 
 
 def stage_names() -> list[str]:

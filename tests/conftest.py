@@ -15,6 +15,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+def pytest_configure(config):
+    """Byte-compile curate once: the suite starts hundreds of `curate` processes, and a machine with
+    ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile ~50 modules again in each of them."""
+    from curate.testing import byte_compile
+
+    byte_compile()
+
 WORDS = ("long context models read whole books and code bases so the corpus must hold documents whose "
          "parts depend on each other across many thousands of tokens while staying clean and deduplicated").split()
 
