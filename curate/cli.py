@@ -79,7 +79,10 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="cluster executors: write the job scripts, submit nothing"),
 ) -> None:
     """Run a manifest; a rerun resumes, skipping completed shards."""
+    from curate.allocator import tune_allocator
     from curate.driver import execute
+
+    tune_allocator()  # this process may run the shards itself (one local worker): see curate.allocator
 
     command = " ".join(["curate", "run", str(manifest)] + (["-o", output] if output else []))
     result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,11 @@ if TYPE_CHECKING:
 #: Stats label under which readers count their bad records.
 READ_LABEL = "read"
 _TOKENIZERS: dict = {}
-#: Combined global tables as contiguous columns, per process, keyed by file path, size and mtime.
+#: Combined global tables (or row ranges of them) as contiguous columns, per process, keyed by file
+#: path, size, mtime and range; the most recently read last.
 _GLOBAL_COLUMNS: dict = {}
+_GLOBAL_KEEP = 8
+_GLOBAL_LOCK = threading.Lock()
 
 
 @dataclass
@@ -122,20 +126,33 @@ class RunContext:
 
         Read once per process and range: the table is memory-mapped and only the rows asked for are
         copied. The cache is keyed by the file's path, size and modification time, never by the stage
-        object, so a worker that serves many shards (or a new run in the same process) reads what is on disk.
+        object, so a worker that serves many shards (or a new run in the same process) reads what is on
+        disk; it holds the last few ranges read (shards running side by side in threads), not every
+        shard a worker ever ran.
         """
         path = self.run_dir.global_dir / label / f"{name}.arrow"
         st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, rows)
-        if key not in _GLOBAL_COLUMNS:
+        file_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        key = (*file_key, rows)
+        columns = _GLOBAL_COLUMNS.get(key)
+        if columns is None:
             table = self.global_table(label, name)
             if rows is not None:
                 table = table.slice(rows[0], rows[1] - rows[0])
             table = table.combine_chunks()
-            _GLOBAL_COLUMNS.clear()  # one run's tables at a time: they can be large
-            _GLOBAL_COLUMNS[key] = {c: (table.column(c).chunk(0) if table.column(c).num_chunks else
-                                        pa.array([], table.schema.field(c).type)) for c in table.column_names}
-        return _GLOBAL_COLUMNS[key]
+            columns = {c: (table.column(c).chunk(0) if table.column(c).num_chunks else
+                           pa.array([], table.schema.field(c).type)) for c in table.column_names}
+            with _GLOBAL_LOCK:  # shards may run side by side in threads (Dask workers)
+                for old in [k for k in _GLOBAL_COLUMNS if k[0] == file_key[0] and k[:3] != file_key]:
+                    del _GLOBAL_COLUMNS[old]  # the file was written again (a new run in this process)
+                while len(_GLOBAL_COLUMNS) >= _GLOBAL_KEEP:  # the least recently read goes first
+                    del _GLOBAL_COLUMNS[next(iter(_GLOBAL_COLUMNS))]
+                _GLOBAL_COLUMNS[key] = columns
+        else:
+            with _GLOBAL_LOCK:
+                _GLOBAL_COLUMNS.pop(key, None)
+                _GLOBAL_COLUMNS[key] = columns
+        return columns
 
     def report(self, rows: int, tokens: int = 0) -> None:
         """Tell the progress display about rows (and tokens) written."""

@@ -337,7 +337,7 @@ def _combine(plan: Plan, phase: Phase) -> None:
             w.write_table(table)
         f.commit()
     state["tables"] = sorted(tables)
-    state["partials"] = names  # whose partial each one was, in the order ``combine`` saw them
+    state["_partials"] = names  # whose partial each one was, in the order ``combine`` saw them
     # the combine time counts as the stage's own (stats/ is merged into stats.json at the end)
     rd.write_json(rd.stats / f"combine-{phase.index}.json", {stage.label: stats_mod.StageStats(seconds=time.perf_counter() - t0).to_dict()})
     rd.write_json(state_path, state)
@@ -364,8 +364,8 @@ def _finalize(plan: Plan) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     for stage in plan.stages:  # global stages' reports (dedup clusters, top-fraction cut-offs)
         path = rd.global_dir / stage.label / "state.json"
         if stage.is_global and path.exists():
-            state = orjson.loads(path.read_bytes())  # without the workers' index (one entry per shard)
-            reports[stage.label] = {k: v for k, v in state.items() if k not in ("partials", "members_at")}
+            state = orjson.loads(path.read_bytes())  # without the workers' indexes (one entry per shard)
+            reports[stage.label] = {k: v for k, v in state.items() if not k.startswith("_")}
     if reports:
         merged["global"] = reports
     from curate.runner import duplicate_ids

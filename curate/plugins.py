@@ -57,15 +57,16 @@ def kinds_of(what: str) -> dict[str, type]:
     return _KINDS[what]
 
 
-def installed_entry_points(group: str) -> list:
+def installed_entry_points(group: str, refresh: bool = False) -> list:
     """The installed entry points of one of curate's groups (``curate.sources`` … ``curate.stages``).
 
     Every distribution's metadata is read once per process and ``sys.path`` for all of curate's groups
     together: the scan costs the same for one group as for all (~0.1 s with hundreds of packages).
+    ``refresh`` reads them again (a name not found may belong to a package installed since).
     """
     global _ENTRY_POINTS
     path = tuple(sys.path)
-    if _ENTRY_POINTS is None or _ENTRY_POINTS[0] != path:
+    if refresh or _ENTRY_POINTS is None or _ENTRY_POINTS[0] != path:
         found: dict[str, list] = {}
         seen: set[str] = set()
         for dist in distributions():  # the first of a name on sys.path wins, as in entry_points()

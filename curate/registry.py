@@ -80,8 +80,8 @@ def _load_one(name: str) -> None:
         importlib.import_module(module)
 
 
-def _entry_points() -> dict[str, object]:
-    return {ep.name: ep for ep in installed_entry_points("curate.stages")}
+def _entry_points(refresh: bool = False) -> dict[str, object]:
+    return {ep.name: ep for ep in installed_entry_points("curate.stages", refresh)}
 
 
 def stage_names() -> list[str]:
@@ -99,6 +99,8 @@ def get_stage(name: str) -> type[Stage]:
     if name in _REGISTRY:
         return _REGISTRY[name]
     eps = _entry_points()
+    if name not in eps:  # installed since the last scan (e.g. by pip in a running notebook)?
+        eps = _entry_points(refresh=True)
     if name in eps:
         cls = eps[name].load()  # type: ignore[attr-defined]
         if not (isinstance(cls, type) and issubclass(cls, Stage)):

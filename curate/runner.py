@@ -147,12 +147,13 @@ def duplicate_ids(rd: RunDir, budget: int = 1 << 24) -> dict[str, int]:
     Memory stays bounded at any corpus size: each shard's hashes are saved sorted and memory-mapped
     here; the 64-bit hash space is cut into ranges holding at most ``budget`` hashes of all shards
     together (found by binary search in each file), and each range is counted alone. A range that is
-    one repeated value is counted without reading it. Files written unsorted (by an older version)
-    are sorted in memory one at a time, which is bounded by one shard.
+    one repeated value is counted without reading it. No file descriptor stays open (a run may have
+    more shards than the open-file limit). Files written unsorted by an older version are sorted in
+    memory (a run directory from before this change costs its hashes' size once).
     """
     runs = []
     for path in sorted(rd.stats.glob("ids-p0-*.npy")):
-        a = np.load(path, mmap_mode="r")
+        a = _mapped_npy(path)
         if len(a) and not bool(np.all(a[:-1] <= a[1:])):
             a = np.sort(a)
         if len(a):
@@ -176,6 +177,21 @@ def duplicate_ids(rd: RunDir, budget: int = 1 << 24) -> dict[str, int]:
             repeated = counts[counts > 1]
             rows, ids = rows + int((repeated - 1).sum()), ids + len(repeated)
     return {"rows": int(rows), "ids": int(ids)}
+
+
+def _mapped_npy(path) -> np.ndarray:
+    """A 1-D ``.npy`` file memory-mapped read-only, its file descriptor closed (the mapping stays)."""
+    with open(path, "rb") as fh:
+        fmt = np.lib.format
+        version = fmt.read_magic(fh)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        offset = fh.tell()
+    if len(shape) != 1:
+        raise ValueError(f"{path}: expected a 1-D array, found shape {shape}")
+    with pa.memory_map(str(path)) as source:
+        buf = source.read_buffer()
+    return np.frombuffer(buf, dtype=dtype, count=shape[0], offset=offset)
 
 
 def _at(sorted_hashes: np.ndarray, value: int) -> int:

@@ -77,7 +77,7 @@ class GlobalDedup(Filter):
     spill_dir: str | None = None
 
     def combine(self, partials: list[pa.Table], seed: int) -> dict[str, Any]:
-        """The clusters of all partials; ``members_at[k]:members_at[k + 1]`` are partial ``k``'s members."""
+        """The clusters of all partials; ``_members_at[k]:_members_at[k + 1]`` are partial ``k``'s members."""
         sizes = [p.num_rows for p in partials]
         partials = [p for p in partials if p.num_rows]
         if not partials:
@@ -90,7 +90,7 @@ class GlobalDedup(Filter):
         counts, at = iter(state.pop("_members_per_partial")), [0]
         for size in sizes:
             at.append(at[-1] + (next(counts) if size else 0))
-        state["members_at"] = at
+        state["_members_at"] = at
         return state
 
     # ---------------------------------------------------------------- per row
@@ -110,18 +110,19 @@ class GlobalDedup(Filter):
         """This shard's rows of the members table, as contiguous arrays (None when none of its rows repeat).
 
         The members table lists rows in input order, so a shard's members are one slice of it
-        (``members_at``, by the order of ``partials``): a worker reads its own shard's members, never
+        (``_members_at``, by the order of ``_partials``): a worker reads its own shard's members, never
         the whole table — memory stays bounded by a shard whatever the corpus size.
         """
         state = ctx.global_state(self.label)
         if not state["clusters"]:
             return None
-        at, names = state.get("members_at"), state.get("partials")
+        at, names = state.get("_members_at"), state.get("_partials")
         if at is None or names is None or len(at) != len(names) + 1:  # combined by an older version
             return ctx.global_columns(self.label, "members")
-        try:
-            k = names.index(ctx.shard.name)
-        except ValueError:  # no partial from this shard: none of its rows was seen, none repeats
+        if "_partial_of" not in state:  # the state is this process's cached copy: index it once
+            state["_partial_of"] = {name: k for k, name in enumerate(names)}
+        k = state["_partial_of"].get(ctx.shard.name)
+        if k is None:  # no partial from this shard: none of its rows was seen, none repeats
             return None
         if at[k] == at[k + 1]:
             return None

@@ -60,6 +60,9 @@ def test_a_value_the_user_set_is_left_alone():
     got = _probe("tuned", MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_ARENA_MAX="4")
     assert got["applied"] == {}
     assert got["kept_MB"] > 100  # the user's own threshold is in force
+    got = _probe("tuned", GLIBC_TUNABLES=f"glibc.malloc.mmap_threshold={64 << 20}")
+    assert got["applied"] == {"MALLOC_ARENA_MAX": 2}
+    assert got["kept_MB"] > 100
 
 
 def test_arenas_are_capped_at_the_thread_share_but_never_below_two():

@@ -196,8 +196,8 @@ def test_each_shard_reads_only_its_own_members(tmp_path, planted):
     out, stats, run = _run(tmp_path, "slices", everything, "[minhash_dedup]", workers=2, files=4)
     assert len(out) == len(rows)
     state = json.loads((run / "global" / "minhash_dedup" / "state.json").read_text())
-    assert "partials" not in stats["global"]["minhash_dedup"]  # bookkeeping stays out of stats.json
-    names, at = state["partials"], state["members_at"]
+    assert not {"_partials", "_members_at"} & set(stats["global"]["minhash_dedup"])  # bookkeeping stays out of stats.json
+    names, at = state["_partials"], state["_members_at"]
     assert len(names) == 4 and len(at) == 5 and at[-1] == state["clusters"] + state["duplicates"]
     assert 0 < at[1] < at[-1]  # members in more than one shard
     stage, _ = make_stage("minhash_dedup", run)
@@ -209,7 +209,7 @@ def test_each_shard_reads_only_its_own_members(tmp_path, planted):
         mine = stage._members(ctx)
         assert mine is None or set(mine["id"].to_pylist()) <= set(ids)
         sliced = stage.score(batch, ctx) if mine is not None else None
-        ctx._global["minhash_dedup"] = {k: v for k, v in state.items() if k not in ("partials", "members_at")}
+        ctx._global["minhash_dedup"] = {k: v for k, v in state.items() if k not in ("_partials", "_members_at")}
         whole = stage.score(batch, ctx)
         if sliced is None:
             assert whole["cluster_size"].to_pylist() == [1] * len(ids)

@@ -199,7 +199,7 @@ def test_the_stage_combines_as_before(tmp_path):
     stage, _ = make_stage("minhash_dedup", tmp_path, keep="longest")
     got = stage.combine(partials, 0)
     members = got["members"] = got.pop("_tables")["members"]
-    at = got.pop("members_at")  # each partial's slice of the members table, empty ones included
+    at = got.pop("_members_at")  # each partial's slice of the members table, empty ones included
     assert len(at) == len(partials) + 1 and at[0] == 0 and at[-1] == members.num_rows and at[2] == at[3]
     for table, a, b in zip(partials, at[:-1], at[1:], strict=True):
         assert set(members.slice(a, b - a).column("id").to_pylist()) <= set(table.column("id").to_pylist())
@@ -209,7 +209,7 @@ def test_the_stage_combines_as_before(tmp_path):
     exact, _ = make_stage("exact_dedup", tmp_path)
     got = exact.combine(hashes, 0)
     got["members"] = got.pop("_tables")["members"]
-    assert got.pop("members_at")[-1] == got["members"].num_rows
+    assert got.pop("_members_at")[-1] == got["members"].num_rows
     whole = pa.concat_tables(hashes).combine_chunks()
     one_band = whole.set_column(2, "bands", pa.FixedSizeListArray.from_arrays(whole["hash"].chunk(0), 1))
     assert_same(got, reference(one_band, 1, "first"))

@@ -67,3 +67,23 @@ def test_memory_is_bounded_by_the_budget_not_the_corpus(tmp_path):
         tracemalloc.stop()
     assert got == _reference(parts)
     assert peak < 8 << 20, peak  # a few ranges of 100,000 hashes and one file's order check, not 32 MB
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """No file stays open while the shards' hash files are read (runs with thousands of shards)."""
+    import os
+    import resource
+
+    rd = RunDir(tmp_path)
+    rd.stats.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    parts = [rng.integers(0, 1000, 20, dtype=np.uint64) for _ in range(300)]
+    for i, part in enumerate(parts):
+        _save_ids(rd, f"p0-{i:05d}", [part])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    try:
+        got = duplicate_ids(rd, budget=1000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert got == _reference(parts)

@@ -622,13 +622,12 @@ def _check_owner(guard: dict[str, Any]) -> None:
 
 def install_plan(digest: str, plan_dict: dict[str, Any], versions: dict[str, Any], driver_pid: int | None) -> None:
     """Worker-plugin body: remember the plan dict; on curate's LocalCluster, die with the driver."""
-    from curate.allocator import tune_allocator
-
-    tune_allocator()
     _PLAN_DICTS[digest] = (plan_dict, versions)
-    if driver_pid is not None and os.getppid() == driver_pid:
+    if driver_pid is not None and os.getppid() == driver_pid:  # a worker of the cluster curate started
+        from curate.allocator import tune_allocator
         from curate.executors.local import _watch_driver
 
+        tune_allocator()
         _watch_driver(driver_pid)
 
 

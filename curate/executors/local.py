@@ -40,7 +40,6 @@ class LocalExecutor(Executor):
         workers = min(self.params.workers or os.cpu_count() or 1, len(shards))
         retry = {"retries": self.params.retries, "backoff": self.params.retry_backoff}
         if workers <= 1:
-            tune_allocator()
             for shard in shards:
                 try:
                     done(shard, run_shard_retrying(plan, phase, shard, progress, **retry), None)
