@@ -132,21 +132,30 @@ class CausalLM:
         """Token NLLs of each sequence (length-sorted batches; sequences must fit the context).
 
         With ``correct``, also whether the model's top guess was each token (one more pass over the logits).
+        On CUDA the next batch is queued before the previous one's results are read back (the ids go
+        from pinned memory without blocking), so the GPU is not idle while Python builds a batch or
+        reads one.
         """
         out: list[Any] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         cap = CPU_BATCH_TOKENS if self.device == "cpu" else None
         start = 0
+        in_flight = None
         while start < len(order):
             width = len(seqs[order[start]])  # the longest of the batch: it is sorted
             size = batch_size if cap is None else max(1, min(batch_size, cap // max(width, 1)))
             part = order[start:start + size]
-            for i, scores in zip(part, self._forward([seqs[i] for i in part], correct)):
-                out[i] = scores
+            launched = (part, self._launch([seqs[i] for i in part], correct))
+            if in_flight is not None:
+                self._collect(*in_flight, seqs, out)
+            in_flight = launched
             start += size
+        if in_flight is not None:
+            self._collect(*in_flight, seqs, out)
         return out
 
-    def _forward(self, seqs: list[list[int]], want_correct: bool) -> list[TokenScores]:
+    def _launch(self, seqs: list[list[int]], want_correct: bool):
+        """Queue one batch on the device: ``(nll, correct)`` tensors not yet read back."""
         torch = self.torch
         width = max(len(s) for s in seqs)
         if width > self.context:
@@ -154,7 +163,11 @@ class CausalLM:
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
-        ids_t = torch.from_numpy(ids).to(self.device)
+        ids_t = torch.from_numpy(ids)
+        if self.device.startswith("cuda"):
+            ids_t = ids_t.pin_memory().to(self.device, non_blocking=True)
+        elif self.device != "cpu":
+            ids_t = ids_t.to(self.device)
         with torch.no_grad():
             # Right padding under causal attention: a real token never sees the pads after it, so no
             # attention mask is needed, and without one the attention takes its fast causal path.
@@ -164,10 +177,18 @@ class CausalLM:
             vocab = logits.shape[-1]
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1),
                                                     reduction="none").view(targets.shape)[:, :-1]
-            correct = (logits[:, :-1].argmax(-1) == ids_t[:, 1:]).cpu().numpy() if want_correct else None
-        nll = nll.cpu().numpy()
-        return [TokenScores(nll[i, : len(s) - 1], correct[i, : len(s) - 1] if correct is not None else None)
-                for i, s in enumerate(seqs)]
+            correct = (logits[:, :-1].argmax(-1) == ids_t[:, 1:]) if want_correct else None
+        return nll, correct
+
+    @staticmethod
+    def _collect(part: list[int], launched, seqs: list[list[int]], out: list) -> None:
+        """Read a launched batch back into ``out`` (``part``: the positions of its sequences)."""
+        nll_t, correct_t = launched
+        nll = nll_t.cpu().numpy()
+        correct = correct_t.cpu().numpy() if correct_t is not None else None
+        for row, i in enumerate(part):
+            n = len(seqs[i]) - 1
+            out[i] = TokenScores(nll[row, :n], correct[row, :n] if correct is not None else None)
 
 
 def _ends(mask: list[int]) -> tuple[int, int]:

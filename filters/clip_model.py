@@ -3,7 +3,8 @@
 :class:`ClipModelParams` are the parameters (``model``, ``pretrained``, ``batch_size``, ``device``,
 ``max_image_pixels``); :class:`ClipModel` loads the model once per worker process for those parameters
 (:func:`curate.models.shared`), embeds images — decoded by :func:`curate.images.decode_rgb` and
-preprocessed in a background thread a batch ahead of the model, undecodable (``undecodable_image``)
+preprocessed a batch ahead of the model by :mod:`filters.clip_decode` (threads, or processes on CUDA;
+the to-tensor and normalize steps batched on the model's device), undecodable (``undecodable_image``)
 and oversized (``image_too_large``) images recorded in ``failures/`` and left out — and embeds texts,
 splitting a text longer than the encoder's context into sentence chunks that fit. Embeddings are
 L2-normalized float32 numpy arrays, so a dot product is the cosine similarity. ``timings`` adds up the
@@ -13,9 +14,7 @@ seconds spent decoding images, in the model, and waiting for decoded images, for
 from __future__ import annotations
 
 import os
-import queue
 import re
-import threading
 import time
 from typing import ClassVar
 
@@ -23,9 +22,10 @@ import numpy as np
 from pydantic import Field
 
 from curate.errors import ConfigError, MissingDependency
-from curate.images import MAX_PIXELS, ImageProblem, decode_rgb
+from curate.images import MAX_PIXELS
 from curate.models import file_key, shared
 from curate.stage import StageParams
+from filters import clip_decode
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -56,8 +56,10 @@ class ClipModelParams(StageParams):
     device: str = Field("auto", description="auto (CUDA in float16 when present), cpu, cuda …")
     max_image_pixels: int = Field(MAX_PIXELS, gt=0,
                                   description="images with more pixels are not decoded (image_too_large)")
-    decode_workers: int | None = Field(None, gt=0, description="threads decoding and preprocessing images "
-                                       "ahead of the model (default: the CPU count, at most 8)")
+    decode_workers: int | None = Field(None, gt=0, description="threads or processes decoding and preprocessing "
+                                       "images ahead of the model (default: the usable cores; on the CPU at most 8)")
+    decode_processes: bool | None = Field(None, description="decode in worker processes instead of threads "
+                                          "(default: on CUDA, where threads starve the model on the GIL)")
 
 
 class ClipModel:
@@ -113,7 +115,7 @@ class ClipModel:
         if os.path.isdir(os.path.expanduser(name)):
             name = "local-dir:" + os.path.expanduser(name)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
-        precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        precision = _precision(self.device)
 
         def load():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -127,6 +129,10 @@ class ClipModel:
             "open_clip", (name, p.pretrained, self.device, precision, files), load)
         self.context = int(getattr(self.tokenizer, "context_length", 77))
         self.torch = torch
+        # open_clip's "fp16" is mixed precision (OpenAI's recipe): convolutions, linear layers and
+        # projections in float16, layer norms and embeddings such as the class token kept in float32,
+        # so the model's first parameter says nothing about what the image tower takes: it takes float16.
+        self.input_dtype = torch.float16 if precision == "fp16" else torch.float32
 
     def chunks(self, text: str) -> list[str]:
         """The text as is when it fits the text encoder, else sentence chunks that each fit.
@@ -179,8 +185,11 @@ class ClipModel:
         torch = self.torch
         out, ok = [], np.zeros(len(blobs), bool)
         p = self.params
-        batches = _prefetch(blobs, self.preprocess, p.batch_size, torch, p.max_image_pixels,
-                            p.decode_workers or _default_workers(self.device), self.timings)
+        processes = p.decode_processes if p.decode_processes is not None else self.device.startswith("cuda")
+        batches = clip_decode.batches(blobs, self.preprocess, p.batch_size, torch=torch, device=self.device,
+                                      dtype=self.input_dtype, max_pixels=p.max_image_pixels,
+                                      workers=p.decode_workers or _default_workers(self.device),
+                                      processes=processes, timings=self.timings)
         for start, tensors, problems in batches:
             for k, problem in enumerate(problems):
                 if problem is not None:
@@ -192,7 +201,7 @@ class ClipModel:
                 continue
             t0 = time.perf_counter()
             with torch.no_grad():
-                emb = _normalized(self.model.encode_image(tensors.to(self.device, dtype=_dtype(self.model))))
+                emb = _normalized(self.model.encode_image(tensors))
             self.timings["model_s"] += time.perf_counter() - t0
             out.append((np.flatnonzero(good) + start, emb))
         emb = np.full((len(blobs), out[0][1].shape[1] if out else 1), np.nan, np.float32)
@@ -243,62 +252,20 @@ def _cut_word(word: str, budget: int, encode) -> list[tuple[str, int]]:
 
 
 def _default_workers(device: str) -> int:
-    """Decode threads: one per CPU, at most 8. Pillow's decoders release the GIL, so they run beside the
-    model. Measured with benchmarks/interleave_throughput.py on 2 CPU cores: a tiny CLIP (decoding
-    dominates) ran 1.38x faster with 2 threads than with 1; ViT-B-32 on CPU (the model takes 99% of the
-    time) lost nothing (1.04x). On a GPU the CPUs only decode, so every core helps."""
-    del device  # the same rule on both; kept for callers that may want to tell them apart
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoders: on CUDA every core this process may use (the CPUs only decode there; measured on an
+    H200 with 16 cores and ViT-B-32, the model did 7,700 images/s and waited on decoding with any number
+    of threads — see benchmarks/gpu_paths.py); on the CPU one per core, at most 8 (measured with
+    benchmarks/interleave_throughput.py on 2 cores: a tiny CLIP, where decoding dominates, ran 1.38×
+    faster with 2 threads than with 1; ViT-B-32, where the model takes 99% of the time, 1.04×)."""
+    from curate.executors.local import cpu_share
+
+    cores = cpu_share()
+    return max(1, cores if device.startswith("cuda") else min(8, cores))
 
 
-def _prefetch(blobs, preprocess, size, torch, max_pixels: int, workers: int, timings: dict):
-    """Decode and preprocess batches with ``workers`` threads, up to two batches ahead of the consumer.
-
-    Yields ``(start, tensors of the good images, [None or ImageProblem per image])``. ``timings`` gets
-    ``decode_s`` (wall seconds the decoding took) and ``wait_s`` (seconds the consumer — the model —
-    waited for a batch: starvation).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(blob):
-        try:
-            return preprocess(decode_rgb(blob, max_pixels)), None
-        except ImageProblem as problem:
-            return None, problem
-        except Exception as e:  # noqa: BLE001 - a preprocessing error is this image's alone
-            return None, ImageProblem("undecodable_image", f"{type(e).__name__}: {e}")
-
-    q: queue.Queue = queue.Queue(maxsize=2)
-
-    def work(pool):
-        try:
-            for start in range(0, len(blobs), size):
-                t0 = time.perf_counter()
-                done = list(pool.map(one, blobs[start:start + size]))
-                tensors = [t for t, _ in done if t is not None]
-                timings["decode_s"] += time.perf_counter() - t0
-                q.put((start, torch.stack(tensors) if tensors else None, [problem for _, problem in done]))
-        except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-            q.put(e)
-        q.put(None)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-decode") as pool:
-        thread = threading.Thread(target=work, args=(pool,), daemon=True, name="clip-prefetch")
-        thread.start()
-        while True:
-            t0 = time.perf_counter()
-            item = q.get()
-            timings["wait_s"] = timings.get("wait_s", 0.0) + time.perf_counter() - t0
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
-
-
-def _dtype(model):
-    return next(model.parameters()).dtype
+def _precision(device: str) -> str:
+    """open_clip's precision for a device: its mixed ``fp16`` on CUDA, ``fp32`` elsewhere."""
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def _normalized(emb) -> np.ndarray:

@@ -14,12 +14,13 @@ chunks that fit, each chunk is embedded, and the image–text similarity is the 
   ``caption_fuse`` takes as its ``rank_column`` (``scores.clip_score.text_scores``).
 
 Similarity is the cosine of L2-normalized embeddings (no logit scale): DataComp keeps ViT-B/32 ≥ 0.25
-or the top 30% by ViT-L/14; LAION used ≥ 0.28–0.3 — select on ``score`` afterwards. Images are decoded
-and preprocessed in a background thread, a batch ahead of the model. ``model`` is an open_clip name
-(``ViT-B-32``) with ``pretrained`` (a tag or a checkpoint file), an ``hf-hub:``/``local-dir:`` id, or a
-folder holding ``open_clip_config.json`` and weights. ``device: auto`` uses CUDA in float16 when present.
-Images are decoded by :func:`curate.images.decode_rgb` (EXIF orientation applied; CMYK, 16-bit,
-palette, alpha and animated images to RGB). Undecodable images (reason ``undecodable_image``) and
+or the top 30% by ViT-L/14; LAION used ≥ 0.28–0.3 — select on ``score`` afterwards. Images are
+decoded and preprocessed a batch ahead of the model (``decode_workers`` threads; on CUDA processes, one
+per core). ``model`` is an open_clip name (``ViT-B-32``) with ``pretrained`` (a tag or a checkpoint
+file), an ``hf-hub:``/``local-dir:`` id, or a folder holding ``open_clip_config.json`` and weights.
+``device: auto`` uses CUDA in float16 when present. Images are decoded by
+:func:`curate.images.decode_rgb` (EXIF orientation applied; CMYK, 16-bit, palette, alpha and animated
+images to RGB). Undecodable images (reason ``undecodable_image``) and
 images above ``max_image_pixels`` (``image_too_large``) are recorded in ``failures/``, counted as the
 stage's metrics, and get a null score; one bad image never fails the shard.
 """

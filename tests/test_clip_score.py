@@ -80,6 +80,25 @@ def test_pair_score_is_the_cosine_of_normalized_embeddings(tmp_path, photos, tin
     assert len(set(round(v, 6) for v in scores["score"].to_pylist())) == len(photos)
 
 
+def test_half_precision_model_takes_half_precision_images(tmp_path, photos, tiny_clip, monkeypatch):
+    """On CUDA the model is open_clip's mixed fp16 (layer norms and the class token stay float32, so the
+    first parameter is float32): images must go in as float16. Run here with that precision on the CPU
+    (PyTorch computes float16 there too); the scores match the float32 model's."""
+    import filters.clip_model as clip_model
+
+    batch = _rows([(name, [data], [caption]) for name, data, caption in photos])
+    stage, ctx = _stage(tmp_path, model=str(tiny_clip), batch_size=4)
+    full = stage.score(batch, ctx)["score"].to_numpy()
+    monkeypatch.setattr(clip_model, "_precision", lambda device: "fp16")
+    half_stage, half_ctx = _stage(tmp_path / "half", model=str(tiny_clip), batch_size=4)
+    assert half_stage.clip.model.visual.conv1.weight.dtype == torch.float16
+    assert next(half_stage.clip.model.parameters()).dtype == torch.float32  # the mixed recipe
+    assert half_stage.clip.input_dtype == torch.float16
+    half = half_stage.score(batch, half_ctx)["score"].to_numpy()
+    assert np.isfinite(half).all()
+    np.testing.assert_allclose(half, full, atol=2e-2)
+
+
 def test_long_captions_are_scored_by_sentence_chunks(tmp_path, photos, tiny_clip):
     name, data, caption = photos[0]
     long_caption = " ".join(f"{caption} Detail number {k} of the scene is described in this sentence." for k in range(12))

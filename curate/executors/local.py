@@ -99,6 +99,13 @@ def _pump(queue, progress: Progress, stop: threading.Event) -> None:
         progress(rows, tokens)
 
 
+def cpu_share() -> int:
+    """The cores this process may keep busy: its thread share in a local worker, else its usable cores."""
+    if "threads" in _worker:
+        return _worker["threads"]
+    return threads_per_worker(1)
+
+
 def threads_per_worker(workers: int) -> int:
     """Threads each worker's native pools get: this process's usable cores shared out, at least 1."""
     try:
@@ -129,6 +136,7 @@ def _init(plan_dict: dict, queue, driver_pid: int, retry: dict, threads: int) ->
     _worker["plan"] = Plan.from_dict(plan_dict)
     _worker["queue"] = queue
     _worker["retry"] = retry
+    _worker["threads"] = threads
 
 
 def _watch_driver(driver_pid: int) -> None:
