@@ -132,9 +132,9 @@ class CausalLM:
         """Token NLLs of each sequence (length-sorted batches; sequences must fit the context).
 
         With ``correct``, also whether the model's top guess was each token (one more pass over the logits).
-        On CUDA the next batch is queued before the previous one's results are read back (the ids go
-        from pinned memory without blocking), so the GPU is not idle while Python builds a batch or
-        reads one.
+        On CUDA the next batch is queued before the previous one's results are read back (ids and
+        results go through pinned memory without blocking; each read waits for its own batch only), so
+        the GPU works on one batch while Python reads the one before and builds the one after.
         """
         out: list[Any] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -155,8 +155,10 @@ class CausalLM:
         return out
 
     def _launch(self, seqs: list[list[int]], want_correct: bool):
-        """Queue one batch on the device: ``(nll, correct)`` tensors not yet read back."""
+        """Queue one batch on the device: ``(nll, correct, event)``, host tensors that are complete once
+        ``event`` (None off CUDA) has happened."""
         torch = self.torch
+        cuda = self.device.startswith("cuda")
         width = max(len(s) for s in seqs)
         if width > self.context:
             raise ValueError(f"a sequence of {width} tokens is longer than the model's context ({self.context})")
@@ -164,7 +166,7 @@ class CausalLM:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
         ids_t = torch.from_numpy(ids)
-        if self.device.startswith("cuda"):
+        if cuda:
             ids_t = ids_t.pin_memory().to(self.device, non_blocking=True)
         elif self.device != "cpu":
             ids_t = ids_t.to(self.device)
@@ -178,17 +180,38 @@ class CausalLM:
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1),
                                                     reduction="none").view(targets.shape)[:, :-1]
             correct = (logits[:, :-1].argmax(-1) == ids_t[:, 1:]) if want_correct else None
-        return nll, correct
+        # The read-back is queued right behind this batch's kernels (into pinned memory on CUDA) and
+        # marked by an event, so reading it later waits for this batch only, not for the batches queued
+        # after it.
+        out = [_to_host(t, torch, cuda) for t in (nll, correct)]
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return out[0], out[1], event
 
     @staticmethod
     def _collect(part: list[int], launched, seqs: list[list[int]], out: list) -> None:
         """Read a launched batch back into ``out`` (``part``: the positions of its sequences)."""
-        nll_t, correct_t = launched
-        nll = nll_t.cpu().numpy()
-        correct = correct_t.cpu().numpy() if correct_t is not None else None
+        nll_t, correct_t, event = launched
+        if event is not None:
+            event.synchronize()
+        nll = nll_t.numpy()
+        correct = correct_t.numpy() if correct_t is not None else None
         for row, i in enumerate(part):
             n = len(seqs[i]) - 1
             out[i] = TokenScores(nll[row, :n], correct[row, :n] if correct is not None else None)
+
+
+def _to_host(t, torch, cuda: bool):
+    """``t`` on the CPU: on CUDA a copy queued into pinned memory (complete once the stream gets there)."""
+    if t is None:
+        return None
+    if not cuda:
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _ends(mask: list[int]) -> tuple[int, int]:

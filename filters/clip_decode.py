@@ -4,9 +4,11 @@ The model's preprocessing (open_clip's ``Compose``: resize, centre crop, RGB, to
 split where the image becomes a tensor. Each image goes through the PIL steps on its own — in a thread,
 or in a pool of worker processes when the GIL would starve the model (on a GPU the model outruns a
 dozen decoding threads) — and comes back as an ``uint8`` array; the tensor steps (scale to ``[0, 1]``,
-normalize) then run once per batch, on the model's device. They are the same float32 operations the
-per-image transform does, so the pixels are identical. A preprocessing that cannot be split so (a
-custom transform after the tensor step) runs whole, per image, in threads.
+normalize) then run once per batch, on the model's device, giving the per-image transform's values
+(the 256 levels are divided by 255 on the CPU, as ``ToTensor`` does, then looked up). A preprocessing
+that cannot be split so (a custom transform after the tensor step) runs whole, per image, in threads;
+so does every decoding where processes cannot be started (a daemon process, such as a Dask worker, may
+not have children) or the PIL steps do not pickle.
 
 :func:`batches` yields ``(start, images on the device or None, [None or ImageProblem per image])``, up
 to two batches ahead of the caller, and adds to ``timings``: ``decode_s`` (wall seconds spent decoding)
@@ -81,7 +83,7 @@ def _whole(blob: bytes, preprocess, max_pixels: int):
 
 def _child_init(parent: int) -> None:
     """In a decoding process: exit when the process that started the pool is gone (killed, crashed), so
-    no decoder outlives its worker; and one thread for torch, which the PIL steps may import."""
+    no decoder outlives its worker."""
     def watch() -> None:
         while True:
             if os.getppid() != parent:
@@ -89,7 +91,21 @@ def _child_init(parent: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True, name="clip-decode-watch").start()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _can_use_processes(pil_steps) -> bool:
+    """Processes need a parent that may have children (a Dask worker is a daemon process: it may not)
+    and PIL steps that pickle (a custom transform may not); otherwise threads decode."""
+    import multiprocessing
+    import pickle
+
+    if multiprocessing.current_process().daemon:
+        return False
+    try:
+        pickle.dumps(pil_steps)
+    except Exception:  # noqa: BLE001 - any pickling failure means: decode in threads
+        return False
+    return True
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
@@ -160,7 +176,7 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
     """Decoded, preprocessed batches of ``blobs`` on ``device`` in ``dtype`` (see the module docstring)."""
     parts = split(preprocess)
     cuda = device.startswith("cuda")
-    processes = processes and parts is not None
+    processes = processes and parts is not None and _can_use_processes(parts[0])
     threads = None if processes else ThreadPoolExecutor(workers, thread_name_prefix="clip-decode")
 
     def pixels(chunk: list[bytes]) -> list:
@@ -177,8 +193,9 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
             return None, problems
         if parts is None:
             return torch.stack(good), problems
-        if len({g.shape for g in good}) > 1:  # PIL steps that do not fix the size: per image, then stack
-            return torch.stack([_finish(torch.from_numpy(g)[None], parts[1], torch)[0] for g in good]), problems
+        if len({g.shape for g in good}) > 1:
+            raise ValueError("the model's preprocessing gave images of different sizes "
+                             f"({sorted({g.shape for g in good})}): it must resize and crop to one size")
         host = torch.from_numpy(np.stack(good))
         return (host.pin_memory() if cuda else host), problems
 
@@ -186,11 +203,11 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
     stop = threading.Event()
 
     def produce() -> None:
+        ahead: dict[int, Any] = {}
         try:
             starts = list(range(0, len(blobs), size))
             # processes: the next batch is queued before this one is collected, so no process idles
             # at the end of a batch
-            ahead = {}
             for n, start in enumerate(starts):
                 if stop.is_set():
                     return
@@ -207,6 +224,10 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
                 q.put(item)
         except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
             q.put(e)
+        finally:
+            for _, futures in ahead.values():  # the consumer stopped early: drop the work queued ahead
+                for f in futures or ():
+                    f.cancel()
         q.put(None)
 
     thread = threading.Thread(target=produce, daemon=True, name="clip-prefetch")
@@ -239,9 +260,19 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
             threads.shutdown(wait=True)
 
 
+_LEVELS: dict[str, Any] = {}
+
+
 def _finish(pixels, normalizers: list, torch):
-    """N×H×W×3 uint8 → N×3×H×W float32 in [0, 1] (as ``ToTensor``), then each ``Normalize``."""
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)
+    """N×H×W×3 uint8 → N×3×H×W float32 in [0, 1] (as ``ToTensor``), then each ``Normalize``.
+
+    The 256 levels are divided by 255 once, on the CPU, as ``ToTensor`` does, and looked up on the
+    pixels' device: CUDA divides by a scalar as a multiplication by its reciprocal, which differs in
+    the last bit for half the levels."""
+    key = str(pixels.device)
+    if key not in _LEVELS:
+        _LEVELS[key] = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255).to(pixels.device)
+    x = _LEVELS[key][pixels.permute(0, 3, 1, 2).long()]
     for norm in normalizers:
         x = norm(x)
     return x

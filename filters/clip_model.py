@@ -13,6 +13,7 @@ seconds spent decoding images, in the model, and waiting for decoded images, for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -57,7 +58,7 @@ class ClipModelParams(StageParams):
     max_image_pixels: int = Field(MAX_PIXELS, gt=0,
                                   description="images with more pixels are not decoded (image_too_large)")
     decode_workers: int | None = Field(None, gt=0, description="threads or processes decoding and preprocessing "
-                                       "images ahead of the model (default: the usable cores; on the CPU at most 8)")
+                                       "images ahead of the model (default: usable cores, at most 32; on the CPU 8)")
     decode_processes: bool | None = Field(None, description="decode in worker processes instead of threads "
                                           "(default: on CUDA, where threads starve the model on the GIL)")
 
@@ -190,20 +191,21 @@ class ClipModel:
                                       dtype=self.input_dtype, max_pixels=p.max_image_pixels,
                                       workers=p.decode_workers or _default_workers(self.device),
                                       processes=processes, timings=self.timings)
-        for start, tensors, problems in batches:
-            for k, problem in enumerate(problems):
-                if problem is not None:
-                    ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=stage,
-                                record=records[start + k] if records is not None else None)
-            good = [problem is None for problem in problems]
-            ok[start:start + len(good)] = good
-            if tensors is None:
-                continue
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                emb = _normalized(self.model.encode_image(tensors))
-            self.timings["model_s"] += time.perf_counter() - t0
-            out.append((np.flatnonzero(good) + start, emb))
+        with contextlib.closing(batches):  # an error in the model stops the decoders now, not at GC
+            for start, tensors, problems in batches:
+                for k, problem in enumerate(problems):
+                    if problem is not None:
+                        ctx.failure(problem.reason, f"{owners[start + k]}: {problem.detail}", stage=stage,
+                                    record=records[start + k] if records is not None else None)
+                good = [problem is None for problem in problems]
+                ok[start:start + len(good)] = good
+                if tensors is None:
+                    continue
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    emb = _normalized(self.model.encode_image(tensors))
+                self.timings["model_s"] += time.perf_counter() - t0
+                out.append((np.flatnonzero(good) + start, emb))
         emb = np.full((len(blobs), out[0][1].shape[1] if out else 1), np.nan, np.float32)
         for where, e in out:
             emb[where] = e
@@ -252,15 +254,16 @@ def _cut_word(word: str, budget: int, encode) -> list[tuple[str, int]]:
 
 
 def _default_workers(device: str) -> int:
-    """Decoders: on CUDA every core this process may use (the CPUs only decode there; measured on an
-    H200 with 16 cores and ViT-B-32, the model did 7,700 images/s and waited on decoding with any number
-    of threads — see benchmarks/gpu_paths.py); on the CPU one per core, at most 8 (measured with
-    benchmarks/interleave_throughput.py on 2 cores: a tiny CLIP, where decoding dominates, ran 1.38×
-    faster with 2 threads than with 1; ViT-B-32, where the model takes 99% of the time, 1.04×)."""
+    """Decoders: on CUDA every core this process may use, at most 32 (the CPUs only decode there;
+    measured on an H200 with 16 cores and ViT-B-32, the model did 6,400–7,700 images/s and waited on
+    decoding with any number of threads or processes — see benchmarks/gpu_paths.py); on the CPU one per
+    core, at most 8 (measured with benchmarks/interleave_throughput.py on 2 cores: a tiny CLIP, where
+    decoding dominates, ran 1.38× faster with 2 threads than with 1; ViT-B-32, where the model takes 99%
+    of the time, 1.04×)."""
     from curate.executors.local import cpu_share
 
     cores = cpu_share()
-    return max(1, cores if device.startswith("cuda") else min(8, cores))
+    return max(1, min(32, cores) if device.startswith("cuda") else min(8, cores))
 
 
 def _precision(device: str) -> str:

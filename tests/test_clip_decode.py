@@ -102,6 +102,34 @@ def test_a_transform_that_cannot_be_split_runs_whole_per_image(photos):
     assert torch.equal(torch.cat([t for _, t, _ in got]), want)
 
 
+def test_steps_that_do_not_pickle_and_daemon_parents_decode_in_threads(photos, preprocess, monkeypatch):
+    import multiprocessing
+
+    from torchvision import transforms as T
+
+    from filters import clip_decode
+
+    local = T.Compose([T.Lambda(lambda im: im), T.Resize(24), T.CenterCrop(24), T.ToTensor()])
+    assert clip_decode.split(local) is not None and not clip_decode._can_use_processes(clip_decode.split(local)[0])
+    blobs = [b for _, b, _ in photos][:5]
+    want, _ = _expected(blobs, local, 10**9)
+    got = _decode_all(blobs, local, max_pixels=10**9, workers=2, processes=True)
+    assert torch.equal(torch.cat([t for _, t, _ in got]), want)
+    pil_steps = clip_decode.split(preprocess)[0]
+    assert clip_decode._can_use_processes(pil_steps)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+    assert not clip_decode._can_use_processes(pil_steps)  # a Dask worker may not start processes
+
+
+def test_preprocessing_that_leaves_sizes_unequal_is_a_clear_error(photos):
+    from torchvision import transforms as T
+
+    uneven = T.Compose([T.Resize(20), T.ToTensor()])  # no crop: landscape and portrait photos differ
+    blobs = [b for _, b, _ in photos]
+    with pytest.raises(ValueError, match="different sizes"):
+        _decode_all(blobs, uneven, size=len(blobs), max_pixels=10**9, workers=2, processes=False)
+
+
 def test_the_process_pool_is_started_once_per_process(photos, preprocess):
     from filters import clip_decode
 
@@ -112,14 +140,15 @@ def test_the_process_pool_is_started_once_per_process(photos, preprocess):
     assert clip_decode.process_pool(2) is pool
 
 
-def test_a_consumer_that_stops_early_leaves_no_thread_behind(photos, preprocess):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_consumer_that_stops_early_leaves_no_thread_behind(photos, preprocess, processes):
     import threading
 
     from filters import clip_decode
 
     blobs = [b for _, b, _ in photos] * 4
     gen = clip_decode.batches(blobs, preprocess, 2, torch=torch, device="cpu", dtype=torch.float32,
-                              max_pixels=10**9, workers=2, processes=False, timings={})
+                              max_pixels=10**9, workers=2, processes=processes, timings={})
     next(gen)
     gen.close()
     deadline = time.time() + 10
@@ -150,7 +179,7 @@ def test_decoding_processes_exit_when_their_owner_is_killed(tmp_path):
     try:
         assert owner.stdout.readline().strip() == "ready"
         children = psutil.Process(owner.pid).children(recursive=True)
-        decoders = [c for c in children if "multiprocessing" in " ".join(c.cmdline())]
+        decoders = [c for c in children if "spawn_main" in " ".join(c.cmdline())]  # not the resource tracker
         assert len(decoders) >= 2
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
