@@ -36,6 +36,7 @@ from curate.images import ImageProblem, decode_rgb
 PROCESS_CHUNK = 8
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS_FINALIZER: list = []
 _POOLS_LOCK = threading.Lock()
 
 
@@ -112,10 +113,16 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     """This process's pool of ``workers`` decoding processes (spawned: safe beside CUDA and threads),
     started once and kept for every later batch and shard; shut down at exit."""
     import multiprocessing
+    import multiprocessing.util
 
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
+            if not _POOLS_FINALIZER:
+                # A process started by multiprocessing (a local worker) joins its children at exit
+                # before the interpreter's own shutdown would stop these pools: stop them first, or
+                # the worker waits forever for decoders that wait for work.
+                _POOLS_FINALIZER.append(multiprocessing.util.Finalize(None, _shutdown_pools, exitpriority=100))
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_child_init, initargs=(os.getpid(),))
             _POOLS[workers] = pool
@@ -165,10 +172,12 @@ def _collect(chunk: list[bytes], submitted, pil_steps, max_pixels: int, workers:
 
 @atexit.register
 def _shutdown_pools() -> None:
+    """Stop every decoding pool of this process and wait for its processes to leave."""
     with _POOLS_LOCK:
-        for pool in _POOLS.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+        pools = list(_POOLS.values())
         _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dtype, max_pixels: int,

@@ -149,7 +149,10 @@ def test_interleaved_rows_score_each_image_against_its_best_text(tmp_path, photo
     assert failure["reason"] == "undecodable_image" and "broken" in failure["detail"]
 
 
-def test_datacomp_style_manifest_keeps_the_top_fraction(tmp_path, photos, tiny_clip):
+@pytest.mark.parametrize("processes", [False, True], ids=["decode-threads", "decode-processes"])
+def test_datacomp_style_manifest_keeps_the_top_fraction(tmp_path, photos, tiny_clip, processes):
+    """Through `curate run` with 2 spawned workers; with `decode_processes` each worker starts its own
+    decoding processes (the CUDA default), and the scores are the same."""
     shards = tmp_path / "pairs"
     shards.mkdir()
     for s in range(2):
@@ -163,7 +166,7 @@ def test_datacomp_style_manifest_keeps_the_top_fraction(tmp_path, photos, tiny_c
         name: clip-pairs
         source: {{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}
         stages:
-          - clip_score: {{model: {tiny_clip}, batch_size: 8}}
+          - clip_score: {{model: {tiny_clip}, batch_size: 8, decode_processes: {str(processes).lower()}}}
           - select: {{top: {{column: scores.clip_score.score, fraction: 0.3}}}}
         sink: {{kind: parquet}}
         executor: {{kind: local, workers: 2}}
