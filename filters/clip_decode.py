@@ -19,6 +19,7 @@ and ``wait_s`` (seconds the model waited for a batch: starvation). Problems are 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import threading
@@ -54,17 +55,23 @@ def split(preprocess) -> tuple[Any, list] | None:
     return T.Compose(steps[:at]), steps[at + 1:]
 
 
-def _pixels(blob: bytes, pil_steps, max_pixels: int) -> tuple[np.ndarray | None, tuple[str, str] | None]:
-    """One image through decoding and the PIL steps: ``(H×W×3 uint8, None)`` or ``(None, (reason, detail))``."""
+def _one(blob: bytes, steps, max_pixels: int, as_pixels: bool):
+    """One image through decoding and ``steps``: ``(result, None)`` or ``(None, (reason, detail))``;
+    with ``as_pixels`` the result is the H×W×3 ``uint8`` array of the (PIL) steps' image."""
     try:
-        im = pil_steps(decode_rgb(blob, max_pixels))
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return np.asarray(im), None
+        out = steps(decode_rgb(blob, max_pixels))
+        if as_pixels:
+            out = np.asarray(out if out.mode == "RGB" else out.convert("RGB"))
+        return out, None
     except ImageProblem as problem:
         return None, (problem.reason, problem.detail)
     except Exception as e:  # noqa: BLE001 - a preprocessing error is this image's alone
         return None, ("undecodable_image", f"{type(e).__name__}: {e}")
+
+
+def _pixels(blob: bytes, pil_steps, max_pixels: int):
+    """One image through decoding and the PIL steps: ``(H×W×3 uint8, None)`` or ``(None, (reason, detail))``."""
+    return _one(blob, pil_steps, max_pixels, True)
 
 
 def _pixels_chunk(blobs: list[bytes], pil_steps, max_pixels: int) -> list:
@@ -74,12 +81,7 @@ def _pixels_chunk(blobs: list[bytes], pil_steps, max_pixels: int) -> list:
 
 def _whole(blob: bytes, preprocess, max_pixels: int):
     """One image through the whole preprocessing (a transform that cannot be split): a tensor or a problem."""
-    try:
-        return preprocess(decode_rgb(blob, max_pixels)), None
-    except ImageProblem as problem:
-        return None, (problem.reason, problem.detail)
-    except Exception as e:  # noqa: BLE001
-        return None, ("undecodable_image", f"{type(e).__name__}: {e}")
+    return _one(blob, preprocess, max_pixels, False)
 
 
 def _child_init(parent: int) -> None:
@@ -154,10 +156,8 @@ def _collect(chunk: list[bytes], submitted, pil_steps, max_pixels: int, workers:
     image whose decoding breaks the pool again is reported as ``undecodable_image``."""
     pool, futures = submitted
     if futures is not None:
-        try:
+        with contextlib.suppress(BrokenProcessPool):  # a decoder died: redo this batch below
             return [r for f in futures for r in f.result()]
-        except BrokenProcessPool:
-            pass
     _discard_pool(workers, pool)
     out = []
     for blob in chunk:
@@ -260,11 +260,9 @@ def batches(blobs: list[bytes], preprocess, size: int, *, torch, device: str, dt
             yield start, images.to(dtype), problems
     finally:
         stop.set()
-        while thread.is_alive():  # let the producer finish its batch and leave
-            try:
+        while thread.is_alive():  # drain, so a producer blocked on a full queue finishes and leaves
+            with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
-            except queue.Empty:
-                pass
         if threads is not None:
             threads.shutdown(wait=True)
 
