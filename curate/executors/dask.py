@@ -175,7 +175,8 @@ def check_cluster_spec(spec: dict[str, Any]) -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        extra = " (pip install 'curate-longctx[dask]')" if module.split(".")[0] in ("distributed", "dask_jobqueue") else ""
+        ours = module.split(".")[0] in ("distributed", "dask_jobqueue")
+        extra = " (pip install 'curate-longctx[dask]')" if ours else ""
         raise ValueError(f"class {name}: module {module!r} is not installed{extra}")
     if "scale" in spec and "adapt" in spec:
         raise ValueError("give scale (a fixed number of workers) or adapt, not both")
@@ -344,6 +345,23 @@ def _quiet_lost_task_errors() -> None:
     logger = logging.getLogger("distributed.scheduler")
     if not any(isinstance(f, _LostTaskFilter) for f in logger.filters):
         logger.addFilter(_LostTaskFilter())
+
+
+class _HeartbeatFilter(logging.Filter):
+    """Drop a worker's "Failed to communicate with scheduler during heartbeat" (an ERROR with a
+    traceback). On curate's LocalCluster the scheduler lives in the driver: a heartbeat that finds it
+    gone is the race of a normal shutdown (the scheduler closing while a worker's heartbeat is on the
+    wire), and a scheduler that really died took the driver with it, which the workers follow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to communicate with scheduler during heartbeat" not in record.getMessage()
+
+
+def quiet_heartbeat_errors() -> None:
+    """In a worker of curate's LocalCluster: install :class:`_HeartbeatFilter` (once)."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _HeartbeatFilter) for f in logger.filters):
+        logger.addFilter(_HeartbeatFilter())
 
 
 def _local_cluster(params, n_shards: int):
@@ -628,6 +646,7 @@ def install_plan(digest: str, plan_dict: dict[str, Any], versions: dict[str, Any
         from curate.executors.local import _watch_driver
 
         tune_allocator()
+        quiet_heartbeat_errors()
         _watch_driver(driver_pid)
 
 
