@@ -45,7 +45,8 @@ def _inputs(folder: Path, dup: bool = False) -> Path:
     return folder
 
 
-def _manifest(tmp: Path, stages: str, *, tokenizer: bool = False, workers: int = 1, dup: bool = False) -> Path:
+def _manifest(tmp: Path, stages: str, *, tokenizer: bool = False, workers: int = 1, dup: bool = False,
+              executor: str = "") -> Path:
     data = _inputs(tmp / "in", dup)
     tok = "tokenizer: {train: {vocab_size: 300, min_frequency: 1}}\n" if tokenizer else ""
     return write_manifest(tmp / "m.yaml", f"""
@@ -57,7 +58,7 @@ source: {{kind: jsonl, paths: ["{data}/*.jsonl"], id_field: id, batch_rows: 5}}
 sink:
   - {{kind: parquet}}
   - {{kind: jsonl, path: out-jsonl}}
-executor: {{kind: local, workers: {workers}}}
+executor: {{kind: local, workers: {workers}{executor}}}
 """)
 
 
@@ -159,13 +160,36 @@ def test_failure_in_every_step_then_rerun_is_identical(tmp_path, point, where):
     assert output_digest(tmp_path / "run") == output_digest(tmp_path / "clean")
 
 
-def test_a_killed_worker_process_then_rerun_is_identical(tmp_path):
-    """SIGKILL of the worker that runs shard 00001 mid-sink (a process killed by pid)."""
-    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0], workers=2)
+def test_a_worker_killed_every_time_is_reported_after_its_retries_then_rerun_is_identical(tmp_path):
+    """SIGKILL of the worker that runs shard 00001 mid-sink, at every attempt (a process killed by pid):
+    the shard runs again ``task_retries`` times, then the run fails naming it as lost with its worker
+    (transient: a plain rerun may succeed); the shards that ran beside it are not charged; the rerun is
+    exact."""
+    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0], workers=2, executor=", task_retries: 1")
     assert _run(m, tmp_path / "clean") is None
     proc = _cli_run(m, tmp_path / "run", faults=[{"point": "sink", "shard": "00001", "after": 1, "action": "kill"}])
     assert proc.returncode != 0
+    err = proc.stderr
+    assert "shard 00001 phase 1: its worker process died (killed by SIGKILL" in err, err
+    assert "running it again (1 of 1)" in err and "(2 of 1)" not in err, err
+    assert "WorkerLost: its worker process died 2 time(s)" in err and "may be transient" in err, err
+    assert "shard 00000 phase" not in err and "shard 00002 phase" not in err, err  # never charged
+    assert "1 shard(s) failed" in err, err
     assert _cli_run(m, tmp_path / "run").returncode == 0
+    assert output_digest(tmp_path / "run") == output_digest(tmp_path / "clean")
+
+
+def test_a_worker_killed_once_is_run_again_within_the_run(tmp_path):
+    """The same SIGKILL, once: the run itself runs the lost shard again and ends well, with the bytes of
+    a run that never failed."""
+    m = _manifest(tmp_path, GLOBAL_STAGES["select"][0], workers=2)
+    assert _run(m, tmp_path / "clean") is None
+    fault = {"point": "sink", "shard": "00001", "after": 1, "action": "kill", "once": str(tmp_path / "fired")}
+    proc = _cli_run(m, tmp_path / "run", faults=[fault])
+    assert proc.returncode == 0, proc.stderr
+    assert "shard 00001 phase 1: its worker process died (killed by SIGKILL, as the out-of-memory killer " \
+           "does); running it again (1 of 3)" in proc.stderr, proc.stderr
+    assert (tmp_path / "fired").exists()
     assert output_digest(tmp_path / "run") == output_digest(tmp_path / "clean")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,19 +11,36 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from curate.errors import RetryableError
 from curate.planner import Phase, Plan
 from curate.readers.base import Shard
 from curate.stage import StageParams
 
 Done = Callable[[Shard, dict[str, Any] | None, BaseException | None], None]
 Progress = Callable[[int, int], None]
+log = logging.getLogger("curate")
+
+
+class WorkerLost(RetryableError):
+    """A shard was lost with its worker process (killed, out of memory, crashed) more often than the
+    executor's ``task_retries`` allows."""
+
+
+def say(console, text: str, level: int = logging.INFO) -> None:
+    """Tell the user (``console``, a rich Console, or stderr when None) and ``logs/run.log``."""
+    log.log(level, "%s", text)
+    if console is not None:
+        console.print(text, highlight=False, markup=False)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 class ExecutorParams(StageParams):
     """Parameters every executor takes."""
 
     retries: int = Field(2, ge=0, description="retries of a shard that raised a RetryableError (with backoff)")
-    retry_backoff: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each time, ±50% jitter")
+    retry_backoff: float = Field(2.0, ge=0,
+                                 description="seconds before the first retry; doubles each time, ±50% jitter")
 
 
 class ExecutorBase(ABC):

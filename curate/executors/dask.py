@@ -41,8 +41,7 @@ from typing import Any
 import orjson
 from pydantic import Field, field_validator, model_validator
 
-from curate.errors import RetryableError
-from curate.executors.base import Done, Executor, ExecutorParams, Progress
+from curate.executors.base import Done, Executor, ExecutorParams, Progress, WorkerLost, say
 from curate.planner import FINGERPRINT_PACKAGES, Phase, Plan
 from curate.plugins import register_executor
 from curate.readers.base import Shard
@@ -51,10 +50,6 @@ log = logging.getLogger("curate")
 
 #: Keys of ``cluster:`` that curate reads itself; the others are the class's keyword arguments.
 CLUSTER_KEYS = ("class", "scale", "adapt")
-
-
-class WorkerLost(RetryableError):
-    """A shard's task was lost with its worker more often than ``task_retries`` allows."""
 
 
 class RunAbandoned(RuntimeError):
@@ -155,12 +150,7 @@ class DaskExecutor(Executor):
             self._say(f"dask dashboard (if the scheduler serves one): {link}")
 
     def _say(self, text: str, level: int = logging.INFO) -> None:
-        """Tell the user (the console, or stderr) and ``logs/run.log``."""
-        log.log(level, "%s", text)
-        if self.console is not None:
-            self.console.print(text, highlight=False, markup=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        say(self.console, text, level)
 
 
 # ====================================================================== cluster specification

@@ -12,17 +12,20 @@ threads). ``RAYON_NUM_THREADS`` / ``POLARS_MAX_THREADS`` set by the user win.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pydantic import Field
 
 from curate.allocator import tune_allocator
-from curate.executors.base import Done, Executor, ExecutorParams, Progress
+from curate.executors.base import Done, Executor, ExecutorParams, Progress, WorkerLost, say
 from curate.planner import Phase, Plan
 from curate.plugins import register_executor
 from curate.readers.base import Shard
@@ -35,6 +38,13 @@ _worker: dict[str, Any] = {}
 class LocalExecutor(Executor):
     class Params(ExecutorParams):
         workers: int | None = Field(None, gt=0, description="worker processes (null: one per core)")
+        task_retries: int = Field(
+            3, ge=0, description="times a shard lost with its worker process (killed, out of memory, crashed) is "
+                                 "run again")
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.console = None  # the driver's rich Console (set by the driver); stderr when None
 
     def map_shards(self, plan: Plan, phase: Phase, shards: list[Shard], done: Done, progress: Progress) -> None:
         workers = min(self.params.workers or os.cpu_count() or 1, len(shards))
@@ -47,31 +57,100 @@ class LocalExecutor(Executor):
                     done(shard, None, e)
             return
         ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        stop = threading.Event()
-        pump = threading.Thread(target=_pump, args=(queue, progress, stop), daemon=True)
-        pump.start()
         plan_dict = plan.to_dict()
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
-                                   initargs=(plan_dict, queue, os.getpid(), retry, threads_per_worker(workers)))
+        losses: dict[str, int] = {}
+        todo = list(shards)
+        while todo:
+            # A new pool, message pipe and pump each time. Workers write their messages straight into the
+            # pipe (no feeder thread, no lock: a message this small is one atomic write), so a "started"
+            # message is in the pipe before the shard runs, and a worker killed mid-write poisons nothing.
+            inbox, outbox = ctx.Pipe(duplex=False)
+            started: dict[str, int] = {}  # shard name → pid of the worker that started it
+            stop = threading.Event()
+            pump = threading.Thread(target=_pump, args=(inbox, progress, started, stop), daemon=True)
+            pump.start()
+            pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init,
+                                       initargs=(plan_dict, outbox, os.getpid(), retry, threads_per_worker(workers)))
+            try:
+                lost = _map(pool, phase, todo, done)
+                if not lost:
+                    pool.shutdown(wait=True)
+                    return
+                processes = dict(getattr(pool, "_processes", None) or {})  # pid → Process (CPython's pool)
+                _terminate(pool)  # the pool stops its other workers with SIGTERM; make sure they are gone
+                time.sleep(0.2)  # let the pump take the lost workers' last "started" messages
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather than
+                # wait for their shards; a rerun redoes the unfinished ones.
+                _terminate(pool)
+                raise
+            finally:
+                stop.set()
+                pump.join(timeout=2)
+                inbox.close()
+                outbox.close()
+            exits = {pid: p.exitcode for pid, p in processes.items()}
+            todo = self._requeue(phase, lost, dict(started), exits, losses, done)
+
+    def _requeue(self, phase: Phase, lost: list[Shard], started: dict[str, int], exits: dict[int, int],
+                 losses: dict[str, int], done: Done) -> list[Shard]:
+        """The shards a broken pool took down, to run again in a new one.
+
+        When one worker process dies, the pool stops the others (SIGTERM) and fails every shard it held.
+        Only the shards that ran on a process that died otherwise are charged a loss; when that cannot be
+        told, every shard that had started is, and when none had, every lost shard is (so a worker that
+        dies at once cannot loop forever). Past ``task_retries`` losses a shard is reported as
+        :class:`WorkerLost`; the others simply run again.
+        """
+        dead = {pid: code for pid, code in exits.items() if code not in (None, 0, -signal.SIGTERM)}
+        charged = ([s for s in lost if started.get(s.name) in dead] or [s for s in lost if s.name in started]
+                   or lost)
+        again: list[Shard] = []
+        for shard in lost:
+            if shard not in charged:
+                again.append(shard)
+                continue
+            cause = _exit_words(dead.get(started.get(shard.name, -1)))
+            n = losses[shard.name] = losses.get(shard.name, 0) + 1
+            if n > self.params.task_retries:
+                error = WorkerLost(f"its worker process died {n} time(s) while the shard ran (the last time "
+                                   f"{cause}); a worker killed for using too much memory is the usual cause")
+                error.curate_stage = "worker"
+                done(shard, None, error)
+                continue
+            say(self.console, f"shard {shard.name} phase {phase.index}: its worker process died ({cause}); "
+                              f"running it again ({n} of {self.params.task_retries})", logging.WARNING)
+            again.append(shard)
+        return again
+
+
+def _map(pool: ProcessPoolExecutor, phase: Phase, shards: list[Shard], done: Done) -> list[Shard]:
+    """Run ``shards`` on ``pool``, reporting each to ``done``; returns those lost when the pool broke."""
+    futures = {pool.submit(_run, phase.index, s.name): s for s in shards}
+    lost: list[Shard] = []
+    pending = set(futures)
+    while pending:
+        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for f in sorted(finished, key=lambda f: futures[f].name):
+            err = f.exception()
+            if isinstance(err, BrokenProcessPool):
+                lost.append(futures[f])
+            else:
+                done(futures[f], None if err else f.result(), err)
+    return sorted(lost, key=lambda s: s.name)
+
+
+def _exit_words(code: int | None) -> str:
+    """How a worker process ended, in words."""
+    if code is None:
+        return "it stopped abruptly"
+    if code < 0:
         try:
-            futures = {pool.submit(_run, phase.index, s.name): s for s in shards}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    err = f.exception()
-                    done(futures[f], None if err else f.result(), err)
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather than
-            # wait for their shards; a rerun redoes the unfinished ones.
-            _terminate(pool)
-            raise
-        else:
-            pool.shutdown(wait=True)
-        finally:
-            stop.set()
-            pump.join(timeout=2)
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (", as the out-of-memory killer does" if code == -signal.SIGKILL else "")
+    return f"exit code {code}"
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
@@ -86,17 +165,19 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
             p.kill()
 
 
-def _pump(queue, progress: Progress, stop: threading.Event) -> None:
-    import queue as q
-
+def _pump(inbox, progress: Progress, started: dict[str, int], stop: threading.Event) -> None:
+    """Workers' messages: ``(rows, tokens)`` progress, or ``(shard name, pid)`` when a shard starts."""
     while not stop.is_set():
         try:
-            rows, tokens = queue.get(timeout=0.2)
-        except q.Empty:
-            continue
+            if not inbox.poll(0.2):
+                continue
+            first, second = inbox.recv()
         except (EOFError, OSError):
             return
-        progress(rows, tokens)
+        if isinstance(first, str):
+            started[first] = second
+        else:
+            progress(first, second)
 
 
 def cpu_share() -> int:
@@ -129,12 +210,12 @@ def size_thread_pools(threads: int) -> dict[str, str]:
     return {name: os.environ[name] for name in THREAD_POOL_VARIABLES}
 
 
-def _init(plan_dict: dict, queue, driver_pid: int, retry: dict, threads: int) -> None:
+def _init(plan_dict: dict, outbox, driver_pid: int, retry: dict, threads: int) -> None:
     tune_allocator(threads)
     size_thread_pools(threads)
     _watch_driver(driver_pid)
     _worker["plan"] = Plan.from_dict(plan_dict)
-    _worker["queue"] = queue
+    _worker["outbox"] = outbox
     _worker["retry"] = retry
     _worker["threads"] = threads
 
@@ -147,7 +228,6 @@ def _watch_driver(driver_pid: int) -> None:
     checks twice a second that the parent is still the driver.
     """
     import ctypes
-    import signal
 
     with contextlib.suppress(OSError, AttributeError):  # not Linux/glibc: the thread below suffices
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -166,7 +246,8 @@ def _watch_driver(driver_pid: int) -> None:
 
 def _run(phase_index: int, shard_name: str) -> dict:
     plan: Plan = _worker["plan"]
-    queue = _worker["queue"]
+    outbox = _worker["outbox"]
     shard = next(s for s in plan.shards if s.name == shard_name)
-    return run_shard_retrying(plan, plan.phases[phase_index], shard, lambda r, t: queue.put((r, t)),
+    outbox.send((shard_name, os.getpid()))  # written to the pipe before the shard starts
+    return run_shard_retrying(plan, plan.phases[phase_index], shard, lambda r, t: outbox.send((r, t)),
                               **_worker["retry"])
