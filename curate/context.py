@@ -95,7 +95,7 @@ class RunContext:
         if writer is None:
             path = self.run_dir.quarantine / label / f"{self.shard_id}.parquet"
             fh = self.run_dir.open_temp(path)
-            writer = self._quarantine[label] = (pq.ParquetWriter(fh, rows.schema), fh)
+            writer = self._quarantine[label] = (pq.ParquetWriter(fh.stream(), rows.schema), fh)
         writer[0].write_batch(rows)
 
     def global_state(self, label: str) -> dict[str, Any]:

@@ -37,7 +37,8 @@ TMP_PREFIX = ".tmp-"
 class AtomicFile:
     """A binary file written as ``.tmp-<name>`` that :meth:`commit` renames to ``name``.
 
-    It hashes what is written (``sha256``) and counts bytes, so writers never re-read their output.
+    It counts bytes (``size``) and hashes what is written (``sha256``): as it goes for writes through
+    :meth:`write`; once, at close, for a pyarrow writer given :meth:`stream` instead.
     """
 
     def __init__(self, path: Path):
@@ -46,21 +47,49 @@ class AtomicFile:
         self.tmp = self.path.with_name(TMP_PREFIX + self.path.name)
         self._fh = open(self.tmp, "wb")
         self._sha = hashlib.sha256()
-        self.size = 0
+        self._size = 0
+        self._native = None
         self.closed = False
+
+    def stream(self):
+        """A pyarrow output stream onto the temporary file, for pyarrow's writers (Parquet, Arrow IPC).
+
+        pyarrow writes a Python file object by calling back into Python for every page, and each call
+        waits for the GIL — up to the 5 ms switch interval while another thread runs Python (a reader
+        parsing the next batch): a Parquet write took 2.4 s instead of 0.9 s so. This stream is written
+        natively; its bytes are hashed when the file is closed. Only before anything was written.
+        """
+        import pyarrow as pa
+
+        if self._native is None:
+            if self._size:
+                raise RuntimeError(f"{self.tmp}: stream() after write()")
+            self._fh.close()
+            self._native = pa.OSFile(str(self.tmp), "wb")
+        return self._native
 
     # file protocol used by pyarrow, tarfile and plain writes
     def write(self, data) -> int:
+        if self._native is not None:
+            raise RuntimeError(f"{self.tmp}: write() after stream()")
         n = self._fh.write(data)
         self._sha.update(data)
-        self.size += n
+        self._size += n
         return n
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        if self._native is not None and not self._native.closed:
+            return self._native.tell()
+        return self._size
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
-        self._fh.flush()
+        if self._native is None:
+            self._fh.flush()
 
     def writable(self) -> bool:
         return True
@@ -75,7 +104,19 @@ class AtomicFile:
         """Close without committing (pyarrow writers call this); :meth:`commit` renames."""
         if not self._fh.closed:
             self._fh.close()
+        if self._native is not None and not self._native.closed:
+            self._native.close()
+            self._size = self._hash_file()
         self.closed = True
+
+    def _hash_file(self) -> int:
+        """Hash the temporary file into ``_sha`` (hashlib lets the GIL go for each chunk); its size."""
+        size = 0
+        with open(self.tmp, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                self._sha.update(chunk)
+                size += len(chunk)
+        return size
 
     @property
     def sha256(self) -> str:
@@ -87,6 +128,8 @@ class AtomicFile:
         return self.path
 
     def abort(self) -> None:
+        if self._native is not None and not self._native.closed:
+            self._native.close()  # no hashing: the file is removed
         self.close()
         self.tmp.unlink(missing_ok=True)
 

@@ -323,7 +323,7 @@ def _write_intermediate(plan: Plan, phase: Phase, shard: Shard, batches, ctx: Ru
     try:
         for batch in batches:
             if writer is None:
-                writer = pa.ipc.new_file(fh, batch.schema)
+                writer = pa.ipc.new_file(fh.stream(), batch.schema)
             writer.write_batch(batch)
             t0 = time.perf_counter()
             try:
@@ -338,7 +338,7 @@ def _write_intermediate(plan: Plan, phase: Phase, shard: Shard, batches, ctx: Ru
             rows += batch.num_rows
             ctx.report(batch.num_rows, _tokens(batch))
         if writer is None:  # an empty shard still needs a readable (empty) file
-            writer = pa.ipc.new_file(fh, pa.schema([]))
+            writer = pa.ipc.new_file(fh.stream(), pa.schema([]))
         writer.close()
         fh.commit()
     except BaseException:

@@ -157,3 +157,37 @@ def test_partitioned_sink_writes_one_folder_per_value(tmp_path):
     sub = json.loads((sink.directory / "bucket_8" / "index.json").read_text())
     assert sub["total_samples"] == 5 and sub["shards"][0]["name"] == "00003-0000.parquet"
     assert pq.read_table(sink.directory / "bucket_9" / "00003-0000.parquet").column("id").to_pylist() == ["r1", "r5", "r8"]
+
+
+def test_atomic_file_stream_counts_and_hashes_what_pyarrow_writes(tmp_path):
+    """A pyarrow writer given ``AtomicFile.stream()`` writes natively; size is known while writing, the
+    sha256 (taken at close) is the file's, and the bytes equal those written through the file object."""
+    from curate.rundir import AtomicFile
+
+    table = pa.table({"id": [f"d{i}" for i in range(5000)], "text": ["x" * (i % 300) for i in range(5000)]})
+    files = {}
+    for how in ("object", "stream"):
+        f = AtomicFile(tmp_path / f"{how}.parquet")
+        writer = pq.ParquetWriter(f.stream() if how == "stream" else f, table.schema, compression="zstd")
+        writer.write_table(table.slice(0, 2500))
+        assert f.size > 0  # pages of the first row group are out
+        writer.write_table(table.slice(2500))
+        writer.close()
+        path = f.commit()
+        data = path.read_bytes()
+        assert f.size == len(data) and f.sha256 == hashlib.sha256(data).hexdigest()
+        files[how] = data
+    assert files["object"] == files["stream"]
+    assert pq.read_table(tmp_path / "stream.parquet").equals(table)
+
+    f = AtomicFile(tmp_path / "mixed.arrow")
+    f.stream().write(b"abc")
+    with pytest.raises(RuntimeError, match="after stream"):
+        f.write(b"more")
+    f.abort()
+    assert not list(tmp_path.glob("*mixed*"))
+    g = AtomicFile(tmp_path / "other.bin")
+    g.write(b"abc")
+    with pytest.raises(RuntimeError, match="after write"):
+        g.stream()
+    g.abort()

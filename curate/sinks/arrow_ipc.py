@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import pyarrow as pa
-
 from pydantic import Field
 
 from curate.plugins import register_sink
-from curate.sinks.base import Encoder, Sink, SinkParams
+from curate.sinks.base import Encoder, Sink, SinkParams, pyarrow_sink
 
 
 class ArrowParams(SinkParams):
@@ -20,7 +19,7 @@ class ArrowEncoder(Encoder):
     def __init__(self, fh, schema: pa.Schema, params: ArrowParams):
         super().__init__(fh, schema, params)
         codec = None if params.compression == "none" else params.compression
-        self.writer = pa.ipc.new_file(fh, schema, options=pa.ipc.IpcWriteOptions(compression=codec))
+        self.writer = pa.ipc.new_file(pyarrow_sink(fh), schema, options=pa.ipc.IpcWriteOptions(compression=codec))
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.writer.write_batch(batch)

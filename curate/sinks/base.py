@@ -49,6 +49,13 @@ class SinkParams(StageParams):
         return value
 
 
+def pyarrow_sink(fh):
+    """What a pyarrow writer should write into: an :class:`AtomicFile`'s native stream (no GIL taken
+    per page), or ``fh`` itself (an in-memory pyarrow buffer, a plain file object)."""
+    stream = getattr(fh, "stream", None)
+    return stream() if stream is not None else fh
+
+
 class Encoder(ABC):
     """Encodes batches into one open file. Subclasses implement ``write`` and ``close``."""
 

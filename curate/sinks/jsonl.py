@@ -8,7 +8,6 @@ from typing import Literal
 
 import orjson
 import pyarrow as pa
-
 from pydantic import Field
 
 from curate.plugins import register_sink

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.plugins import register_sink
-from curate.sinks.base import Encoder, Sink, SinkParams
+from curate.sinks.base import Encoder, Sink, SinkParams, pyarrow_sink
 
 
 class ParquetParams(SinkParams):
@@ -101,8 +101,8 @@ class ParquetEncoder(Encoder):
         # memory of plain encoding for little gain once zstd runs; keep it for the other columns.
         plain = {f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_integer(f.type.value_type)}
         dictionary = [f.name for f in schema if f.name not in plain]
-        self.writer = pq.ParquetWriter(fh, schema, compression=codec, compression_level=params.compression_level,
-                                       use_dictionary=dictionary)
+        self.writer = pq.ParquetWriter(pyarrow_sink(fh), schema, compression=codec,
+                                       compression_level=params.compression_level, use_dictionary=dictionary)
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.features:
