@@ -11,7 +11,8 @@ least disturbed):
 2. **reader only** — in this process: ``pyarrow.json.read_json(path)`` (pyarrow's documented defaults:
    ``use_threads=True``, 1 MB blocks, inferred schema) vs curate's JSONL reader over the same file
    (every batch, ids and meta, bad lines checked).
-3. **end to end** — ``curate run`` (no stages; 1 and 2 workers) vs the script pyarrow's documentation
+3. **end to end** — ``curate run`` (no stages; 1 worker with the source's default 256 MB shards, and 2
+   workers with 64 MB shards so that both have ranges of the file to read) vs the script pyarrow's documentation
    gives: ``table = pyarrow.json.read_json(path)`` then ``pyarrow.parquet.write_table(table, out,
    compression="zstd")`` (zstd because it is the Parquet sink's default codec). The script runs both as a
    function in this process (pyarrow already imported) and as its own ``python`` process (what a user
@@ -202,9 +203,11 @@ def end_to_end(path: Path, work: Path, repeat: int, n_docs: int, compare_tree: s
     def ours(kind: str, workers: int, tree: str | None = None, corpus: Path = path):
         tag = f"{kind}-{workers}-{'before' if tree else 'now'}-{corpus.stem}"
         manifest = work / f"{tag}.yaml"
+        source = {"kind": "jsonl", "paths": [str(corpus)], "id_field": "id"}
+        if workers > 1:
+            source["shard_bytes"] = "64MB"  # ranges of the file for the workers to share (default: 256 MB)
         manifest.write_text(json.dumps({
-            "name": "bench", "source": {"kind": "jsonl", "paths": [str(corpus)], "id_field": "id",
-                                        "shard_bytes": "64MB"},
+            "name": "bench", "source": source,
             "stages": [], "sink": {"kind": kind}, "executor": {"kind": "local", "workers": workers}}))
         env = dict(os.environ)
         if tree:

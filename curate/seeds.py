@@ -33,11 +33,13 @@ def rng(seed: int, *parts: object) -> np.random.Generator:
 
 def doc_hashes(seed: int, stage: str, ids: list[str]) -> np.ndarray:
     """Per-document 64-bit hashes of ``(seed, stage, doc_id)`` for per-document decisions."""
-    prefix = digest(seed, stage)
-    out = np.empty(len(ids), dtype=np.uint64)
-    for i, doc_id in enumerate(ids):
-        out[i] = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8, key=prefix).digest(), "little")
-    return out
+    keyed = hashlib.blake2b(digest_size=8, key=digest(seed, stage))  # copied per id: the key is set up once
+    digests = []
+    for doc_id in ids:
+        h = keyed.copy()
+        h.update(doc_id.encode())
+        digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
 
 
 def doc_uniform(seed: int, stage: str, ids: list[str]) -> np.ndarray:

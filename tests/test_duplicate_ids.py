@@ -87,3 +87,20 @@ def test_more_shards_than_the_open_file_limit(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert got == _reference(parts)
+
+
+def test_doc_hashes_are_keyed_blake2b_of_each_id():
+    """Per-document hashes (duplicate-id counts, per-document draws) are blake2b-64 of the id's UTF-8,
+    keyed by (seed, stage), read little-endian: pinned so a faster version cannot change a decision."""
+    import hashlib
+
+    import numpy as np
+
+    from curate.seeds import digest, doc_hashes
+
+    ids = [f"doc-{i}" for i in range(300)] + ["", "é—x" * 40, "a\x00b"]
+    key = digest(11, "ids")
+    want = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8, key=key).digest(), "little") for d in ids]
+    got = doc_hashes(11, "ids", ids)
+    assert got.dtype == np.uint64 and got.tolist() == want
+    assert doc_hashes(11, "ids", []).tolist() == [] and doc_hashes(12, "ids", ids[:1])[0] != got[0]
