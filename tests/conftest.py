@@ -72,6 +72,37 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | Non
     return proc
 
 
+def curate_run(manifest: Path, out: Path, faults: list | None = None, background: bool = False, timeout: int = 300):
+    """``curate run MANIFEST -o OUT --no-progress`` in its own process, with ``CURATE_FAULTS`` set to
+    ``faults`` (and only then). ``background``: the ``Popen`` (its own session, pipes for both
+    streams); otherwise the finished ``CompletedProcess``."""
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("CURATE_FAULTS", None)
+    if faults:
+        env["CURATE_FAULTS"] = json.dumps(faults)
+    args = [sys.executable, "-m", "curate", "run", str(manifest), "-o", str(out), "--no-progress"]
+    if background:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_pair_shards(folder: Path, photos: list, shards: int = 2) -> Path:
+    """WebDataset tars of (image, caption) pairs: photo ``k`` goes to shard ``k % shards``."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for k, (name, data, caption) in enumerate(photos[s::shards]):
+                for ext, payload in (("jpg", data), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{s}-{k:03d}-{name}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
 def save_tiny_lm(folder: Path, seed: int = 0, n_positions: int = 64) -> Path:
     """A tiny GPT-2 with a BPE trained here, saved like a user's checkpoint (config, weights, tokenizer)."""
     torch = pytest.importorskip("torch", reason="torch is not installed")

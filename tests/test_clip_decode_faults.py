@@ -5,19 +5,15 @@ by pid takes its decoders with it; a plain rerun then writes the bytes of a run 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import signal
 import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_manifest
+from tests.conftest import curate_run, write_manifest, write_pair_shards
 
 pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
 psutil = pytest.importorskip("psutil")
@@ -33,15 +29,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
     tmp = tmp_path_factory.mktemp("clip-faults")
     photos = real_images(size=160)
-    shards = tmp / "pairs"
-    shards.mkdir()
-    for s in range(2):
-        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
-            for k, (name, data, caption) in enumerate(photos[s::2]):
-                for ext, payload in (("jpg", data), ("txt", caption.encode())):
-                    info = tarfile.TarInfo(f"{s}-{k:03d}-{name}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+    shards = write_pair_shards(tmp / "pairs", photos)
     return shards, save_tiny_clip(tmp / "tiny-clip")
 
 
@@ -58,15 +46,7 @@ def _manifest(tmp: Path, inputs: tuple[Path, Path], workers: int, executor: str 
 
 
 def _cli(manifest: Path, out: Path, faults: list | None = None, background: bool = False):
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("CURATE_FAULTS", None)
-    if faults:
-        env["CURATE_FAULTS"] = json.dumps(faults)
-    args = [sys.executable, "-m", "curate", "run", str(manifest), "-o", str(out), "--no-progress"]
-    if background:
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    return curate_run(manifest, out, faults, background)
 
 
 def _outputs(run: Path) -> dict[str, str]:

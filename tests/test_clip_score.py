@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import cli, make_stage, write_manifest
+from tests.conftest import cli, make_stage, write_manifest, write_pair_shards
 
 open_clip = pytest.importorskip("open_clip", reason="the `clip` extra is not installed")
 torch = pytest.importorskip("torch")
@@ -153,15 +152,7 @@ def test_interleaved_rows_score_each_image_against_its_best_text(tmp_path, photo
 def test_datacomp_style_manifest_keeps_the_top_fraction(tmp_path, photos, tiny_clip, processes):
     """Through `curate run` with 2 spawned workers; with `decode_processes` each worker starts its own
     decoding processes (the CUDA default), and the scores are the same."""
-    shards = tmp_path / "pairs"
-    shards.mkdir()
-    for s in range(2):
-        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
-            for k, (name, data, caption) in enumerate(photos[s::2]):
-                for ext, payload in (("jpg", data), ("txt", caption.encode())):
-                    info = tarfile.TarInfo(f"{s}-{k:03d}-{name}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+    shards = write_pair_shards(tmp_path / "pairs", photos)
     m = write_manifest(tmp_path / "m.yaml", f"""
         name: clip-pairs
         source: {{kind: webdataset, paths: ["{shards}/*.tar"], schema: interleaved}}

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 pytest.importorskip("distributed")
 psutil = pytest.importorskip("psutil")
 
-from tests.conftest import make_text, write_jsonl, write_manifest  # noqa: E402
+from tests.conftest import curate_run, make_text, write_jsonl, write_manifest  # noqa: E402
 
 SHARDS = 4
 LOCAL = "{kind: local, workers: 1}"
@@ -84,15 +83,7 @@ def _execute(manifest: Path, out: Path, faults: list | None = None):
 
 
 def _cli(manifest: Path, out: Path, faults: list | None = None, background: bool = False):
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("CURATE_FAULTS", None)
-    if faults:
-        env["CURATE_FAULTS"] = json.dumps(faults)
-    args = [sys.executable, "-m", "curate", "run", str(manifest), "-o", str(out), "--no-progress"]
-    if background:
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    return curate_run(manifest, out, faults, background, timeout=180)
 
 
 @pytest.fixture(scope="module")
