@@ -450,3 +450,35 @@ def test_run_shard_and_run_exclude_each_other(tmp_path):
         assert refused.returncode == 1 and "p0-00001 is being run by another curate process" in refused.stderr
     finally:
         holder.release()
+
+
+def test_lost_shards_are_charged_by_where_they_ran():
+    """The local executor's bookkeeping after its pool broke: the shard on the process that died is
+    charged and rerun, its neighbours are rerun uncharged, retries run out into WorkerLost, and workers
+    that exited cleanly before any shard started are a start failure, reported at once."""
+    from curate.executors.base import WorkerLost
+    from curate.executors.local import LocalExecutor, WorkerStartFailed
+    from curate.planner import Phase
+    from curate.readers.base import Shard
+
+    ex = LocalExecutor(LocalExecutor.Params(workers=2, task_retries=1))
+    ex.console = Console(file=io.StringIO())
+    phase = Phase(index=0, start=0, stop=1, last=True)
+    a, b, c = (Shard(n, f"k{n}", f"/in/{n}.jsonl", f"{n}.jsonl", 0, None) for n in ("00000", "00001", "00002"))
+    reported: list = []
+
+    def done(shard, stats, error):
+        reported.append((shard.name, error))
+
+    losses: dict = {}
+    killed = {101: -signal.SIGKILL, 102: -signal.SIGTERM}
+    again = ex._requeue(phase, [a, b, c], {"00000": 101, "00001": 102}, killed, losses, done)
+    assert again == [a, b, c] and losses == {"00000": 1} and not reported
+    again = ex._requeue(phase, [a, b], {"00000": 103, "00001": 104}, {103: -signal.SIGKILL, 104: -15}, losses, done)
+    assert again == [b] and losses == {"00000": 2}
+    assert reported[0][0] == "00000" and isinstance(reported[0][1], WorkerLost)
+    assert "2 time(s)" in str(reported[0][1]) and "SIGKILL" in str(reported[0][1])
+    reported.clear()
+    assert ex._requeue(phase, [b, c], {}, {105: 0, 106: 0}, {}, done) == []
+    assert [n for n, _ in reported] == ["00001", "00002"]
+    assert all(isinstance(e, WorkerStartFailed) for _, e in reported)

@@ -100,9 +100,19 @@ class LocalExecutor(Executor):
         Only the shards that ran on a process that died otherwise are charged a loss; when that cannot be
         told, every shard that had started is, and when none had, every lost shard is (so a worker that
         dies at once cannot loop forever). Past ``task_retries`` losses a shard is reported as
-        :class:`WorkerLost`; the others simply run again.
+        :class:`WorkerLost`; the others simply run again. Workers that all exited cleanly before any
+        shard started could not start at all: every lost shard is reported as :class:`WorkerStartFailed`.
         """
         dead = {pid: code for pid, code in exits.items() if code not in (None, 0, -signal.SIGTERM)}
+        if not dead and not started:
+            # Every worker left by itself before starting a shard: they could not start (the pool's
+            # initializer raised and printed its traceback above). Running them again would not help.
+            for shard in lost:
+                error = WorkerStartFailed("the worker processes exited before running a shard: they could not "
+                                          "start (the error is printed above, before this report)")
+                error.curate_stage = "worker start"
+                done(shard, None, error)
+            return []
         charged = ([s for s in lost if started.get(s.name) in dead] or [s for s in lost if s.name in started]
                    or lost)
         again: list[Shard] = []
@@ -122,6 +132,10 @@ class LocalExecutor(Executor):
                               f"running it again ({n} of {self.params.task_retries})", logging.WARNING)
             again.append(shard)
         return again
+
+
+class WorkerStartFailed(RuntimeError):
+    """The local worker processes exited before running any shard (an error while starting them)."""
 
 
 def _map(pool: ProcessPoolExecutor, phase: Phase, shards: list[Shard], done: Done) -> list[Shard]:
