@@ -42,6 +42,20 @@ def test_split_encoding_equals_whole_encoding(bpe, texts):
     assert tok.encode_batch(docs) == whole
 
 
+def test_any_grouping_gives_the_ids_of_one_call(bpe, texts):
+    """encode_arrays encodes in groups of about group_chars characters: any grouping (pieces of one
+    document in several groups, one piece a group, empty texts) gives each text the ids of encoding it
+    whole."""
+    tok = CurateTokenizer(bpe, {}, split_chars=2000)
+    docs = ["\n\n".join(texts[i:i + 60]) for i in range(0, 1200, 60)] + ["", texts[0], "x" * 9000]
+    bpe.encode_special_tokens = True
+    whole = [bpe.encode(d, add_special_tokens=False).ids for d in docs]
+    for group_chars in (1, 3000, 25_000, 10**9):
+        got = tok.encode_arrays(docs, group_chars=group_chars)
+        assert [a.tolist() for a in got] == whole, group_chars
+        assert all(a.dtype.name == "int32" for a in got)
+
+
 def test_sentencepiece_style_tokenizer_splits_safely():
     """A Metaspace (SentencePiece-style) pre-tokenizer: cuts are verified, ids unchanged."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
