@@ -49,6 +49,7 @@ class AtomicFile:
         self._sha = hashlib.sha256()
         self._size = 0
         self._native = None
+        self._hashed = False  # the native stream's bytes are in _sha (or need not be: aborted)
         self.closed = False
 
     def stream(self):
@@ -80,8 +81,8 @@ class AtomicFile:
     @property
     def size(self) -> int:
         """Bytes written so far."""
-        if self._native is not None and not self._native.closed:
-            return self._native.tell()
+        if self._native is not None and not self._hashed:
+            return self._native.tell() if not self._native.closed else os.path.getsize(self.tmp)
         return self._size
 
     def tell(self) -> int:
@@ -104,9 +105,11 @@ class AtomicFile:
         """Close without committing (pyarrow writers call this); :meth:`commit` renames."""
         if not self._fh.closed:
             self._fh.close()
-        if self._native is not None and not self._native.closed:
-            self._native.close()
-            self._size = self._hash_file()
+        if self._native is not None and not self._hashed:
+            if not self._native.closed:
+                self._native.close()
+            self._size = self._hash_file()  # also when the writer closed the stream itself
+            self._hashed = True
         self.closed = True
 
     def _hash_file(self) -> int:
@@ -128,8 +131,10 @@ class AtomicFile:
         return self.path
 
     def abort(self) -> None:
-        if self._native is not None and not self._native.closed:
-            self._native.close()  # no hashing: the file is removed
+        if self._native is not None:
+            if not self._native.closed:
+                self._native.close()
+            self._hashed = True  # no hashing: the file is removed
         self.close()
         self.tmp.unlink(missing_ok=True)
 

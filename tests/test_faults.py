@@ -482,3 +482,35 @@ def test_lost_shards_are_charged_by_where_they_ran():
     assert ex._requeue(phase, [b, c], {}, {105: 0, 106: 0}, {}, done) == []
     assert [n for n, _ in reported] == ["00001", "00002"]
     assert all(isinstance(e, WorkerStartFailed) for _, e in reported)
+
+
+def test_a_pool_that_breaks_while_shards_are_submitted_loses_the_rest():
+    """Spawning a worker happens inside ``submit``; if an earlier worker died meanwhile, ``submit`` raises
+    BrokenProcessPool: the shards not submitted are lost (to run again), the finished ones reported."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from curate.executors.local import _map
+    from curate.planner import Phase
+    from curate.readers.base import Shard
+
+    class Pool:
+        def __init__(self):
+            self.calls = 0
+
+        def submit(self, fn, phase_index, name):
+            self.calls += 1
+            if self.calls == 3:
+                raise BrokenProcessPool("a worker died")
+            f = Future()
+            if name == "00001":
+                f.set_exception(BrokenProcessPool("a worker died"))
+            else:
+                f.set_result({"shard": name})
+            return f
+
+    shards = [Shard(f"{i:05d}", f"k{i}", f"/in/{i}", f"{i}", 0, None) for i in range(5)]
+    reported = []
+    lost = _map(Pool(), Phase(0, 0, 1, True), shards, lambda s, stats, err: reported.append((s.name, stats, err)))
+    assert [s.name for s in lost] == ["00001", "00002", "00003", "00004"]
+    assert reported == [("00000", {"shard": "00000"}, None)]

@@ -180,6 +180,14 @@ def test_atomic_file_stream_counts_and_hashes_what_pyarrow_writes(tmp_path):
     assert files["object"] == files["stream"]
     assert pq.read_table(tmp_path / "stream.parquet").equals(table)
 
+    f = AtomicFile(tmp_path / "closed-by-writer.bin")  # a writer that closes the stream itself
+    stream = f.stream()
+    stream.write(b"abcdef")
+    stream.close()
+    assert f.size == 6
+    f.commit()
+    assert f.size == 6 and f.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+
     f = AtomicFile(tmp_path / "mixed.arrow")
     f.stream().write(b"abc")
     with pytest.raises(RuntimeError, match="after stream"):

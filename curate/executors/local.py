@@ -32,6 +32,7 @@ from curate.readers.base import Shard
 from curate.runner import run_shard_retrying
 
 _worker: dict[str, Any] = {}
+log = logging.getLogger("curate")
 
 
 @register_executor("local")
@@ -69,27 +70,32 @@ class LocalExecutor(Executor):
             stop = threading.Event()
             pump = threading.Thread(target=_pump, args=(inbox, progress, started, stop), daemon=True)
             pump.start()
-            pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init,
-                                       initargs=(plan_dict, outbox, os.getpid(), retry, threads_per_worker(workers)))
+            pool = None
             try:
+                pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init,
+                                           initargs=(plan_dict, outbox, os.getpid(), retry,
+                                                     threads_per_worker(workers)))
                 lost = _map(pool, phase, todo, done)
                 if not lost:
                     pool.shutdown(wait=True)
                     return
                 processes = dict(getattr(pool, "_processes", None) or {})  # pid → Process (CPython's pool)
-                _terminate(pool)  # the pool stops its other workers with SIGTERM; make sure they are gone
-                time.sleep(0.2)  # let the pump take the lost workers' last "started" messages
+                ours = _terminate(pool)  # the pool stops its other workers with SIGTERM; make sure they are gone
             except BaseException:
                 # Interrupted (Ctrl-C, SIGTERM) or the driver failed: stop the workers now rather than
                 # wait for their shards; a rerun redoes the unfinished ones.
-                _terminate(pool)
+                if pool is not None:
+                    _terminate(pool)
                 raise
             finally:
                 stop.set()
                 pump.join(timeout=2)
+                if not pump.is_alive():
+                    _drain(inbox, progress, started)  # what the workers wrote before they ended
                 inbox.close()
                 outbox.close()
-            exits = {pid: p.exitcode for pid, p in processes.items()}
+            # processes we had to SIGKILL ourselves did not die of their own shard
+            exits = {pid: p.exitcode for pid, p in processes.items() if pid not in ours}
             todo = self._requeue(phase, lost, dict(started), exits, losses, done)
 
     def _requeue(self, phase: Phase, lost: list[Shard], started: dict[str, int], exits: dict[int, int],
@@ -139,9 +145,18 @@ class WorkerStartFailed(RuntimeError):
 
 
 def _map(pool: ProcessPoolExecutor, phase: Phase, shards: list[Shard], done: Done) -> list[Shard]:
-    """Run ``shards`` on ``pool``, reporting each to ``done``; returns those lost when the pool broke."""
-    futures = {pool.submit(_run, phase.index, s.name): s for s in shards}
-    lost: list[Shard] = []
+    """Run ``shards`` on ``pool``, reporting each to ``done``; returns those lost when the pool broke
+    (including any not yet submitted when it broke: spawning a worker inside ``submit`` takes time, and
+    an early worker may die meanwhile)."""
+    futures = {}
+    unsubmitted: list[Shard] = []
+    for k, shard in enumerate(shards):
+        try:
+            futures[pool.submit(_run, phase.index, shard.name)] = shard
+        except BrokenProcessPool:
+            unsubmitted = shards[k:]
+            break
+    lost: list[Shard] = list(unsubmitted)
     pending = set(futures)
     while pending:
         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -167,16 +182,33 @@ def _exit_words(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
+def _terminate(pool: ProcessPoolExecutor) -> set[int]:
+    """Stop the pool's worker processes and then the pool; returns the pids that needed SIGKILL.
+
+    SIGTERM first; the pool's manager thread then reaps them (a broken pool's thread joins every worker),
+    and it is waited for, up to 5 s, before anything is read: a process reaped by that thread while this
+    one polls it would look alive (its ``waitpid`` fails), and be counted as killed here. Whatever is
+    still running after that gets SIGKILL. The pool itself is shut down last: on Python 3.12 a broken
+    pool's clean-up holds the lock ``shutdown`` needs while it joins the workers.
+    """
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(OSError):
+            p.terminate()  # harmless on a process that is already gone
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=5)
+    deadline = time.monotonic() + 5
+    killed: set[int] = set()
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            with contextlib.suppress(OSError):
+                p.kill()
+            p.join(timeout=5)
+            killed.add(p.pid)
     pool.shutdown(wait=False, cancel_futures=True)
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-    for p in processes:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
+    return killed
 
 
 def _pump(inbox, progress: Progress, started: dict[str, int], stop: threading.Event) -> None:
@@ -185,13 +217,30 @@ def _pump(inbox, progress: Progress, started: dict[str, int], stop: threading.Ev
         try:
             if not inbox.poll(0.2):
                 continue
-            first, second = inbox.recv()
+            message = inbox.recv()
         except (EOFError, OSError):
             return
-        if isinstance(first, str):
-            started[first] = second
-        else:
-            progress(first, second)
+        _take(message, progress, started)
+
+
+def _drain(inbox, progress: Progress, started: dict[str, int]) -> None:
+    """Take the messages still in the pipe (the pump has stopped; the workers are gone or done)."""
+    try:
+        while inbox.poll(0):
+            _take(inbox.recv(), progress, started)
+    except (EOFError, OSError):
+        return
+
+
+def _take(message, progress: Progress, started: dict[str, int]) -> None:
+    first, second = message
+    if isinstance(first, str):
+        started[first] = second
+        return
+    try:
+        progress(first, second)
+    except Exception:  # noqa: BLE001 - a display problem must not stop the messages (workers would block)
+        log.debug("progress callback failed", exc_info=True)
 
 
 def cpu_share() -> int:
