@@ -74,7 +74,8 @@ def _settings(args) -> dict:
             "curate": getattr(curate, "__version__", None), "curate_commit": commit,
             "corpus_MB": args.mb, "repeat": args.repeat, "parquet_compression": "zstd",
             "read_json": "pyarrow.json.read_json(path): defaults (use_threads=True, block_size=1 MB, inferred schema)",
-            "curate_source": "jsonl, id_field: id, shard_bytes: 64MB, batch defaults (2048 rows / 16 MB)",
+            "curate_source": "jsonl, id_field: id, shard_bytes: default (256 MB) with 1 worker, 64MB with 2, "
+                             "batch defaults (2048 rows / 16 MB)",
             "compare_tree": args.compare_tree}
 
 
