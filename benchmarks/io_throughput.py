@@ -177,6 +177,8 @@ def end_to_end(path: Path, work: Path, repeat: int, n_docs: int, compare_tree: s
 
     import webdataset as wds
 
+    from curate.testing import tree_env
+
     mb = path.stat().st_size / 1e6
     peer_script = work / "peer.py"
     peer_script.write_text(_PEER_SCRIPT)
@@ -210,13 +212,12 @@ def end_to_end(path: Path, work: Path, repeat: int, n_docs: int, compare_tree: s
         manifest.write_text(json.dumps({
             "name": "bench", "source": source,
             "stages": [], "sink": {"kind": kind}, "executor": {"kind": "local", "workers": workers}}))
-        env = dict(os.environ)
-        if tree:
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), env.get("PYTHONPATH", "")])
+        # started in `work`: from the repository root, `python -m curate` would import this checkout first
+        env = tree_env(tree, work) if tree else dict(os.environ)
 
         def run():
             subprocess.run([sys.executable, "-m", "curate", "run", str(manifest), "-o", str(work / f"run-{tag}"),
-                            "--restart", "--no-progress"], check=True, capture_output=True, env=env)
+                            "--restart", "--no-progress"], check=True, capture_output=True, env=env, cwd=str(work))
         return run
 
     out = {}

@@ -131,7 +131,7 @@ def run_job(name: str, code: str, env: dict) -> dict:
 
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, cwd=tempfile.gettempdir())  # see tree_env
     with TreeMemory(proc.pid) as mem:
         out, err = proc.communicate()
     if proc.returncode != 0:
@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.compare_tree:  # the same curate job from another checkout, e.g. the commit before a change
             codes["curate_before"] = curate_job(work, corpus, tok, tag="before")
             tree = str(Path(args.compare_tree).resolve())
-            envs["curate_before"] = {**env, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+            from curate.testing import tree_env
+
+            envs["curate_before"] = tree_env(tree, tempfile.gettempdir(), env)
             names.insert(names.index("curate") + 1 if "curate" in names else len(names), "curate_before")
         runs: dict[str, list] = {name: [] for name in names}
         for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every job alike

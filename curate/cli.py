@@ -379,8 +379,10 @@ def _print_stats(merged: dict) -> None:
 
 def main() -> None:
     from curate.errors import Interrupted
+    from curate.quick_exit import skip_exit_collection
     from curate.secrets import redact
 
+    skip_exit_collection()
     try:
         app()
     except ConfigError as e:

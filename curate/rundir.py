@@ -115,10 +115,12 @@ class AtomicFile:
     def _hash_file(self) -> int:
         """Hash the temporary file into ``_sha`` (hashlib lets the GIL go for each chunk); its size."""
         size = 0
-        with open(self.tmp, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                self._sha.update(chunk)
-                size += len(chunk)
+        buf = bytearray(1 << 20)  # one buffer read into again and again: no fresh pages per chunk
+        view = memoryview(buf)
+        with open(self.tmp, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                self._sha.update(view[:n])
+                size += n
         return size
 
     @property

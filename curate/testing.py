@@ -77,6 +77,28 @@ def byte_compile(root: str | Path | None = None) -> None:
             compileall.compile_dir(str(root / package), quiet=2)
 
 
+def tree_env(tree: str | Path, cwd: str | Path, env: dict | None = None) -> dict:
+    """The environment that makes ``python`` started in ``cwd`` import curate from the checkout ``tree``.
+
+    ``tree`` goes first on ``PYTHONPATH``. The process must not start in a folder holding another
+    ``curate/`` (``python -m`` and ``python -c`` put their working folder before ``PYTHONPATH``: started
+    in this repository, the "before" of a benchmark would silently be this version). Checked here by
+    importing curate the same way; RuntimeError when the tree does not win.
+    """
+    import os
+    import subprocess
+    import sys
+
+    tree = Path(tree).resolve()
+    env = {**(env if env is not None else os.environ),
+           "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    found = subprocess.run([sys.executable, "-c", "import curate; print(curate.__file__)"], cwd=str(cwd),
+                           env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree):
+        raise RuntimeError(f"started in {cwd}, python imports curate from {found}, not from {tree}")
+    return env
+
+
 def write_report(report: dict, path: str | None) -> dict:
     """Print a benchmark report as JSON, and save it to ``path`` when given."""
     import json

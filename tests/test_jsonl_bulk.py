@@ -343,3 +343,16 @@ def test_closing_the_reader_early_stops_reading(tmp_path, paragraphs):
     assert threading.active_count() == before + 1
     batches.close()
     assert threading.active_count() == before
+
+
+def test_joined_column_bytes_equal_a_plain_join():
+    from curate.readers.jsonl_blocks import _joined, _utf8
+
+    rng = random.Random(5)
+    for n in (0, 1, 7, 300):
+        values = [rng.randbytes(rng.choice([0, 1, 5, 4000])) for _ in range(n)]
+        assert _joined(values, sum(map(len, values))).to_pybytes() == b"".join(values)
+    texts = ["", "héllo", "日本語", None, "x" * 70_000]
+    arr = _utf8([None if t is None else t.encode() for t in texts])
+    arr.validate(full=True)
+    assert arr.to_pylist() == texts

@@ -634,8 +634,10 @@ def install_plan(digest: str, plan_dict: dict[str, Any], versions: dict[str, Any
     if driver_pid is not None and os.getppid() == driver_pid:  # a worker of the cluster curate started
         from curate.allocator import tune_allocator
         from curate.executors.local import _watch_driver
+        from curate.quick_exit import skip_exit_collection
 
         tune_allocator()
+        skip_exit_collection()
         quiet_heartbeat_errors()
         _watch_driver(driver_pid)
 

@@ -274,7 +274,10 @@ def size_thread_pools(threads: int) -> dict[str, str]:
 
 
 def _init(plan_dict: dict, outbox, driver_pid: int, retry: dict, threads: int) -> None:
+    from curate.quick_exit import skip_exit_collection
+
     tune_allocator(threads)
+    skip_exit_collection()
     size_thread_pools(threads)
     _watch_driver(driver_pid)
     _worker["plan"] = Plan.from_dict(plan_dict)

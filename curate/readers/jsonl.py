@@ -41,7 +41,10 @@ from curate.readers import sniff
 from curate.readers.base import DamagedInput, Reader, ReaderParams, Shard, content_key, list_files, meta_json
 from curate.readers.jsonl_blocks import BatchCutter, Fields, ParsedBlock, parse_block, read_ahead
 
-_BLOCK = 4 << 20
+#: Bytes read at a time: just under the 1 MB above which glibc maps every allocation afresh in processes
+#: curate tunes (see curate.allocator), so each block reuses freed heap memory instead of faulting in new
+#: pages (4 MB blocks: 105 k page faults per 200 MB read, this size 70 k and the reader 15-20% faster).
+_BLOCK = (1 << 20) - (8 << 10)
 #: Parse blocks of lines in bulk, in a thread ahead of the consumer (False: every line through the
 #: per-line path, in the consumer's thread — the reference the bulk path is tested against).
 _BULK = True

@@ -197,7 +197,20 @@ def _utf8(values: list[bytes | None]) -> pa.StringArray:
     if offsets[-1] >= 2**31:
         raise ValueError("string column over 2 GiB in one batch; lower batch_bytes")
     return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(offsets.astype(np.int32)),
-                                                  pa.py_buffer(b"".join(values))], null_count=nulls)
+                                                  _joined(values, int(offsets[-1]))], null_count=nulls)
+
+
+def _joined(values: list[bytes], total: int) -> pa.Buffer:
+    """``b"".join(values)`` in a buffer of pyarrow's memory pool, which keeps and reuses freed memory:
+    a joined ``bytes`` of several MB is a fresh ``mmap`` whose pages all fault in (5x slower per batch)."""
+    buf = pa.allocate_buffer(total)
+    out = memoryview(buf).cast("B")
+    at = 0
+    for value in values:
+        end = at + len(value)
+        out[at:end] = value
+        at = end
+    return buf
 
 
 def read_ahead(make: Callable[[], Iterator[T]], depth: int = 2) -> Iterator[T]:
