@@ -142,6 +142,7 @@ class ChunkShuffle(Synthesizer):
         """
         tok = ctx.tokenizer
         self.tok = tok
+        self._weights = _weights(self.params)
         self._digits: dict[int, list[int]] = {}
         self._knot_prefix: list[int] = [0]  # fixed split: knot tokens by chunk count (_knots_length)
         self._id_cache: dict[tuple[str, int], list[list[int]]] = {}  # this batch's chunk ids (_batch_chunk_ids)
@@ -197,16 +198,21 @@ class ChunkShuffle(Synthesizer):
             offsets, values = list_parts(batch.column("input_ids"))
             pieces = [piece for i, doc_id in enumerate(ids)
                       for piece in self._pieces(doc_id, values[offsets[i]:offsets[i + 1]], piece_size)]
-            self._id_cache = self._batch_chunk_ids(ctx.seed, pieces) if p.backtrace and p.augment_fraction else {}
-            for piece_id, piece in pieces:
+            # where each piece would be cut if its window is augmented: drawn once, used by both below
+            cuts = ([self._cuts(seeds.Stream(ctx.seed, self.label, piece_id), len(piece)) for piece_id, piece in pieces]
+                    if p.augment_fraction else [[]] * len(pieces))
+            self._id_cache = (self._batch_chunk_ids(ctx.seed, pieces, cuts) if p.backtrace and p.augment_fraction
+                              else {})
+            for (piece_id, piece), piece_cuts in zip(pieces, cuts, strict=True):
                 if not window:
                     aug = self._augmented(ctx.seed, piece_id)
-                doc = self._plan(ctx.seed, piece_id, piece, aug)
+                doc = self._plan(ctx.seed, piece_id, piece, aug, piece_cuts)
                 if window and used + doc.length > p.seq_len:
                     rows.append(self._emit(ctx.seed, window, planned, aug))
                     window, planned, used = [], [], 0
-                    aug = self._augmented(ctx.seed, piece_id)
-                    doc = self._plan(ctx.seed, piece_id, piece, aug)
+                    was, aug = aug, self._augmented(ctx.seed, piece_id)
+                    if aug != was:  # else the plan is the same
+                        doc = self._plan(ctx.seed, piece_id, piece, aug, piece_cuts)
                 if doc.length > p.seq_len:  # _overhead_bound guarantees this never happens
                     raise AssertionError(f"{piece_id}: {doc.length} tokens once augmented > seq_len")
                 window.append((piece_id, piece))
@@ -232,9 +238,13 @@ class ChunkShuffle(Synthesizer):
         return bool(seeds.doc_uniform(seed, f"{self.label}/window", [first_id])[0] < self.params.augment_fraction)
 
     # ------------------------------------------------------------------ one document
-    def _plan(self, seed: int, doc_id: str, tokens: np.ndarray, aug: bool) -> _Doc:
+    def _plan(self, seed: int, doc_id: str, tokens: np.ndarray, aug: bool, cuts: list[int] | None = None) -> _Doc:
+        """The chunks of one piece; ``cuts``: where it is cut when augmented (drawn here when None)."""
         p = self.params
-        cuts = self._cuts(seeds.Stream(seed, self.label, doc_id), len(tokens)) if aug else []
+        if not aug:
+            cuts = []
+        elif cuts is None:
+            cuts = self._cuts(seeds.Stream(seed, self.label, doc_id), len(tokens))
         bounds = [0, *cuts, len(tokens)]
         n = len(bounds) - 1
         if n == 1:  # not augmented (or too short to split): the document as it is
@@ -263,7 +273,7 @@ class ChunkShuffle(Synthesizer):
         p = self.params
         if p.split == "fixed":
             return list(range(p.span, length, p.span))
-        n = p.chunks[seeds.pick_weighted(rng.random(), _weights(p))]
+        n = p.chunks[seeds.pick_weighted(rng.random(), self._weights)]
         if n < 2 or length < n:
             return []
         if p.split == "equal":
@@ -278,18 +288,16 @@ class ChunkShuffle(Synthesizer):
         """
         return self._draw_ids(seed, [(doc_id, n)])[(doc_id, n)]
 
-    def _batch_chunk_ids(self, seed: int, pieces: list[tuple[str, np.ndarray]]) -> dict[tuple[str, int], list]:
+    def _batch_chunk_ids(self, seed: int, pieces: list[tuple[str, np.ndarray]],
+                         cuts: list[list[int]]) -> dict[tuple[str, int], list]:
         """The chunk ids of every piece of a batch that augmentation would split, encoded together.
 
         One ``encode_batch`` call per round for the whole batch instead of one per document (the ids are
         the same: each piece draws from its own stream, in the same order). Pieces of windows that end up
         not augmented get ids they never use: encoding a few short strings costs less than a call.
         """
-        wanted = []
-        for piece_id, piece in pieces:
-            n = len(self._cuts(seeds.Stream(seed, self.label, piece_id), len(piece))) + 1
-            if n > 1:
-                wanted.append((piece_id, n))
+        wanted = [(piece_id, len(piece_cuts) + 1) for (piece_id, _), piece_cuts in zip(pieces, cuts, strict=True)
+                  if piece_cuts]
         return self._draw_ids(seed, wanted) if wanted else {}
 
     def _draw_ids(self, seed: int, wanted: list[tuple[str, int]]) -> dict[tuple[str, int], list[list[int]]]:
