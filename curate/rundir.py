@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ class AtomicFile:
     """A binary file written as ``.tmp-<name>`` that :meth:`commit` renames to ``name``.
 
     It counts bytes (``size``) and hashes what is written (``sha256``): as it goes for writes through
-    :meth:`write`; once, at close, for a pyarrow writer given :meth:`stream` instead.
+    :meth:`write`; for a pyarrow writer given :meth:`stream` instead, by a thread that reads the file
+    back as it grows (:class:`_Follower`), so closing it leaves only the last bytes to hash.
     """
 
     def __init__(self, path: Path):
@@ -49,6 +52,7 @@ class AtomicFile:
         self._sha = hashlib.sha256()
         self._size = 0
         self._native = None
+        self._follower: _Follower | None = None
         self._hashed = False  # the native stream's bytes are in _sha (or need not be: aborted)
         self.closed = False
 
@@ -58,7 +62,8 @@ class AtomicFile:
         pyarrow writes a Python file object by calling back into Python for every page, and each call
         waits for the GIL — up to the 5 ms switch interval while another thread runs Python (a reader
         parsing the next batch): a Parquet write took 2.4 s instead of 0.9 s so. This stream is written
-        natively; its bytes are hashed when the file is closed. Only before anything was written.
+        natively; its bytes are hashed by a thread that follows the file as it grows (:class:`_Follower`).
+        Only before anything was written.
         """
         import pyarrow as pa
 
@@ -67,6 +72,7 @@ class AtomicFile:
                 raise RuntimeError(f"{self.tmp}: stream() after write()")
             self._fh.close()
             self._native = pa.OSFile(str(self.tmp), "wb")
+            self._follower = _Follower(self.tmp, self)
         return self._native
 
     # file protocol used by pyarrow, tarfile and plain writes
@@ -108,9 +114,18 @@ class AtomicFile:
         if self._native is not None and not self._hashed:
             if not self._native.closed:
                 self._native.close()
-            self._size = self._hash_file()  # also when the writer closed the stream itself
+            self._size = self._finish_hash()  # also when the writer closed the stream itself
             self._hashed = True
         self.closed = True
+
+    def _finish_hash(self) -> int:
+        """The follower's hash once it has read the closed file to its end; else the file hashed again."""
+        follower, self._follower = self._follower, None
+        if follower is not None and follower.finish() and follower.size == os.path.getsize(self.tmp):
+            self._sha = follower.sha
+            return follower.size
+        self._sha = hashlib.sha256()  # the follower failed (an error it kept): start over
+        return self._hash_file()
 
     def _hash_file(self) -> int:
         """Hash the temporary file into ``_sha`` (hashlib lets the GIL go for each chunk); its size."""
@@ -136,9 +151,67 @@ class AtomicFile:
         if self._native is not None:
             if not self._native.closed:
                 self._native.close()
+            if self._follower is not None:
+                self._follower.abandon()
+                self._follower = None
             self._hashed = True  # no hashing: the file is removed
         self.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class _Follower:
+    """Hashes a file that a native stream is appending to, reading it back in a thread as it grows.
+
+    Page by page, what the writer has written is read from the page cache (into one reused buffer) and
+    hashed while the writer encodes the next pages; the GIL is let go for both. :meth:`finish`, called
+    once the writer has closed the file, reads what is left and reports whether the hash is complete.
+    Files written by pyarrow only grow (its output streams cannot seek); :class:`AtomicFile` still checks
+    that the bytes read equal the file's size and hashes the file again if not. The thread ends by
+    itself if its :class:`AtomicFile` is dropped without being closed or aborted.
+    """
+
+    def __init__(self, path: Path, owner: AtomicFile):
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._fh = open(path, "rb", buffering=0)
+        self._owner = weakref.ref(owner)
+        self._closing = threading.Event()
+        self._abandoned = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="curate-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        try:
+            while not self._abandoned:
+                final = self._closing.is_set()  # set after the writer closed: the read below reaches the end
+                while n := self._fh.readinto(buf):
+                    self.sha.update(view[:n])
+                    self.size += n
+                    if self._abandoned:
+                        return
+                if final:
+                    return
+                if not self._closing.wait(0.01) and self._owner() is None:
+                    return  # dropped unclosed: nobody will ask
+        except BaseException as e:  # noqa: BLE001 - reported by finish(), which hashes the file again
+            self._error = e
+        finally:
+            self._fh.close()
+
+    def finish(self) -> bool:
+        """Wait for the rest of the (closed) file to be hashed; False if the thread failed."""
+        self._closing.set()
+        self._thread.join()
+        return self._error is None and not self._abandoned
+
+    def abandon(self) -> None:
+        """Stop without hashing the rest (the file is being removed)."""
+        self._abandoned = True
+        self._closing.set()
+        self._thread.join()
 
 
 class RunDir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,3 +200,50 @@ def test_atomic_file_stream_counts_and_hashes_what_pyarrow_writes(tmp_path):
     with pytest.raises(RuntimeError, match="after write"):
         g.stream()
     g.abort()
+
+
+def test_atomic_file_stream_is_hashed_while_written_and_again_when_that_fails(tmp_path, monkeypatch):
+    """The thread that follows a stream's file hashes every byte, whatever the pauses and sizes of the
+    writes; if it fails, close hashes the file again; abort and a dropped file stop the thread."""
+    import threading
+    import time
+
+    from curate import rundir
+    from curate.rundir import AtomicFile
+
+    rng = random.Random(3)
+    before = threading.active_count()
+    for round_ in range(4):
+        f = AtomicFile(tmp_path / f"r{round_}.bin")
+        stream = f.stream()
+        expect = hashlib.sha256()
+        for _ in range(rng.randint(1, 40)):
+            chunk = rng.randbytes(rng.choice([1, 4095, 65536, 1 << 20, (3 << 20) + 7]))
+            stream.write(chunk)
+            expect.update(chunk)
+            if rng.random() < 0.3:
+                time.sleep(0.015)  # the follower catches up and waits
+        path = f.commit()
+        assert f.sha256 == expect.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f.size == path.stat().st_size
+    assert threading.active_count() == before
+
+    # a follower that fails (here: reports it could not finish) leaves the hashing to close
+    monkeypatch.setattr(rundir._Follower, "finish", lambda self: (rundir._Follower.abandon(self), False)[1])
+    f = AtomicFile(tmp_path / "fallback.bin")
+    f.stream().write(b"x" * 5_000_000)
+    f.commit()
+    assert f.sha256 == hashlib.sha256(b"x" * 5_000_000).hexdigest() and f.size == 5_000_000
+    monkeypatch.undo()
+
+    f = AtomicFile(tmp_path / "aborted.bin")
+    f.stream().write(b"abc")
+    f.abort()
+    assert not f.tmp.exists() and threading.active_count() == before
+    f = AtomicFile(tmp_path / "dropped.bin")  # neither closed nor aborted: its thread ends by itself
+    f.stream().write(b"abc")
+    del f
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
