@@ -213,7 +213,7 @@ def end_to_end(path: Path, work: Path, repeat: int, n_docs: int, compare_tree: s
             "name": "bench", "source": source,
             "stages": [], "sink": {"kind": kind}, "executor": {"kind": "local", "workers": workers}}))
         # started in `work`: from the repository root, `python -m curate` would import this checkout first
-        env = tree_env(tree, work) if tree else dict(os.environ)
+        env = tree_env(tree or Path(__file__).resolve().parents[1], work)  # this checkout, or the other one
 
         def run():
             subprocess.run([sys.executable, "-m", "curate", "run", str(manifest), "-o", str(work / f"run-{tag}"),

@@ -239,11 +239,13 @@ def main(argv: list[str] | None = None) -> dict:
         env = {"TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         names = [n for n in ("bare", "curate", "datasets", "datatrove") if n not in args.skip]
         envs = {name: env for name in names}
+        if "curate" in envs:  # this checkout, whatever curate the virtual environment has installed
+            from curate.testing import tree_env
+
+            envs["curate"] = tree_env(Path(__file__).resolve().parents[1], tempfile.gettempdir(), env)
         if args.compare_tree:  # the same curate job from another checkout, e.g. the commit before a change
             codes["curate_before"] = curate_job(work, corpus, tok, tag="before")
             tree = str(Path(args.compare_tree).resolve())
-            from curate.testing import tree_env
-
             envs["curate_before"] = tree_env(tree, tempfile.gettempdir(), env)
             names.insert(names.index("curate") + 1 if "curate" in names else len(names), "curate_before")
         runs: dict[str, list] = {name: [] for name in names}

@@ -34,6 +34,8 @@ import orjson
 from curate.errors import ConfigError
 
 TMP_PREFIX = ".tmp-"
+#: Bytes hashed at a time: under the 1 MB above which glibc maps each allocation afresh (curate.allocator).
+_HASH_CHUNK = (1 << 20) - (8 << 10)
 
 
 class AtomicFile:
@@ -72,7 +74,7 @@ class AtomicFile:
                 raise RuntimeError(f"{self.tmp}: stream() after write()")
             self._fh.close()
             self._native = pa.OSFile(str(self.tmp), "wb")
-            self._follower = _Follower(self.tmp, self)
+            self._follower = _Follower.start(self.tmp, self)  # None: hashed at close instead
         return self._native
 
     # file protocol used by pyarrow, tarfile and plain writes
@@ -130,7 +132,7 @@ class AtomicFile:
     def _hash_file(self) -> int:
         """Hash the temporary file into ``_sha`` (hashlib lets the GIL go for each chunk); its size."""
         size = 0
-        buf = bytearray(1 << 20)  # one buffer read into again and again: no fresh pages per chunk
+        buf = bytearray(_HASH_CHUNK)  # one buffer read into again and again: no fresh pages per chunk
         view = memoryview(buf)
         with open(self.tmp, "rb", buffering=0) as fh:
             while n := fh.readinto(buf):
@@ -168,7 +170,25 @@ class _Follower:
     Files written by pyarrow only grow (its output streams cannot seek); :class:`AtomicFile` still checks
     that the bytes read equal the file's size and hashes the file again if not. The thread ends by
     itself if its :class:`AtomicFile` is dropped without being closed or aborted.
+
+    At most :data:`MAX_LIVE` follow files at once in a process (each holds a thread, a second file
+    descriptor and a buffer, and wakes every 10 ms): a partitioned sink keeps one file open per value,
+    and files past the limit are hashed at close as before.
     """
+
+    MAX_LIVE = 4
+    _live = threading.BoundedSemaphore(MAX_LIVE)
+
+    @classmethod
+    def start(cls, path: Path, owner: AtomicFile) -> _Follower | None:
+        """A follower for ``path``, or None when :data:`MAX_LIVE` are running or it cannot start."""
+        if not cls._live.acquire(blocking=False):
+            return None
+        try:
+            return cls(path, owner)
+        except (OSError, RuntimeError):  # no descriptor or thread to spare: hash at close
+            cls._live.release()
+            return None
 
     def __init__(self, path: Path, owner: AtomicFile):
         self.sha = hashlib.sha256()
@@ -179,10 +199,14 @@ class _Follower:
         self._abandoned = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="curate-hash", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:
+            self._fh.close()
+            raise
 
     def _run(self) -> None:
-        buf = bytearray(1 << 20)
+        buf = bytearray(_HASH_CHUNK)
         view = memoryview(buf)
         try:
             while not self._abandoned:
@@ -200,6 +224,7 @@ class _Follower:
             self._error = e
         finally:
             self._fh.close()
+            type(self)._live.release()
 
     def finish(self) -> bool:
         """Wait for the rest of the (closed) file to be hashed; False if the thread failed."""

@@ -198,11 +198,15 @@ class ChunkShuffle(Synthesizer):
             offsets, values = list_parts(batch.column("input_ids"))
             pieces = [piece for i, doc_id in enumerate(ids)
                       for piece in self._pieces(doc_id, values[offsets[i]:offsets[i + 1]], piece_size)]
-            # where each piece would be cut if its window is augmented: drawn once, used by both below
-            cuts = ([self._cuts(seeds.Stream(ctx.seed, self.label, piece_id), len(piece)) for piece_id, piece in pieces]
-                    if p.augment_fraction else [[]] * len(pieces))
-            self._id_cache = (self._batch_chunk_ids(ctx.seed, pieces, cuts) if p.backtrace and p.augment_fraction
-                              else {})
+            # where each piece would be cut if its window is augmented: with backtrace, drawn for every piece
+            # now (their chunk ids are encoded together) and used again by _plan; else drawn by _plan
+            # for the pieces of augmented windows only
+            if p.backtrace and p.augment_fraction:
+                cuts = [self._cuts(seeds.Stream(ctx.seed, self.label, piece_id), len(piece))
+                        for piece_id, piece in pieces]
+                self._id_cache = self._batch_chunk_ids(ctx.seed, pieces, cuts)
+            else:
+                cuts, self._id_cache = [None] * len(pieces), {}
             for (piece_id, piece), piece_cuts in zip(pieces, cuts, strict=True):
                 if not window:
                     aug = self._augmented(ctx.seed, piece_id)

@@ -352,6 +352,8 @@ def test_joined_column_bytes_equal_a_plain_join():
     for n in (0, 1, 7, 300):
         values = [rng.randbytes(rng.choice([0, 1, 5, 4000])) for _ in range(n)]
         assert _joined(values, sum(map(len, values))).to_pybytes() == b"".join(values)
+    values = [rng.randbytes(rng.choice([0, 7, 300_000])) for _ in range(12)] + [rng.randbytes(1 << 20)]
+    assert _joined(values, sum(map(len, values))).to_pybytes() == b"".join(values)  # pyarrow's pool
     texts = ["", "héllo", "日本語", None, "x" * 70_000]
     arr = _utf8([None if t is None else t.encode() for t in texts])
     arr.validate(full=True)

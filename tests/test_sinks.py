@@ -236,6 +236,17 @@ def test_atomic_file_stream_is_hashed_while_written_and_again_when_that_fails(tm
     assert f.sha256 == hashlib.sha256(b"x" * 5_000_000).hexdigest() and f.size == 5_000_000
     monkeypatch.undo()
 
+    # many files open at once (a partitioned sink): a few are followed, the rest hashed at close
+    files = [AtomicFile(tmp_path / f"many-{i}.bin") for i in range(3 * rundir._Follower.MAX_LIVE)]
+    for i, g in enumerate(files):
+        g.stream().write(bytes([i]) * 200_000)
+    assert threading.active_count() <= before + rundir._Follower.MAX_LIVE
+    assert sum(g._follower is not None for g in files) == rundir._Follower.MAX_LIVE
+    for i, g in enumerate(files):
+        g.commit()
+        assert g.sha256 == hashlib.sha256(bytes([i]) * 200_000).hexdigest() and g.size == 200_000
+    assert threading.active_count() == before
+
     f = AtomicFile(tmp_path / "aborted.bin")
     f.stream().write(b"abc")
     f.abort()
@@ -246,4 +257,29 @@ def test_atomic_file_stream_is_hashed_while_written_and_again_when_that_fails(tm
     deadline = time.monotonic() + 5
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+def test_a_file_whose_encoder_cannot_start_leaves_nothing_open(tmp_path, monkeypatch):
+    """An encoder that fails while opening its file (after taking the stream) does not leave the
+    temporary file, its stream or its hashing thread behind."""
+    import threading
+
+    from curate.sinks.parquet import ParquetEncoder
+
+    before = threading.active_count()
+
+    def failing(self, fh, schema, params):
+        fh.stream()  # as pq.ParquetWriter does, then fails
+        raise OSError("disk full while writing the header")
+
+    monkeypatch.setattr(ParquetEncoder, "__init__", failing)
+    sink = _sink("parquet", tmp_path, shard_samples=10)
+    w = sink.writer("00001")
+    with pytest.raises(OSError, match="disk full"):
+        for batch in _batches(3):
+            w.write(batch)
+        w.close()  # the first flush opens the file
+    w.abort()
+    assert not [p for p in sink.directory.iterdir() if p.name.startswith(".tmp-")]
     assert threading.active_count() == before

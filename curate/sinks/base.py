@@ -157,7 +157,12 @@ class ShardWriter:
         if self.current is None:
             name = f"{self.prefix}-{len(self.files):04d}.{self.sink.extension}"
             fh = AtomicFile(self.directory / name)
-            self.current = (fh, self.sink.encoder(fh, self.buffer[0].schema, self.sink.params))
+            try:
+                encoder = self.sink.encoder(fh, self.buffer[0].schema, self.sink.params)
+            except BaseException:
+                fh.abort()  # not yet ours to abort later: self.current is not set
+                raise
+            self.current = (fh, encoder)
         encoder = self.current[1]
         encoder.write_many(_unify(self.buffer, encoder.schema))
         self.rows += self._buffered_rows()
