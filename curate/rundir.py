@@ -130,15 +130,9 @@ class AtomicFile:
         return self._hash_file()
 
     def _hash_file(self) -> int:
-        """Hash the temporary file into ``_sha`` (hashlib lets the GIL go for each chunk); its size."""
-        size = 0
-        buf = bytearray(_HASH_CHUNK)  # one buffer read into again and again: no fresh pages per chunk
-        view = memoryview(buf)
+        """Hash the temporary file into ``_sha``; its size."""
         with open(self.tmp, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                self._sha.update(view[:n])
-                size += n
-        return size
+            return _hash_to_end(fh, self._sha, bytearray(_HASH_CHUNK))
 
     @property
     def sha256(self) -> str:
@@ -207,15 +201,10 @@ class _Follower:
 
     def _run(self) -> None:
         buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
         try:
             while not self._abandoned:
                 final = self._closing.is_set()  # set after the writer closed: the read below reaches the end
-                while n := self._fh.readinto(buf):
-                    self.sha.update(view[:n])
-                    self.size += n
-                    if self._abandoned:
-                        return
+                self.size += _hash_to_end(self._fh, self.sha, buf, lambda: self._abandoned)
                 if final:
                     return
                 if not self._closing.wait(0.01) and self._owner() is None:
@@ -237,6 +226,17 @@ class _Follower:
         self._abandoned = True
         self._closing.set()
         self._thread.join()
+
+
+def _hash_to_end(fh, sha, buf: bytearray, stop=lambda: False) -> int:
+    """Read ``fh`` into ``buf`` (reused: no fresh pages per chunk) and hash it, to its current end or
+    until ``stop()``; the bytes read. hashlib and the reads let the GIL go for each chunk."""
+    view = memoryview(buf)
+    read = 0
+    while not stop() and (n := fh.readinto(buf)):
+        sha.update(view[:n])
+        read += n
+    return read
 
 
 class RunDir:

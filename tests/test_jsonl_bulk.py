@@ -346,7 +346,8 @@ def test_closing_the_reader_early_stops_reading(tmp_path, paragraphs):
 
 
 def test_joined_column_bytes_equal_a_plain_join():
-    from curate.readers.jsonl_blocks import _joined, _utf8
+    from curate.arrays import joined as _joined
+    from curate.arrays import utf8 as _utf8
 
     rng = random.Random(5)
     for n in (0, 1, 7, 300):

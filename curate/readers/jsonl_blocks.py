@@ -10,9 +10,9 @@ file order, so the output does not depend on which path a row took.
 
 :class:`BatchCutter` cuts rows into batches at exactly the rows where
 :class:`curate.readers.base.DocumentBuilder` cuts (``batch_rows`` rows, or ``batch_bytes`` text
-*characters*, whichever comes first), with arrays laid out as :func:`curate.schema.string_array` lays
-them out, so batch sizes, ``nbytes`` and thus the sinks' row groups and file boundaries stay those of
-the per-line reader.
+*characters*, whichever comes first), with arrays built by :func:`curate.arrays.utf8` (what
+:func:`curate.schema.string_array` builds them with), so batch sizes, ``nbytes`` and thus the sinks'
+row groups and file boundaries stay those of the per-line reader.
 
 :func:`read_ahead` runs the reading, parsing and batching in a thread a few items ahead of the
 consumer: the sinks' encoders (Parquet, zstd) release the GIL, so the two overlap on two cores.
@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import numpy as np
 import orjson
 import pyarrow as pa
 
+from curate.arrays import utf8
 from curate.schema import DOCUMENTS
 
 T = TypeVar("T")
@@ -175,48 +175,10 @@ class BatchCutter:
     def flush(self) -> pa.RecordBatch | None:
         if not self.ids:
             return None
-        batch = pa.RecordBatch.from_arrays([_utf8(self.ids), _utf8(self.texts), _utf8(self.sources),
-                                            _utf8(self.metas)], schema=DOCUMENTS)
+        batch = pa.RecordBatch.from_arrays([utf8(self.ids), utf8(self.texts), utf8(self.sources),
+                                            utf8(self.metas)], schema=DOCUMENTS)
         self.ids, self.texts, self.sources, self.metas, self.chars = [], [], [], [], 0
         return batch
-
-
-_POOL_FROM = 1 << 20
-
-
-def _utf8(values: list[bytes | None]) -> pa.StringArray:
-    """A string array over UTF-8 bytes (from ``str.encode`` or orjson, so already valid; None is null),
-    with the buffers :func:`curate.schema.string_array` makes: validity only when there are nulls, int32
-    offsets, one data buffer."""
-    n = len(values)
-    nulls = values.count(None)
-    validity = None
-    if nulls:
-        mask = np.fromiter((v is not None for v in values), dtype=bool, count=n)
-        validity = pa.py_buffer(np.packbits(mask, bitorder="little"))
-        values = [b"" if v is None else v for v in values]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=n), out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        raise ValueError("string column over 2 GiB in one batch; lower batch_bytes")
-    return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(offsets.astype(np.int32)),
-                                                  _joined(values, int(offsets[-1]))], null_count=nulls)
-
-
-def _joined(values: list[bytes], total: int) -> pa.Buffer:
-    """``b"".join(values)``; from 1 MB on, in a buffer of pyarrow's memory pool, which keeps and reuses
-    freed memory: a joined ``bytes`` of several MB is a fresh ``mmap`` whose pages all fault in (5x
-    slower per batch). Below that ``join`` is faster (one C call) and takes heap memory anyway."""
-    if total < _POOL_FROM:
-        return pa.py_buffer(b"".join(values))
-    buf = pa.allocate_buffer(total)
-    out = memoryview(buf).cast("B")
-    at = 0
-    for value in values:
-        end = at + len(value)
-        out[at:end] = value
-        at = end
-    return buf
 
 
 def read_ahead(make: Callable[[], Iterator[T]], depth: int = 2) -> Iterator[T]:
