@@ -167,6 +167,13 @@ def knn(emb: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndar
         s[np.arange(s.shape[0]), np.arange(a, a + s.shape[0])] = -np.inf
         part = np.argpartition(-s, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(s, part, axis=1)
+        # argpartition picks an arbitrary subset of the values tied at the k-th place (duplicates):
+        # for those rows take the lowest indices among the tied ones, so the result is a function of the input
+        kth = vals.min(axis=1)
+        for r in np.flatnonzero((s >= kth[:, None]).sum(axis=1) > k):
+            cand = np.flatnonzero(s[r] >= kth[r])
+            cand = cand[np.lexsort((cand, -s[r, cand]))][:k]
+            part[r], vals[r] = cand, s[r, cand]
         order = np.lexsort((part, -vals), axis=1)
         idx[a:a + block] = np.take_along_axis(part, order, axis=1)
         sim[a:a + block] = np.take_along_axis(vals, order, axis=1)

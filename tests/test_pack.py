@@ -52,7 +52,10 @@ def test_packing_conserves_tokens_and_offsets_rebuild_documents(tmp_path_factory
     assert all(r["n_tokens"] <= seq_len for r in rows)
     assert Counter(t for r in rows for t in r["input_ids"]) == Counter(t for d in docs for t in d)
     assert _documents_back(rows) == {f"d{i}": d for i, d in enumerate(docs)}
-    assert all(len(r["loss_mask"]) == r["n_tokens"] and set(r["loss_mask"]) <= {1} for r in rows)
+    for r in rows:  # every token a target but the first of each document piece (never across documents)
+        starts = set(r["doc_offsets"][:-1])
+        assert len(r["loss_mask"]) == r["n_tokens"]
+        assert r["loss_mask"] == [0 if t in starts else 1 for t in range(r["n_tokens"])]
     if strategy == "best_fit":  # a document is split only when longer than a row
         for i, d in enumerate(docs):
             pieces = sum(f"d{i}" in r["lineage"] for r in rows)
@@ -137,7 +140,8 @@ def test_units_with_loss_masks_and_offsets_stay_whole(tmp_path):
     })
     row = next(stage.run(iter([batch]), ctx)).to_pylist()[0]
     assert row["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert row["loss_mask"] == [1, 0, 1, 1, 0, 1, 1, 1, 0]
+    # the units' own masks, but never a target at a document start (row start, 6: w1's first token)
+    assert row["loss_mask"] == [0, 0, 1, 1, 0, 1, 0, 1, 0]
     assert row["doc_offsets"] == [0, 6, 8, 9]
     assert row["lineage"] == ["a", "b", "c", "d"]
 

@@ -24,6 +24,9 @@ its ``loss_mask``, internal ``doc_offsets`` and ``lineage`` are carried into the
   with any number of workers, writes the same bytes.
 
 Every row has ``doc_offsets`` (cu_seqlens: 0, end of unit 1, …, n_tokens), ``n_tokens`` and ``lineage``.
+``loss_mask`` is the units' own (all ones for a plain tokenized document), except that the first token
+of every span of ``doc_offsets`` is 0: it would be predicted across a document boundary (ProLong gives
+each document's first token label −100), and at the start of a row it has nothing before it.
 ``repeat`` upsamples long units (ProLong-style length mixing): a unit with at least ``min_tokens`` tokens
 is packed ``times`` times.
 """
@@ -261,6 +264,10 @@ class Pack(Stage):
 
         ids = id_lists([u.tokens for u, _ in rows])
         loss = np.concatenate([u.loss for u, _ in rows]).astype(np.uint8)
+        # the first token of every document in a row is never a target: it would be predicted from the
+        # previous document's last token (ProLong gives it label -100); at a row's start it has no context
+        bases = np.asarray(ids.offsets)[:-1]
+        loss[[int(b) + o for b, (u, _) in zip(bases, rows) for o in u.offsets[:-1] if o < len(u)]] = 0
         arrays = {
             "id": strings([f"{self.label}:{ctx.shard.name}:{first + i:07d}" for i in range(len(rows))]),
             "input_ids": ids,
