@@ -124,7 +124,8 @@ class MMNeedle(Synthesizer):
                                                "tokens a stitched image costs the target model (in n_tokens)")
         answer_format: str = Field("{image}, {row}, {column}", description="the answer of a positive sample: "
                                    "{image}, {row} and {column} are replaced by 1-based numbers")
-        absent_answer: str = Field("absent", min_length=1, description="the answer of a negative sample")
+        absent_answer: str = Field("-1", min_length=1, description="the answer of a negative sample (the "
+                                   "method's -1)")
         max_image_pixels: int = Field(MAX_PIXELS, gt=0, description="source images with more pixels are "
                                       "refused (image_too_large)")
         max_caption_chars: int = Field(2000, gt=0, description="pairs whose caption is longer are dropped "

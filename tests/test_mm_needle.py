@@ -134,7 +134,7 @@ def check_rows(table: pa.Table, sources: dict[str, tuple[bytes, str]], size: int
             assert cell_digest(pictures[t["image"] - 1], t["row"] - 1, t["col"] - 1, size) == \
                 resized_digest(data, size)
         else:
-            assert row["target"] is None and row["answer"] == "absent"
+            assert row["target"] is None and row["answer"] == "-1"
     return rows
 
 
@@ -385,7 +385,7 @@ def test_cli_same_bytes_with_one_or_two_workers_and_loadable(cli_runs):
                                split="train")
     assert len(ds) == st["rows_out"]
     for row in ds:
-        assert row["answer"] == ("absent" if row["target"] is None else
+        assert row["answer"] == ("-1" if row["target"] is None else
                                  f"{row['target']['image']}, {row['target']['row']}, {row['target']['col']}")
         assert row["texts"][-1] == row["question"] and row["images"][-1] is None
 
@@ -398,7 +398,7 @@ def test_cli_same_bytes_with_one_or_two_workers_and_loadable(cli_runs):
         meta = sample["json"]["meta"]
         pictures = [sample[f"{k:03d}.png"] for k in range(meta["images"])]
         assert all(isinstance(p, Image.Image) and p.size == (32 * meta["grid"],) * 2 for p in pictures)
-        assert sample["json"]["question"].endswith('reply "absent".')
+        assert sample["json"]["question"].endswith('reply "-1".')
 
 
 def test_fault_inside_the_stage_then_a_plain_rerun_is_exact(cli_runs, monkeypatch):
