@@ -12,10 +12,12 @@ scores and is dropped as ``perplexity_missing``), though the usual way is to kee
 
 **KenLM backend** (``backend: kenlm``, or automatically when ``model`` is a ``.arpa``/``.bin``/``.klm``
 file): CCNet's document perplexity ``10^(−Σ_lines log10 P(line) / Σ_lines (tokens(line) + 1))`` (the
-``+ 1`` is the end-of-sentence token), over lines that are normalized (``normalize``: lower case,
-accents stripped, digits → 0, punctuation removed, whitespace collapsed) and split into SentencePiece
-pieces when ``sentencepiece`` names a model file (CCNet's setting) or else on whitespace. CCNet's
-English buckets: head < 340 ≤ middle < 520 ≤ tail. ``mean_nll`` is then in nats per token, as above.
+``+ 1`` is the end-of-sentence token), rounded to 0.1 as CCNet stores it, over every ``\n``-separated
+line (an empty one scores ``<s> </s>``), each normalized as CCNet does (``normalize``: lower case,
+accents stripped, digits → 0, non-ASCII punctuation mapped to ASCII, control characters deleted) and
+split into SentencePiece pieces when ``sentencepiece`` names a model file (CCNet's setting) or else on
+whitespace. CCNet's English buckets: head < 340 ≤ middle < 520 ≤ tail. ``mean_nll`` is then in nats
+per token, as above, not rounded; an empty document has null scores.
 """
 
 from __future__ import annotations
@@ -122,17 +124,17 @@ class Perplexity(LMScorer):
         log10 = np.zeros(len(texts))
         count = np.zeros(len(texts), np.int64)
         for d, text in enumerate(texts):
-            for line in text.splitlines():
+            if not text:
+                continue  # nothing to score: null, as CCNet leaves an empty document without a score
+            for line in text.split("\n"):  # every line, an empty one too (it scores "<s> </s>")
                 if self.params.normalize:
                     line = ccnet_normalize(line)
-                if not line.strip():
-                    continue
                 pieces = self.spm.encode(line, out_type=str) if self.spm is not None else line.split()
                 log10[d] += self.ngram.score(" ".join(pieces), bos=True, eos=True)
                 count[d] += len(pieces) + 1
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = np.where(count > 0, -log10 * np.log(10) / np.maximum(count, 1), np.nan)
-            ppl = np.exp(mean)
+            ppl = np.round(10.0 ** np.where(count > 0, -log10 / np.maximum(count, 1), np.nan), 1)
         return {"perplexity": nullable(ppl), "mean_nll": nullable(mean), "n_scored": numeric(count)}
 
     def _windows(self, doc: int, ids: list[int]):
@@ -165,15 +167,26 @@ class Perplexity(LMScorer):
                         for m, o in zip(missing, over)])
 
 
-_PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
-_SPACES = re.compile(r"\s+")
+#: CCNet's mapping of non-ASCII punctuation to ASCII (its ``punct=1`` setting); other punctuation stays.
+_UNICODE_PUNCT = str.maketrans({
+    "，": ",", "。": ".", "、": ",", "„": '"', "”": '"', "“": '"', "«": '"', "»": '"', "１": '"', "」": '"',
+    "「": '"', "《": '"', "》": '"', "´": "'", "∶": ":", "：": ":", "？": "?", "！": "!", "（": "(", "）": ")",
+    "；": ";", "–": "-", "—": " - ", "．": ". ", "～": "~", "’": "'", "…": "...", "━": "-", "〈": "<", "〉": ">",
+    "【": "[", "】": "]", "％": "%", "►": "-",
+})
+#: Control characters (C0, DEL and C1), which CCNet deletes.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _DIGITS = re.compile(r"\d")
 
 
 def ccnet_normalize(line: str) -> str:
-    """Lower case, accents stripped, digits → 0, punctuation removed, whitespace collapsed (as CCNet)."""
-    line = unicodedata.normalize("NFD", line.strip().lower())
+    """CCNet's line normalization: stripped, lower case, accents removed (NFD without combining marks),
+    every digit → 0, non-ASCII punctuation mapped to ASCII (ASCII punctuation stays), control characters
+    deleted. Spaces inside the line are kept; pieces are split on whitespace afterwards."""
+    line = line.strip()
+    if not line:
+        return line
+    line = unicodedata.normalize("NFD", line.lower())
     line = "".join(c for c in line if unicodedata.category(c) != "Mn")
     line = _DIGITS.sub("0", line)
-    line = _PUNCT.sub("", line)
-    return _SPACES.sub(" ", line).strip()
+    return _CONTROL.sub("", line.translate(_UNICODE_PUNCT))

@@ -80,15 +80,19 @@ def test_kenlm_backend_is_ccnet_document_perplexity(tmp_path):
     model.write_text(ARPA)
     stage, ctx = make_stage("perplexity", model=str(model))
     assert stage.kenlm and stage.requirements() == {"kenlm": "kenlm"}
-    texts = ["The cat!", "The Cät!\nCAT, THE", "the dog", ""]
+    texts = ["The cat", "The Cät\nCAT  THE", "the dog", "", "the cat!", "the cat\n\nthe cat"]
     s = stage.score(documents_batch([f"d{i}" for i in range(len(texts))], texts), ctx)
     # "<s> the cat </s>": bigrams -0.2 -0.3 -0.1. "<s> cat the </s>": backoff(<s>) + p(cat) = -1.0,
     # backoff(cat) + p(the) = -0.6, backoff(the) + p(</s>) = -0.8. "the dog": -0.2, then backoff(the)
-    # + p(<unk>) = -1.2, then p(</s> | <unk>) = -0.6.
-    expected = [10 ** (0.6 / 3), 10 ** ((0.6 + 2.4) / 6), 10 ** ((0.2 + 1.2 + 0.6) / 3)]
-    for i, e in enumerate(expected):
-        assert s["perplexity"][i].as_py() == pytest.approx(e, rel=1e-5)
-    assert s["n_scored"].to_pylist() == [3, 6, 3, 0]
+    # + p(<unk>) = -1.2, then p(</s> | <unk>) = -0.6. "cat!" keeps its ASCII punctuation (CCNet's
+    # normalization), so it is unknown like "dog". An empty line is "<s> </s>": backoff(<s>) + p(</s>)
+    # = -0.9 over 1. CCNet rounds the perplexity to 0.1.
+    expected = [10 ** (0.6 / 3), 10 ** ((0.6 + 2.4) / 6), 10 ** ((0.2 + 1.2 + 0.6) / 3), None,
+                10 ** (2.0 / 3), 10 ** ((0.6 + 0.9 + 0.6) / 7)]
+    assert s["perplexity"].to_pylist() == [None if e is None else round(e, 1) for e in expected]
+    assert s["perplexity"].to_pylist() == [1.6, 3.2, 4.6, None, 4.6, 2.0]
+    assert s["mean_nll"][0].as_py() == pytest.approx(0.6 / 3 * np.log(10), rel=1e-6)  # not rounded
+    assert s["n_scored"].to_pylist() == [3, 6, 3, 0, 3, 7]
     assert s["perplexity"][3].as_py() is None  # null (never NaN): nothing to score
 
 
