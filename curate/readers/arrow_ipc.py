@@ -79,8 +79,8 @@ def read_ipc_shard(shard: Shard, p, ctx) -> Iterator[pa.RecordBatch]:
     row = 0
     try:
         for offset, batch in rebatch(open_ipc(shard.uri), p.batch_rows):
-            row = offset + batch.num_rows
             docs = to_documents(batch, offset, shard, p, ctx)
+            row = offset + batch.num_rows  # after: rows of a batch that fails to convert are not kept
             if docs is not None:
                 yield docs
     except (pa.ArrowInvalid, OSError) as e:

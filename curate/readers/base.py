@@ -134,6 +134,8 @@ def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> 
             matches = [p for p in expanded if not fs.isdir(p)]
             if not matches and fs.isdir(expanded[0] if expanded else pattern):
                 matches = sorted(p for p in fs.find(expanded[0]) if suffixes is None or p.endswith(suffixes))
+            if not matches and fs.isfile(literal := fs._strip_protocol(os.path.expanduser(pattern))):
+                matches = [literal]  # a file whose name has glob characters, in a folder that has some too
             if not matches:
                 raise FileNotFoundError(pattern)
             for p in matches:
@@ -157,10 +159,16 @@ def list_files(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> 
 
 
 def _brace_expand(patterns: list[str]) -> list[str]:
-    """``shard-{00000..00099}.tar`` and ``{a,b}`` expanded as the shell and webdataset expand them."""
+    """``shard-{00000..00099}.tar`` and ``{a,b}`` expanded as the shell and webdataset expand them; a
+    local path naming an existing file as it is (``data{1}.jsonl``) is kept."""
     from braceexpand import braceexpand
 
-    return [p for pattern in patterns for p in braceexpand(pattern)]
+    return [p for pattern in patterns
+            for p in ([pattern] if _literal_file(pattern) else braceexpand(pattern))]
+
+
+def _literal_file(pattern: str) -> bool:
+    return "{" in pattern and "://" not in pattern and os.path.isfile(os.path.expanduser(pattern))
 
 
 def content_key(uri: str, info: dict, *extra: object) -> str:

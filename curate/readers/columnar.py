@@ -10,6 +10,7 @@ text is null or blank (``missing_text_field``, ``empty_text``), or whose ``id_fi
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 
 import orjson
@@ -72,44 +73,99 @@ def _report_bad_rows(bad: pa.Array, rows: pa.Array, text: pa.Array, shard: Shard
 
 
 def check_columns(uri: str, schema: pa.Schema, p) -> None:
-    """ConfigError naming ``uri`` when ``schema`` lacks a text ``text_field`` (or a set ``id_field``)."""
+    """ConfigError naming ``uri`` when ``schema`` lacks a text ``text_field`` (or a set ``id_field`` with
+    a text form), or has two columns of a name it reads."""
     names = schema.names
+    read = names if p.meta_fields is None else [p.text_field, p.id_field, *p.meta_fields]
+    twice = sorted({n for n in read if n and names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{uri}: column(s) {twice} appear more than once (has {names})")
     if p.text_field not in names:
         raise ConfigError(f"{uri}: source.text_field: no column {p.text_field!r} (has {names})")
-    if p.id_field and p.id_field not in names:
-        raise ConfigError(f"{uri}: source.id_field: no column {p.id_field!r} (has {names})")
+    check_id_column(uri, schema, p)
     kind = schema.field(p.text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise ConfigError(f"{uri}: source.text_field: column {p.text_field!r} is {kind}, not text")
 
 
-_OWN = ("source", "meta", "scores")
+def check_id_column(uri: str, schema: pa.Schema, p) -> None:
+    """ConfigError naming ``uri`` when ``schema`` lacks a set ``id_field``, or its type has no text form
+    (a list or struct column cannot be an id)."""
+    if not p.id_field:
+        return
+    if p.id_field not in schema.names:
+        raise ConfigError(f"{uri}: source.id_field: no column {p.id_field!r} (has {schema.names})")
+    kind = schema.field(p.id_field).type
+    try:
+        pa.array([], kind).cast(pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        raise ConfigError(f"{uri}: source.id_field: column {p.id_field!r} is {kind}, which has no text "
+                          "form to use as an id") from None
+
+
+#: The columns curate itself writes, and the type it writes each with: such a column passes through.
+_OWN = {"source": pa.types.is_string, "meta": pa.types.is_string, "scores": pa.types.is_struct}
 
 
 def _meta(batch: pa.RecordBatch, p) -> pa.Array:
     names = batch.schema.names
-    exclude = {p.text_field, p.id_field, *_OWN}
+    own = {c for c, is_own in _OWN.items() if c in names and is_own(batch.schema.field(c).type)}
+    exclude = {p.text_field, p.id_field, *own}  # a source, meta or scores column of another type is meta
     cols = list(p.meta_fields) if p.meta_fields is not None else [c for c in names if c not in exclude]
     cols = [c for c in cols if c in names]
-    own_meta = "meta" in names and pa.types.is_string(batch.schema.field("meta").type) and p.meta_fields is None
+    own_meta = "meta" in own and p.meta_fields is None
     encoded = _encode(batch, cols) if cols else None
     if not own_meta:
         return encoded if encoded is not None else pa.nulls(batch.num_rows, pa.string())
     if encoded is None:
         return batch.column("meta")
     merged = []
-    for own, extra in zip(batch.column("meta").to_pylist(), encoded.to_pylist()):
-        obj = {**(orjson.loads(own) if own else {}), **orjson.loads(extra)}
+    for own_value, extra in zip(batch.column("meta").to_pylist(), encoded.to_pylist()):
+        obj = {**_as_object(own_value), **orjson.loads(extra)}
         merged.append(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode())
     return pa.array(merged, pa.string())
 
 
+def _as_object(meta: str | None) -> dict:
+    """A ``meta`` value to merge other columns into: its JSON object, or ``{"meta": value}`` when it is
+    not one (a ``meta`` column curate did not write)."""
+    if not meta:
+        return {}
+    try:
+        obj = orjson.loads(meta)
+    except orjson.JSONDecodeError:
+        return {"meta": meta}
+    return obj if isinstance(obj, dict) else {"meta": meta}
+
+
 def _encode(batch: pa.RecordBatch, cols: list[str]) -> pa.Array:
+    """The columns ``cols`` of each row as a JSON object (sorted keys); bytes as base64 text."""
     import polars as pl  # lazily: ~30 MB a process, only when there are meta columns to encode
 
+    part = batch.select(sorted(cols))
+    if any(_has_binary(f.type) for f in part.schema):  # polars cannot write bytes as JSON (it panics)
+        rows = part.to_pylist()
+        return pa.array([orjson.dumps(row, default=_jsonable).decode() for row in rows], pa.string())
     df = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
     encoded = df.select(pl.struct(sorted(cols)).struct.json_encode().alias("m")).to_arrow().column("m")
     return encoded.combine_chunks().cast(pa.string())
+
+
+def _has_binary(kind: pa.DataType) -> bool:
+    """Whether values of ``kind`` hold bytes, at any depth."""
+    if pa.types.is_dictionary(kind):
+        return _has_binary(kind.value_type)
+    if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+            or pa.types.is_binary_view(kind)):
+        return True
+    return any(_has_binary(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _jsonable(value):
+    """What orjson writes for a value it has no JSON form for: bytes as base64, anything else as text."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
 
 
 def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:

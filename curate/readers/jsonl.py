@@ -50,7 +50,7 @@ _BLOCK = (1 << 20) - (8 << 10)
 _BULK = True
 #: Bytes read at a time past the last range start while looking for its first line.
 _TAIL = 1 << 10
-#: Compressed bytes fed to the zstd decoder at a time (bounds the decompressed output per step).
+#: Compressed bytes fed to the zstd, bz2 and xz decoders at a time (bounds the output per step).
 _ZSTD_CHUNK = 1 << 16
 
 
@@ -121,6 +121,8 @@ def check_file(uri: str, compression: str | None) -> None:
                               f"compression (.gz, .zst …) or set source.compression: {found}")
         sniff.expect(uri, ("json", "empty"), "JSON Lines", data)
     elif compression in sniff.CODECS and found != compression:
+        if compression in ("gzip", "zstd", "bz2", "xz") and sniff.cut_in_magic(data, compression):
+            return  # the whole file is the start of the magic: read, it is a truncated_input
         if found is None:
             what = f"no {compression} magic bytes in its first {len(data)} bytes"
         elif found in sniff.CODECS:
@@ -235,14 +237,16 @@ def _parse(raw: bytes, line_no: int, rel: str, p, exclude):
         return bad("not_an_object", type(record).__name__)
     text = record.get(p.text_field)
     if text is None:
-        return bad("missing_text_field", f"no field {p.text_field!r}")
+        return bad("missing_text_field", f"field {p.text_field!r} is null" if p.text_field in record else
+                   f"no field {p.text_field!r}")
     if not isinstance(text, str):
         return bad("text_not_a_string", f"field {p.text_field!r} is {type(text).__name__}")
     if not text.strip():
         return bad("empty_text", f"field {p.text_field!r} is empty")
     if p.id_field:
         if record.get(p.id_field) is None:
-            return bad("missing_id_field", f"no field {p.id_field!r}")
+            return bad("missing_id_field", f"field {p.id_field!r} is null" if p.id_field in record else
+                       f"no field {p.id_field!r}")
         doc_id = str(record[p.id_field])
     else:
         doc_id = f"{rel}:{line_no}"
@@ -339,12 +343,15 @@ def _decoded(raw, codec: str) -> Iterator[bytes]:
     """Decompressed blocks of the compressed stream ``raw``; DamagedInput when it is cut or corrupt.
 
     gzip and zstd are decoded here so that truncation is always detected (fsspec's zstd reader stops
-    silently at a cut, and reads one frame only); other fsspec codecs raise EOFError when cut.
+    silently at a cut, and reads one frame only), bz2 and xz so that a damaged later stream is not
+    dropped silently (see :func:`_streams`); other fsspec codecs raise EOFError when cut.
     """
     if codec == "zstd":
         yield from _unzstd(raw)
     elif codec == "gzip":
         yield from _read1(raw, gzip.GzipFile(fileobj=raw, mode="rb"), "gzip", (zlib.error, gzip.BadGzipFile))
+    elif codec in ("bz2", "xz"):
+        yield from _streams(raw, codec)
     else:
         import lzma  # its LZMAError is neither OSError nor ValueError
 
@@ -390,6 +397,39 @@ def _unzstd(raw) -> Iterator[bytes]:
                 dobj = None
     if dobj is not None and fed:
         raise _cut("zstd", pos, done, "the last frame has no end")
+
+
+def _streams(raw, codec: str) -> Iterator[bytes]:
+    """Decode every bz2 or xz stream of ``raw``: a stream left unfinished is a cut, and bytes after a
+    stream that neither start another nor are zero padding are corrupt (the standard library's file
+    objects ignore them silently, and with them every record of a damaged later stream)."""
+    import bz2
+    import lzma
+
+    new, error = {"bz2": (bz2.BZ2Decompressor, OSError), "xz": (lzma.LZMADecompressor, lzma.LZMAError)}[codec]
+    dobj, fed, done, pos, chunk = new(), False, 0, 0, b""
+    while True:
+        if not chunk and dobj.needs_input:
+            chunk = raw.read(_ZSTD_CHUNK)
+            if not chunk:
+                break
+            pos += len(chunk)
+        if not fed:
+            chunk = chunk.lstrip(b"\0")  # zero padding after a stream
+            if not chunk:
+                continue
+        try:
+            out = dobj.decompress(chunk, _BLOCK)  # bounded output: more comes from the next call
+        except error as e:
+            raise _corrupt(codec, pos, done, e) from None
+        chunk, fed = b"", True
+        if out:
+            done += len(out)
+            yield out
+        if dobj.eof:
+            dobj, fed, chunk = new(), False, dobj.unused_data
+    if fed:
+        raise _cut(codec, pos, done, "the last stream has no end")
 
 
 def _cut(codec: str, offset: int, decoded: int, why: object) -> DamagedInput:

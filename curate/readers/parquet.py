@@ -26,7 +26,7 @@ from curate.errors import ConfigError
 from curate.plugins import register_source
 from curate.readers import sniff
 from curate.readers.base import Reader, ReaderParams, Shard, content_key, list_files
-from curate.readers.columnar import check_columns, needed_columns, to_documents
+from curate.readers.columnar import check_columns, check_id_column, needed_columns, to_documents
 
 
 @register_source("parquet")
@@ -107,8 +107,7 @@ def _read_group(pf: pq.ParquetFile, group: int, first_row: int, cols, shard: Sha
 
 
 def _check_table(uri: str, schema: pa.Schema, p, first: list[str] | None) -> None:
-    if p.id_field and p.id_field not in schema.names:
-        raise ConfigError(f"{uri}: source.id_field: no column {p.id_field!r} (has {schema.names})")
+    check_id_column(uri, schema, p)
     if first is not None and sorted(schema.names) != sorted(first):
         raise ConfigError(f"{uri}: columns {schema.names} differ from the first file's {first} "
                           "(schema: table reads files with the same columns)")

@@ -76,6 +76,13 @@ def looks_like(data: bytes) -> str | None:
     return None
 
 
+def cut_in_magic(data: bytes, codec: str) -> bool:
+    """Whether ``data`` (a whole file, shorter than :data:`HEAD`) is a non-empty proper start of the magic
+    of ``codec``: a compressed stream cut inside its first bytes, not a file of another format."""
+    return 0 < len(data) and any(name == codec and len(data) < len(magic) and magic.startswith(data)
+                                 for magic, name in _MAGIC)
+
+
 def describe(found: str) -> str:
     """``found`` in words, with the source kind that reads it: ``looks like Parquet; use kind: parquet``."""
     words, hint = DESCRIBE.get(found, (found, None))

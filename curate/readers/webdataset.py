@@ -6,7 +6,8 @@ members (jpg, png, webp, …) become an interleaved row: the images in member-na
 Samples without the text member, and undecodable text, go to ``failures/`` with the tar and the
 sample's position; so does a ``json`` member that is not a JSON object (``invalid_json``,
 ``not_an_object``), and the sample is skipped. Image members seen in documents mode are counted as
-``read`` metric ``image_members_ignored`` rather than dropped silently.
+``read`` metric ``image_members_ignored`` rather than dropped silently, and so are members whose name
+is not ``key.ext`` (``README``, ``._key.txt``) as ``members_ignored``.
 
 ``shards()`` refuses (ConfigError naming the file) an empty file, another format, or a tar whose first
 header is invalid. A tar cut short or corrupt later keeps every whole sample before the damage and is
@@ -63,9 +64,10 @@ class WebDatasetReader(Reader):
         interleaved = p.schema_ == "interleaved"
         builder = DocumentBuilder(p.batch_rows, int(p.batch_bytes))
         rows: list[dict] = []
+        ignored: list[str] = []
         with fsspec.open(shard.uri, "rb") as fh:
             try:
-                for n, sample in enumerate(iter_samples(fh, shard.uri)):
+                for n, sample in enumerate(iter_samples(fh, shard.uri, ignored)):
                     doc = self._sample(sample, n, shard, ctx)
                     if doc is None:
                         continue
@@ -80,6 +82,8 @@ class WebDatasetReader(Reader):
                             yield batch
             except DamagedInput as damage:
                 damage.record_in(ctx, shard.uri)
+        if ignored:
+            ctx.stats[READ_LABEL].metric("members_ignored").add_many(len(ignored), len(ignored), 1, 1)
         last = _interleaved_batch(rows) if rows else builder.flush()
         if last is not None:
             yield last
@@ -144,11 +148,13 @@ def _meta(sample: dict, key: str, n: int, shard: Shard, ctx) -> dict | None:
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def iter_samples(fh, url: str) -> Iterator[dict]:
+def iter_samples(fh, url: str, ignored: list[str] | None = None) -> Iterator[dict]:
     """The samples of an open tar stream, grouped by key as ``webdataset`` groups them.
 
     A member ``dir/key.ext1.ext2`` belongs to sample ``dir/key`` under the (lower-cased) field
-    ``ext1.ext2``; consecutive members with the same key form one sample. Read with the standard
+    ``ext1.ext2``; consecutive members with the same key form one sample, and a field seen again in it
+    starts the next sample (with the same key: no member is overwritten). The names of files that are
+    not ``key.ext`` are appended to ``ignored``. Read with the standard
     library's ``tarfile``: importing ``webdataset`` would import torch (~250 MB) in every worker.
 
     A tar that ends before its end-of-archive block, or stops decoding, raises :class:`DamagedInput`
@@ -165,12 +171,14 @@ def iter_samples(fh, url: str) -> Iterator[dict]:
                     continue
                 match = _KEY.match(member.name)
                 if match is None:
+                    if ignored is not None:
+                        ignored.append(member.name)
                     continue
                 key, field = match.group(1), match.group(2).lower()
                 pending = key
                 data = tf.extractfile(member).read()
                 pending = None
-                if current is None or current["__key__"] != key:
+                if current is None or current["__key__"] != key or field in current:
                     if current is not None:
                         yield current
                         count += 1

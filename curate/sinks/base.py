@@ -15,6 +15,7 @@ original value.
 
 from __future__ import annotations
 
+import base64
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +48,31 @@ class SinkParams(StageParams):
         if value is not None and not value:
             raise ValueError("must name a column")
         return value
+
+
+def json_default(obj):
+    """orjson's fallback for the JSON-writing sinks: bytes become base64 text; nothing else has a form."""
+    if isinstance(obj, (bytes, bytearray)):
+        return base64.b64encode(obj).decode()
+    raise TypeError
+
+
+def dumps_rows(rows: list[dict], kind: str, schema: pa.Schema | None = None, option: int = 0) -> list[bytes]:
+    """Each row as JSON bytes (see :func:`json_default`); a value JSON cannot hold (a decimal, a
+    duration) is a TypeError naming the sink, the column and its type."""
+    try:
+        return [orjson.dumps(row, default=json_default, option=option) for row in rows]
+    except TypeError as e:
+        for row in rows:
+            for column, value in row.items():
+                try:
+                    orjson.dumps(value, default=json_default)
+                except TypeError:
+                    arrow = f" ({schema.field(column).type})" if schema is not None and column in schema.names else ""
+                    raise TypeError(f"{kind} sink: column {column!r}{arrow} holds a {type(value).__name__} value, "
+                                    f"which has no JSON form ({e}); cast the column (to a string or a float) "
+                                    "before the sink, or write Parquet or Arrow") from None
+        raise
 
 
 def pyarrow_sink(fh):

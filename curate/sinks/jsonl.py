@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import gzip
 from typing import Literal
 
-import orjson
 import pyarrow as pa
 from pydantic import Field
 
 from curate.plugins import register_sink
-from curate.sinks.base import Encoder, Sink, SinkParams
+from curate.sinks.base import Encoder, Sink, SinkParams, dumps_rows
 
 
 class JsonlParams(SinkParams):
     compression: Literal["none", "gzip", "zstd"] = Field("none", description="whole-file codec")
-
-
-def _default(obj):
-    if isinstance(obj, (bytes, bytearray)):
-        return base64.b64encode(obj).decode()
-    raise TypeError
 
 
 class JsonlEncoder(Encoder):
@@ -39,7 +31,7 @@ class JsonlEncoder(Encoder):
     def write(self, batch: pa.RecordBatch) -> None:
         for start in range(0, batch.num_rows, 256):  # Python rows in small slices: bounded memory
             rows = batch.slice(start, 256).to_pylist()
-            self.out.write(b"".join(orjson.dumps(row, default=_default) + b"\n" for row in rows))
+            self.out.write(b"".join(line + b"\n" for line in dumps_rows(rows, "jsonl", self.schema)))
 
     def close(self) -> None:
         if self.out is not self.fh:

@@ -4,8 +4,9 @@
 a relative path that stays inside the run directory. Refused: an empty path, an absolute path, a
 ``..`` component, a drive or URL scheme (any ``:``; webdataset would also read ``pipe:…`` as a shell
 command), backslashes, control characters (NUL included), a component that starts with the
-temporary-file prefix ``.tmp-``, and a first component naming one of curate's own entries of the run
-directory (:data:`RESERVED`, compared case-insensitively). The accepted path is normalized (``./a//b/``
+temporary-file prefix ``.tmp-`` or is longer than 255 bytes (no filesystem takes it), and a first
+component naming one of curate's own entries of the run directory (:data:`RESERVED`, the run's
+``lock`` and ``locks/`` included, compared case-insensitively). The accepted path is normalized (``./a//b/``
 → ``a/b``).
 
 **Partition folders.** With ``partition_by: <column>``, rows go to ``<column>_<value>/`` where both parts
@@ -44,7 +45,9 @@ from typing import Any
 #: First components of a sink path that are curate's own entries of the run directory.
 RESERVED = frozenset({"completions", "failures", "logs", "stats", "global", "phases", "quarantine", "cache",
                       "downloads", "tokenizer", "fingerprint", "manifest.resolved.yaml", "stats.json",
-                      "compacted", "publish", "report", "report.html"})
+                      "compacted", "publish", "report", "report.html", "lock", "locks"})
+#: Longest folder name (one component of a sink path) filesystems take, in UTF-8 bytes.
+MAX_NAME_BYTES = 255
 #: Longest encoded part of a partition folder name (column and value each), in characters.
 MAX_COMPONENT = 96
 NULL = "%null"
@@ -79,6 +82,8 @@ def check_sink_path(path: str) -> str:
     for p in parts:
         if p != p.strip():
             raise ValueError(f"{path!r}: folder name {p!r} starts or ends with a space")
+        if len(p.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"{path!r}: folder name {p[:40]!r}… is longer than {MAX_NAME_BYTES} bytes")
         if p.startswith(_TMP_PREFIX):
             raise ValueError(f"{path!r}: {p!r} starts with {_TMP_PREFIX!r}, curate's temporary-file prefix")
     if parts[0].casefold() in RESERVED:

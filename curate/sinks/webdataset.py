@@ -7,8 +7,14 @@ null``); integer lists (token ids, masks, offsets) as ``<column>.npy`` in the co
 (``input_ids`` int32 → ``<i4``, ``loss_mask`` uint8 → ``|u1``; ``np.load`` gives back the same dtype
 and values); every other column in one ``json`` member (``meta`` parsed back into an object,
 interleaved ``texts`` with ``images`` as file names). An integer list that is null, or holds nulls, has
-no ``.npy`` form and goes into ``json`` as it is. Tar headers carry a fixed mtime, user and group, so
-the same rows give the same bytes.
+no ``.npy`` form and goes into ``json`` as it is, and so does an integer-list column whose name cannot
+name a member that ``webdataset`` reads back as that column (see :func:`member_name_ok`: no ``/``, no
+control character, no upper case, no leading ``__``, at most 64 bytes). Only a list of image structs is
+taken for images; an ``images`` column of any other type goes into ``json``. A ``meta`` string that is
+not JSON is kept as the string; binary values are base64 text in ``json`` (as in JSONL), and a value JSON cannot hold (a
+decimal, a duration) is an error naming its column. The sample key never derives from the row's ``id``
+(which ``json`` keeps as it is), so any id round-trips. Tar headers carry a fixed mtime, user and group,
+so the same rows give the same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pyarrow as pa
 
 from curate.plugins import register_sink
 from curate.readers.webdataset import IMAGE_EXTENSIONS
-from curate.sinks.base import Encoder, Sink, SinkParams
+from curate.sinks.base import Encoder, Sink, SinkParams, dumps_rows
 
 _EXT_OF_MIME = {mime: ext for ext, mime in reversed(list(IMAGE_EXTENSIONS.items()))}
 
@@ -36,7 +42,8 @@ class WebDatasetEncoder(Encoder):
         self.tar = tarfile.open(fileobj=fh, mode="w|", format=tarfile.USTAR_FORMAT)
         self.stem = fh.path.name.split(".")[0]
         self.count = 0
-        self.npy = [f.name for f in schema if _is_int_list(f.type)]
+        self.npy = [f.name for f in schema if _is_int_list(f.type) and member_name_ok(f.name)]
+        self.images = _is_image_list(schema.field("images").type) if "images" in schema.names else False
 
     def write(self, batch: pa.RecordBatch) -> None:
         for start in range(0, batch.num_rows, 128):  # Python rows in small slices: bounded memory
@@ -68,7 +75,7 @@ class WebDatasetEncoder(Encoder):
         sample: dict = {"__key__": f"{self.stem}_{self.count:07d}"}
         if "text" in row and isinstance(row["text"], str):
             sample["txt"] = row.pop("text").encode()
-        if isinstance(row.get("images"), list):  # interleaved rows, and image rows (captions)
+        if self.images and isinstance(row.get("images"), list):  # interleaved rows, and image rows (captions)
             names = []
             for i, image in enumerate(row.pop("images")):
                 if image is None:
@@ -86,8 +93,11 @@ class WebDatasetEncoder(Encoder):
             np.save(buf, array, allow_pickle=False)
             sample[f"{col}.npy"] = buf.getvalue()
         if isinstance(row.get("meta"), str):
-            row["meta"] = orjson.loads(row["meta"])
-        sample["json"] = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+            try:
+                row["meta"] = orjson.loads(row["meta"])
+            except orjson.JSONDecodeError:
+                pass  # not JSON (a `schema: table` source's own column): kept as the string it is
+        sample["json"] = dumps_rows([row], "webdataset", self.schema, orjson.OPT_SORT_KEYS)[0]
         return sample
 
     def close(self) -> None:
@@ -96,6 +106,19 @@ class WebDatasetEncoder(Encoder):
 
 def _is_int_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _is_image_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type) \
+        and t.value_type.get_field_index("bytes") >= 0
+
+
+def member_name_ok(column: str) -> bool:
+    """Whether ``<key>.<column>.npy`` reads back as ``<column>.npy`` of the same sample: webdataset
+    splits a member name at the last ``/``, lower-cases extensions and leaves ``__…`` fields undecoded,
+    tar truncates at NUL, and a USTAR name holds 100 bytes."""
+    return (0 < len(column.encode("utf-8")) <= 64 and "/" not in column and column.isprintable()
+            and column == column.lower() and not column.startswith("__"))
 
 
 def _row_arrays(column: pa.Array) -> list[np.ndarray | None]:
