@@ -43,8 +43,8 @@ def validate(manifest: Path = ManifestArg) -> None:
     from curate.planner import Plan
 
     plan = Plan.build(_load(manifest))
-    out.print(f"[green]ok[/green] {manifest}: {len(plan.shards)} input shard(s), {len(plan.stages)} stage(s), "
-              f"{len(plan.phases)} phase(s)")
+    out.print(f"[green]ok[/green] {escape(str(manifest))}: {len(plan.shards)} input shard(s), "
+              f"{len(plan.stages)} stage(s), {len(plan.phases)} phase(s)")
 
 
 @app.command()
@@ -60,12 +60,13 @@ def plan(manifest: Path = ManifestArg, output: Optional[str] = OutputOpt) -> Non
     for phase in p.phases:
         labels = [s.label + (" (global)" if s.is_global else "") for s in p.stages[phase.start:phase.stop]]
         where = "sinks" if phase.last else f"intermediate → phase {phase.index + 1}"
-        out.print(f"[bold]phase {phase.index}[/bold]: {' → '.join(labels) or '(read only)'} → {where}")
+        out.print(f"[bold]phase {phase.index}[/bold]: {escape(' → '.join(labels) or '(read only)')} → {where}")
     table = Table("after", "columns", title="column flow")
     for label, columns in p.column_flow():
-        table.add_row(label, ", ".join(columns))
+        table.add_row(escape(label), escape(", ".join(columns)))
     out.print(table)
-    out.print(f"[bold]run directory[/bold]: {p.run_dir.root}  fingerprint {p.fingerprint()['digest'][:16]}")
+    out.print(f"[bold]run directory[/bold]: {escape(str(p.run_dir.root))}  "
+              f"fingerprint {p.fingerprint()['digest'][:16]}")
 
 
 @app.command()
@@ -88,13 +89,13 @@ def run(
     result = execute(_load(manifest, output, workers), restart=restart, console=err, show_progress=progress,
                      command=command, wait=wait, dry_run=dry_run)
     if result.launch is not None and not result.stats:
-        out.print(result.launch.message or f"submitted {len(result.launch.jobs)} job(s); "
-                  f"follow with: curate status {result.run_dir}")
+        out.print(escape(result.launch.message or f"submitted {len(result.launch.jobs)} job(s); "
+                         f"follow with: curate status {result.run_dir}"))
         return
     _print_stats(result.stats)
     note = (f" (resumed: {result.skipped} shard-phase(s) already done)"
             if result.resumed and result.launch is None else "")
-    out.print(f"[green]done[/green] in {result.seconds:.1f}s → {result.run_dir}{note}")
+    out.print(f"[green]done[/green] in {result.seconds:.1f}s → {escape(str(result.run_dir))}{note}")
 
 
 @app.command()
@@ -109,13 +110,13 @@ def prepare(
     p = prepare_run(_load(manifest, output), restart=restart, console=err)
     rd, m = p.run_dir, str(manifest)
     o = f" -o {rd.root}"
-    out.print(f"prepared {rd.root}: {len(p.shards)} shard(s), {len(p.phases)} phase(s). Steps, in order:")
+    out.print(escape(f"prepared {rd.root}: {len(p.shards)} shard(s), {len(p.phases)} phase(s). Steps, in order:"))
     for phase in p.phases:
         if phase.global_stage is not None:
-            out.print(f"  curate combine {m}{o} --phase {phase.index}")
-        out.print(f"  curate run-shard {m}{o} --phase {phase.index} --shard NAME   "
-                  f"# NAME in {p.shards[0].name} … {p.shards[-1].name}")
-    out.print(f"  curate finalize {m}{o}")
+            out.print(escape(f"  curate combine {m}{o} --phase {phase.index}"))
+        out.print(escape(f"  curate run-shard {m}{o} --phase {phase.index} --shard NAME   "
+                         f"# NAME in {p.shards[0].name} … {p.shards[-1].name}"))
+    out.print(escape(f"  curate finalize {m}{o}"))
 
 
 @app.command("run-shard")
@@ -147,7 +148,7 @@ def run_shard_cmd(
     with _terminate_as_interrupt(), shard_lock(rd.root, f"p{phase}-{shard}",
                                                f"curate run-shard --phase {phase} --shard {shard}", notice=_notice):
         if rd.is_complete(f"p{phase}-{shard}"):
-            out.print(f"shard {shard} of phase {phase} is already complete")
+            out.print(escape(f"shard {shard} of phase {phase} is already complete"))
             return
         if phase > 0 and not rd.global_dir.joinpath(p.stages[p.phases[phase].start].label, "state.json").exists():
             raise ConfigError(f"phase {phase} needs the combined state of "
@@ -162,7 +163,7 @@ def run_shard_cmd(
             from curate.driver import RunFailed, _failure_message
 
             raise RunFailed(_failure_message(p, p.phases[phase], [(target, e)])) from e
-    out.print(f"shard {shard} of phase {phase}: done")
+    out.print(escape(f"shard {shard} of phase {phase}: done"))
 
 
 @app.command()
@@ -218,7 +219,7 @@ def status(
             dataclasses.asdict(ph) for ph in phases], "slurm_jobs": jobs, "slurm_note": jobs_note},
             option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    table = Table("phase", "stages", "done", "running", "failed", "pending", title=f"status of {run_dir}")
+    table = Table("phase", "stages", "done", "running", "failed", "pending", title=escape(f"status of {run_dir}"))
     for ph in phases:
         stages_text = " → ".join(ph.stages) or "(read)"
         if ph.combined is not None:
@@ -279,7 +280,7 @@ def inspect(
 
     if html is not None:
         shown = write_html(path, n, offset, html)
-        out.print(f"{shown} samples → {html}")
+        out.print(f"{shown} samples → {escape(str(html))}")
         return
     if show(path, n, offset, width, out) == 0:
         out.print("[yellow]no samples[/yellow]")
@@ -370,11 +371,12 @@ def _print_stats(merged: dict) -> None:
     table.columns[3].overflow = "fold"
     for label, s in merged["stages"].items():
         drops = "\n".join(f"{k}: {v:,}" for k, v in s["drops"].items())
-        table.add_row(label, f"{s['rows_in']:,}", f"{s['rows_out']:,}", drops, f"{s['tokens_out']:,}",
+        table.add_row(escape(label), f"{s['rows_in']:,}", f"{s['rows_out']:,}", escape(drops), f"{s['tokens_out']:,}",
                       f"{s['seconds']:.2f}")
     out.print(table)
     for label, o in merged.get("outputs", {}).items():
-        out.print(f"{label}: {o['samples']:,} samples in {o['files']} file(s), {o['bytes']:,} bytes → {o['path']}")
+        out.print(escape(f"{label}: {o['samples']:,} samples in {o['files']} file(s), {o['bytes']:,} bytes → "
+                         f"{o['path']}"))
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
     from rich.panel import Panel
     from rich.pretty import Pretty
     from rich.table import Table
+    from rich.text import Text
 
     from curate.inspect_tokens import find_tokenizer, render
 
@@ -121,21 +122,26 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
             if key in ("text", "texts") or (key == "utk_chunks" and tok):
                 continue
             if key == "meta" and isinstance(value, str):
-                value = orjson.loads(value)
+                try:
+                    value = orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    pass  # a meta column curate did not write: shown as the string it is
             if isinstance(value, list) and len(value) > 16:
                 value = f"[{len(value)} items] {value[:16]} …"
-            grid.add_row(key, Pretty(_short_bytes(value)))
+            grid.add_row(Text(str(key)), Pretty(_short_bytes(value)))  # Text: never read as markup
         text = row.get("text")
         if text is None and row.get("texts"):
             text = "\n".join(t if t is not None else "<image>" for t in row["texts"])
+        if text is not None and not isinstance(text, str):
+            text = str(text)
         if text is not None and not (tok and "input_ids" in row):
             body = text if len(text) <= width else text[:width] + f" … [{len(text):,} chars]"
-            grid.add_row("text", body)
+            grid.add_row("text", Text(body))
         if tok and "input_ids" in row:
             rendered, backtraces = render(row, tok, width)
             grid.add_row("decoded", rendered)
             for b in backtraces:
-                grid.add_row("backtrace", b)
+                grid.add_row("backtrace", Text(b))
         console.print(Panel(grid, title=f"sample {i}", title_align="left"))
         shown += 1
     return shown

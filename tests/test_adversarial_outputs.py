@@ -148,8 +148,6 @@ def test_a_rerun_in_a_hostile_run_directory_resumes_to_the_same_bytes(tmp_path):
     assert {p.name: p.read_bytes() for p in (run / "w*[ab]").iterdir()} == first
 
 
-@pytest.mark.xfail(strict=True, reason="curate/cli.py prints run directories, sink labels and paths as rich "
-                                       "markup (unescaped): '[/x]' raises MarkupError after the output is written")
 def test_run_and_stats_print_a_run_directory_that_looks_like_markup(tmp_path):
     write_jsonl(tmp_path / "in" / "p.jsonl", _rows()[:3])
     manifest = write_manifest(tmp_path / "m.yaml", f"""
@@ -166,8 +164,6 @@ def test_run_and_stats_print_a_run_directory_that_looks_like_markup(tmp_path):
     assert cli("stats", str(run)).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="curate/inspect_output.py show() passes text and column names to "
-                                       "rich as markup: a text holding '[/x]' raises MarkupError")
 def test_inspect_shows_text_that_looks_like_markup(tmp_path):
     sink, _ = _write("parquet", tmp_path, [pa.RecordBatch.from_pydict(
         {"id": ["[/x]"], "text": ["closing [/x] and [bold]not bold[/bold]"]})])
