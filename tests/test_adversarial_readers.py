@@ -474,3 +474,16 @@ def test_a_mixed_bad_corpus_end_to_end_counts_every_record(tmp_path):
     out = pq.read_table(sorted(run.glob("parquet/*.parquet"))).column("id").to_pylist()
     assert read["rows_out"] == len(out) and {"z0", "z3"} <= set(out) and out.count("r0") == 3
     assert read["rows_in"] - read["rows_out"] == sum(read["drops"].values())
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+def test_integer_ids_beyond_64_bits_stay_exact(tmp_path, monkeypatch, bulk):
+    """orjson reads such integers as floats: two ids differing in their last digit would collide."""
+    import curate.readers.jsonl as jsonl_module
+
+    monkeypatch.setattr(jsonl_module, "_BULK", bulk)
+    big = [123456789012345678901234567890, 123456789012345678901234567891, -(2 ** 70), 2 ** 64, 7, 1.5]
+    path = _write(tmp_path / "big.jsonl", "".join(json.dumps({"id": v, "text": f"doc {i}"}) + "\n"
+                                                  for i, v in enumerate(big)).encode())
+    got, _, _ = read_all("jsonl", tmp_path / "r", paths=[str(path)], id_field="id")
+    assert [r["id"] for r in got] == [str(v) for v in big]

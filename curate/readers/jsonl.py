@@ -39,7 +39,7 @@ from curate.errors import ConfigError
 from curate.plugins import register_source
 from curate.readers import sniff
 from curate.readers.base import DamagedInput, Reader, ReaderParams, Shard, content_key, list_files, meta_json
-from curate.readers.jsonl_blocks import BatchCutter, Fields, ParsedBlock, parse_block, read_ahead
+from curate.readers.jsonl_blocks import BatchCutter, Fields, ParsedBlock, id_text, parse_block, read_ahead
 
 #: Bytes read at a time: just under the 1 MB above which glibc maps every allocation afresh in processes
 #: curate tunes (see curate.allocator), so each block reuses freed heap memory instead of faulting in new
@@ -247,7 +247,7 @@ def _parse(raw: bytes, line_no: int, rel: str, p, exclude):
         if record.get(p.id_field) is None:
             return bad("missing_id_field", f"field {p.id_field!r} is null" if p.id_field in record else
                        f"no field {p.id_field!r}")
-        doc_id = str(record[p.id_field])
+        doc_id = id_text(record[p.id_field], raw, p.id_field)
     else:
         doc_id = f"{rel}:{line_no}"
     return doc_id, text, rel, meta_json(record, exclude, p.meta_fields)

@@ -99,7 +99,7 @@ def parse_block(first_line: int, lines: list[bytes], fields: Fields) -> ParsedBl
             if doc_id is None:
                 rest.append(pos)
                 continue
-            ids.append((doc_id if type(doc_id) is str else str(doc_id)).encode())
+            ids.append((doc_id if type(doc_id) is str else id_text(doc_id, lines[pos], id_field)).encode())
         else:
             ids.append(f"{prefix}{first_line + pos}".encode())
         texts.append(text.encode())
@@ -112,6 +112,17 @@ def parse_block(first_line: int, lines: list[bytes], fields: Fields) -> ParsedBl
                 meta.pop(name, None)
         metas.append(orjson.dumps(meta, option=_SORTED) if meta else None)
     return out
+
+
+def id_text(value, line: bytes, id_field: str) -> str:
+    """The id ``value`` of the JSON ``line`` as text. orjson reads an integer beyond 64 bits as a float
+    (``123456789012345678901234567890`` → ``1.2345678901234568e+29``), which would make distinct ids
+    equal: a float id is read again with the standard library, which keeps such integers exact."""
+    if type(value) is float:
+        import json
+
+        value = json.loads(line)[id_field]
+    return str(value)
 
 
 def _loads_or_none(line: bytes):
