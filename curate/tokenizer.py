@@ -18,6 +18,11 @@ Workers load that folder (``ctx.tokenizer``). Encoding is the Rust ``encode_batc
 Very long documents are cut into pieces before encoding so one document does not hold one core while
 the others wait; a cut is only made where encoding the two sides separately gives the same ids as
 encoding them together (checked on a window around the cut), so the ids equal whole-document ids.
+
+SentencePiece-style BPE tokenizers (Llama 2, Mistral, … as Hugging Face converts them) encode a whole
+text as one word, and their merge loop slows as the word grows. Where the tokenizer provably allows
+it (:func:`free_cuts`), every text is cut into pieces of about :data:`PIECE_CHARS` characters before
+a space, with no check needed: the same ids, 10–15% less encoder CPU on web-length and longer texts.
 """
 
 from __future__ import annotations
@@ -80,6 +85,42 @@ class TokenizerSpec(StageParams):
         return self
 
 
+#: Characters per piece when the tokenizer allows free cuts (measured on the Mistral tokenizer: pieces of
+#: 300 characters cost more encoder CPU than whole documents, 1,000 the least, 4,000 about as much as whole).
+PIECE_CHARS = 1000
+
+
+def free_cuts(tk) -> re.Pattern | None:
+    """A pattern matching the spaces before which any text can be cut with its ids unchanged, or None.
+
+    Holds for a BPE model (no dropout, no word prefix or suffix, merges not skipped) behind a Metaspace
+    pre-tokenizer that does not split (``split: false``) and no normalizer — the text, spaces turned
+    into the metaspace ``▁``, is one BPE word — when no vocabulary token has the metaspace right after
+    another character, the metaspace itself is a token, and no added token holds a space or the
+    metaspace or takes the spaces around it. Cut before a space that follows a character other than a
+    space or ``▁``: no token can span the cut, so no merge joins its sides, and BPE (which merges by
+    rank, each merge local) gives the whole text the ids of the two sides, one after the other. The
+    side after the cut starts with ``▁``, so Metaspace adds no prefix to it, as in the whole text.
+    """
+    from tokenizers import models, pre_tokenizers
+
+    pre = tk.pre_tokenizer
+    if tk.normalizer is not None or not isinstance(pre, pre_tokenizers.Metaspace) or pre.split:
+        return None
+    model = tk.model
+    if not isinstance(model, models.BPE) or model.dropout or model.continuing_subword_prefix \
+            or model.end_of_word_suffix or getattr(model, "ignore_merges", False):
+        return None
+    meta = pre.replacement
+    vocab = tk.get_vocab(with_added_tokens=False)
+    if meta not in vocab or any(meta in t.lstrip(meta) for t in vocab):
+        return None
+    for added in tk.get_added_tokens_decoder().values():
+        if " " in added.content or meta in added.content or added.lstrip or added.rstrip or added.single_word:
+            return None
+    return re.compile(f"(?<=[^ {re.escape(meta)}]) ")
+
+
 class CurateTokenizer:
     """A loaded run tokenizer: ``encode_batch``, ``decode``, special ids, and the vocab digest."""
 
@@ -91,6 +132,7 @@ class CurateTokenizer:
         self.specials = specials  # string -> id
         self.split_chars = split_chars
         self._names = {i: s for s, i in specials.items()}
+        self._free_cut = free_cuts(tokenizer)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -135,8 +177,15 @@ class CurateTokenizer:
         """
         pieces: list[str] = []
         owners: list[int] = []
+        free = self._free_cut
         for i, text in enumerate(texts):
-            cut = self.split(text) if len(text) > self.split_chars else [text]
+            if free is not None:
+                cut = self._free_pieces(text, free) if len(text) > 2 * PIECE_CHARS else [text]
+                if any(len(piece) > self.split_chars for piece in cut):  # no spaces to cut at (CJK …)
+                    cut = [q for piece in cut for q in (self.split(piece) if len(piece) > self.split_chars
+                                                        else [piece])]
+            else:
+                cut = self.split(text) if len(text) > self.split_chars else [text]
             pieces += cut
             owners += [i] * len(cut)
         parts: list[list[np.ndarray]] = [[] for _ in texts]
@@ -157,6 +206,19 @@ class CurateTokenizer:
         if hasattr(self.tk, "encode_batch_fast"):
             return self.tk.encode_batch_fast(pieces, add_special_tokens=False)
         return self.tk.encode_batch(pieces, add_special_tokens=False)
+
+    @staticmethod
+    def _free_pieces(text: str, cut_before: re.Pattern) -> list[str]:
+        """``text`` in pieces of about :data:`PIECE_CHARS`, each cut at a :func:`free_cuts` space."""
+        pieces, start = [], 0
+        while len(text) - start > 2 * PIECE_CHARS:
+            match = cut_before.search(text, start + PIECE_CHARS, len(text) - PIECE_CHARS)
+            if match is None:
+                break
+            pieces.append(text[start:match.start()])
+            start = match.start()
+        pieces.append(text[start:])
+        return pieces
 
     def split(self, text: str) -> list[str]:
         """Cut ``text`` into pieces of about ``split_chars`` at points that keep the ids unchanged."""

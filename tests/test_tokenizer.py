@@ -254,3 +254,67 @@ def test_every_reserved_pattern_starts_with_the_character_the_scan_tests_first()
 
     for pattern in RESERVED_PATTERNS:
         assert re.sub(r"^\\", "", pattern)[:1] in "<[", pattern
+
+
+def _run_llama(tmp_path, llama_folder) -> CurateTokenizer:
+    prepare(TokenizerSpec(path=str(llama_folder)), tmp_path / "run", ["<D>", "<|knot_1_head|>"], lambda: iter([]))
+    return CurateTokenizer.load_run(tmp_path / "run")
+
+
+def test_free_cuts_are_taken_only_where_they_are_provably_safe(tmp_path, llama_folder, bpe):
+    """SentencePiece-style BPE (Metaspace, split false, no token with an inner metaspace) allows them;
+    any change that could let a merge or an added token span a cut does not."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+
+    from curate.tokenizer import free_cuts
+
+    llama = _run_llama(tmp_path, llama_folder).tk
+    assert free_cuts(llama) is not None
+    assert free_cuts(bpe) is None  # byte-level BPE: its pre-tokenizer splits words already
+
+    def variant(change):
+        tk = Tokenizer.from_str(llama.to_str())
+        change(tk)
+        return tk
+
+    assert free_cuts(variant(lambda tk: setattr(tk, "normalizer", normalizers.NFKC()))) is None
+    assert free_cuts(variant(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.Metaspace(split=True)))) is None
+    assert free_cuts(variant(lambda tk: tk.add_tokens(["new york"]))) is None
+    assert free_cuts(variant(lambda tk: tk.add_tokens(["▁x"]))) is None
+    assert free_cuts(variant(lambda tk: tk.add_tokens([AddedToken("<m>", rstrip=True)]))) is None
+    assert free_cuts(variant(lambda tk: tk.add_special_tokens(["<ok>"]))) is not None
+    state = json.loads(llama.to_str())  # a vocabulary token with a metaspace after another character:
+    model = state["model"]  # a token no merge builds on becomes "a▁b" (and the merge making it goes)
+    pairs = [m if isinstance(m, list) else m.split(" ") for m in model["merges"]]
+    parts = {t for pair in pairs for t in pair}
+    leaf = next(a + b for a, b in pairs if (a + b).startswith("▁") and len(a + b) > 4 and a + b not in parts)
+    model["merges"] = [pair for pair in pairs if "".join(pair) != leaf]
+    model["vocab"]["a▁b"] = model["vocab"].pop(leaf)
+    assert free_cuts(Tokenizer.from_str(json.dumps(state))) is None
+
+
+def test_free_cut_pieces_give_every_text_its_whole_ids(tmp_path, llama_folder, texts, monkeypatch):
+    """Cut every few characters before a space, hostile spacing, literal metaspaces, byte-fallback
+    characters, texts without spaces: the ids are those of encoding each text whole."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    import curate.tokenizer as tokenizer_module
+
+    tok = _run_llama(tmp_path, llama_folder)
+    whole = Tokenizer.from_str(tok.tk.to_str())
+    whole.encode_special_tokens = True
+    rng = np.random.default_rng(0)
+    alphabet = list("ab z\n\t▁é😀<s>") + [" ", "  ", "▁▁", "\u3000", "中文", ".", "\r\n"]
+    docs = ["".join(rng.choice(alphabet, int(rng.integers(0, 120)))) for _ in range(1500)]
+    docs += ["\n\n".join(texts[i:i + 40]) for i in range(0, 400, 40)]
+    docs += [" leading", "trailing ", "  two  spaces  ", "▁ ▁ ▁", "x" * 500, "中" * 300 + " a" * 50, "",
+             "a <s> b </s>c <D> d <|knot_1_head|> e " * 20]
+    want = [e.ids for e in whole.encode_batch(docs, add_special_tokens=False)]
+    for piece_chars in (1, 3, 8, 50):
+        monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+        assert sum(len(tok._free_pieces(d, tok._free_cut)) for d in docs) > len(docs) + 100  # really cut
+        got = tok.encode_arrays(docs, group_chars=2000)
+        assert [a.tolist() for a in got] == want, piece_chars
+    monkeypatch.setattr(tok, "split_chars", 200)  # a piece with no space to cut at gets verified cuts
+    assert [a.tolist() for a in tok.encode_arrays(docs)] == want
