@@ -129,6 +129,10 @@ class CurateTokenizer:
         # Document text never turns into special ids: a literal "<s>" or "<|endoftext|>" in the data
         # is encoded as ordinary text, so only stages insert special tokens.
         self.tk.encode_special_tokens = True
+        # Documents are encoded whole, or in pieces whose ids are concatenated: a padding or truncation
+        # setting saved in tokenizer.json would pad or cut each piece (and change the ids). Off.
+        self.tk.no_padding()
+        self.tk.no_truncation()
         self.specials = specials  # string -> id
         self.split_chars = split_chars
         self._names = {i: s for s, i in specials.items()}

@@ -16,7 +16,10 @@ file): CCNet's document perplexity ``10^(−Σ_lines log10 P(line) / Σ_lines (t
 line (an empty one scores ``<s> </s>``), each normalized as CCNet does (``normalize``: lower case,
 accents stripped, digits → 0, non-ASCII punctuation mapped to ASCII, control characters deleted) and
 split into SentencePiece pieces when ``sentencepiece`` names a model file (CCNet's setting) or else on
-whitespace. CCNet's English buckets: head < 340 ≤ middle < 520 ≤ tail. ``mean_nll`` is then in nats
+whitespace. ``lines: joined`` scores the whole text as one sentence instead, normalized first — CCNet's
+normalization deletes newlines, so its mining pipeline (normalize, then SentencePiece, then score)
+saw each document as one line, and its bucket cut-offs come from that. CCNet's English buckets:
+head < 340 ≤ middle < 520 ≤ tail. ``mean_nll`` is then in nats
 per token, as above, not rounded; an empty document has null scores.
 """
 
@@ -51,6 +54,10 @@ class Perplexity(LMScorer):
             "auto", description="hf (a causal LM), kenlm (an n-gram model file); auto: kenlm for .arpa/.bin/.klm")
         sentencepiece: str | None = Field(None, description="kenlm: SentencePiece model splitting lines into pieces")
         normalize: bool = Field(True, description="kenlm: CCNet-style text normalization before scoring")
+        lines: Literal["each", "joined"] = Field(
+            "each", description="kenlm: each: every \\n line is a sentence (CCNet's document formula); joined: the "
+            "whole text is one sentence, normalized first (which deletes its newlines), as CCNet's mining "
+            "pipeline scored documents")
 
     @property
     def kenlm(self) -> bool:
@@ -126,7 +133,7 @@ class Perplexity(LMScorer):
         for d, text in enumerate(texts):
             if not text:
                 continue  # nothing to score: null, as CCNet leaves an empty document without a score
-            for line in text.split("\n"):  # every line, an empty one too (it scores "<s> </s>")
+            for line in (text,) if self.params.lines == "joined" else text.split("\n"):  # empty ones too
                 if self.params.normalize:
                     line = ccnet_normalize(line)
                 pieces = self.spm.encode(line, out_type=str) if self.spm is not None else line.split()
@@ -134,7 +141,8 @@ class Perplexity(LMScorer):
                 count[d] += len(pieces) + 1
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = np.where(count > 0, -log10 * np.log(10) / np.maximum(count, 1), np.nan)
-            ppl = np.round(10.0 ** np.where(count > 0, -log10 / np.maximum(count, 1), np.nan), 1)
+            ppl = 10.0 ** np.where(count > 0, -log10 / np.maximum(count, 1), np.nan)
+        ppl = np.array([round(float(x), 1) for x in ppl])  # Python's rounding, as CCNet (not numpy's rint)
         return {"perplexity": nullable(ppl), "mean_nll": nullable(mean), "n_scored": numeric(count)}
 
     def _windows(self, doc: int, ids: list[int]):

@@ -303,3 +303,14 @@ def test_a_run_with_a_sink_in_lock_is_refused_before_it_starts(tmp_path):
     proc = curate_run(manifest, tmp_path / "run")
     assert proc.returncode == 2 and "'lock' is curate's own entry of the run directory" in proc.stderr
     assert not (tmp_path / "run" / "completions").exists()
+
+
+def test_an_image_list_without_mime_is_written_as_bin_members(tmp_path):
+    """`datasets`' Image layout (bytes, path) has no mime: each image is a .bin member, none is lost."""
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    batch = pa.RecordBatch.from_pydict({"id": ["a"], "text": ["t"], "images": pa.array(
+        [[{"bytes": b"\x89PNG-ish", "path": "x.png"}, None]], pa.list_(image))})
+    sink, files = _write("webdataset", tmp_path, [batch])
+    got = _wds(sink.directory / f["name"] for f in files)
+    assert len(got) == 1 and got[0]["000.bin"] == b"\x89PNG-ish"
+    assert got[0]["json"]["images"] == [{"file": "000.bin", "path": "x.png"}, None]

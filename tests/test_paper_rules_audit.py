@@ -23,7 +23,7 @@ from curate.schema import documents_batch, score_column, with_scores
 from curate.stage import ShardPartial
 from curate.stages.tokenize import id_lists
 
-# ================================================================================================ helpers
+# ====== helpers
 
 
 def _ctx(root, seed: int = 0) -> RunContext:
@@ -44,7 +44,7 @@ class _Stats:
         self.counts["drop:" + name] += n
 
 
-# ================================================================================================ 1. UtK
+# ====== 1. UtK
 
 @pytest.fixture(scope="module")
 def utk_dir(tmp_path_factory):
@@ -228,7 +228,7 @@ def test_utk_unaugmented_windows_are_untouched(utk_dir):
         assert [m for m in row["loss_mask"]] == [0 if t in offs[:-1] else 1 for t in range(len(row["input_ids"]))]
 
 
-# ================================================================================================ 2. IN2
+# ====== 2. IN2
 
 
 class _WordTokenizer:
@@ -284,7 +284,7 @@ def test_in2_defaults_match_the_paper():
     assert abs(p["multi_hop_fraction"].default - 300 / 1400) < 0.02
 
 
-# ================================================================================================ 3. ProLong LDS
+# ====== 3. ProLong LDS
 
 
 class _CopyLM:
@@ -374,7 +374,7 @@ def test_prolong_pair_sampling_boundaries():
     assert sample_pairs(1, -1, g) == [] and sample_pairs(0, 500, g) == []
 
 
-# ================================================================================================ 4. DD
+# ====== 4. DD
 
 
 def _dd_reference(seq, min_log2, max_log2):
@@ -439,7 +439,7 @@ def test_dd_randomized_bucket_odds_favour_short_buckets(tmp_path):
         assert abs(drawn[k] / total - p) < 0.03
 
 
-# ================================================================================================ 5. ICLM
+# ====== 5. ICLM
 
 
 def _iclm_reference(emb, k):
@@ -507,7 +507,7 @@ def test_iclm_near_duplicate_rule():
     assert get_stage("related_docs").Params().dedup_jaccard == 0.85
 
 
-# ================================================================================================ 6. GATEAU HMG
+# ====== 6. GATEAU HMG
 
 
 def test_gateau_hmg_is_softmax_of_minmax_gap():
@@ -526,7 +526,7 @@ def test_gateau_hmg_is_softmax_of_minmax_gap():
     assert np.allclose(t.column("hmg").to_numpy(), want[order], rtol=1e-12)
 
 
-# ================================================================================================ 7. MMNeedle
+# ====== 7. MMNeedle
 
 
 def test_mmneedle_defaults():
@@ -539,7 +539,7 @@ def test_mmneedle_negative_answer_is_minus_one():
     assert get_stage("mm_needle").Params().absent_answer == "-1"
 
 
-# ================================================================================================ 8a. MMC4
+# ====== 8a. MMC4
 
 
 def _mmc4_reference(sims, floor, nearest):
@@ -594,7 +594,7 @@ def test_mmc4_assignment_matches_linear_assignment(seed, surplus):
         assert sim == pytest.approx(sims[s, pos])
 
 
-# ================================================================================================ 10a. DataComp / select
+# ====== 10a. DataComp / select
 
 
 def _select(tmp_path, values, **params):
@@ -644,7 +644,7 @@ def test_fraction_one_keeps_everything(tmp_path):
     assert sorted(_select(tmp_path, vals, top={"column": "scores.m.v", "fraction": 1.0})) == sorted(vals)
 
 
-# ================================================================================================ 10c. CCNet
+# ====== 10c. CCNet
 
 
 ARPA = """\\data\\
@@ -720,7 +720,7 @@ def test_ccnet_bucket_cutoffs_documented():
     assert "head < 340 ≤ middle < 520 ≤ tail" in perplexity.__doc__
 
 
-# ================================================================================================ 3b. ProLong packing
+# ====== 3b. ProLong packing
 
 
 def test_prolong_concat_chunk_tail_starts_next_chunk(tmp_path):
@@ -747,7 +747,7 @@ def test_prolong_first_token_of_each_document_has_no_loss(tmp_path):
                 assert r["loss_mask"][o] == 0
 
 
-# ================================================================================================ ProLong mix
+# ====== ProLong mix
 
 
 def test_prolong_mix_rates_give_the_target_shares():
@@ -764,7 +764,7 @@ def test_prolong_mix_rates_give_the_target_shares():
     assert "other" not in state["rates"]
 
 
-# ================================================================================================ 8a. MMC4 image filters
+# ====== 8a. MMC4 image filters
 
 
 def test_mmc4_image_size_and_aspect_bounds(tmp_path):

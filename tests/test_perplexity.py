@@ -94,6 +94,11 @@ def test_kenlm_backend_is_ccnet_document_perplexity(tmp_path):
     assert s["mean_nll"][0].as_py() == pytest.approx(0.6 / 3 * np.log(10), rel=1e-6)  # not rounded
     assert s["n_scored"].to_pylist() == [3, 6, 3, 0, 3, 7]
     assert s["perplexity"][3].as_py() is None  # null (never NaN): nothing to score
+    # lines: joined — the whole text normalized first (its newline deleted: "catthe" is one unknown word),
+    # then one sentence: -0.2, backoff(the) + p(<unk>) = -1.2, backoff(<unk>) + p(cat) = -0.7, -0.1
+    joined, ctx = make_stage("perplexity", model=str(model), lines="joined")
+    s = joined.score(documents_batch(["j"], ["The cat\nthe cat"]), ctx)
+    assert s["perplexity"].to_pylist() == [round(10 ** (2.2 / 4), 1)] and s["n_scored"].to_pylist() == [4]
 
 
 def test_kenlm_and_shingle_caches_load_once_per_worker_process(tmp_path):

@@ -318,3 +318,19 @@ def test_free_cut_pieces_give_every_text_its_whole_ids(tmp_path, llama_folder, t
         assert [a.tolist() for a in got] == want, piece_chars
     monkeypatch.setattr(tok, "split_chars", 200)  # a piece with no space to cut at gets verified cuts
     assert [a.tolist() for a in tok.encode_arrays(docs)] == want
+
+
+def test_a_padding_or_truncation_saved_in_the_tokenizer_changes_no_ids(tmp_path, llama_folder, texts):
+    """A tokenizer.json may carry padding or truncation; pieces must not be padded or cut."""
+    from tokenizers import Tokenizer
+
+    tok = _run_llama(tmp_path, llama_folder)
+    plain = Tokenizer.from_str(tok.tk.to_str())
+    plain.encode_special_tokens = True
+    docs = ["\n\n".join(texts[i:i + 30]) for i in range(0, 300, 30)]
+    want = [e.ids for e in plain.encode_batch(docs, add_special_tokens=False)]
+    padded = Tokenizer.from_str(tok.tk.to_str())
+    padded.enable_padding(pad_id=0, length=4096)
+    padded.enable_truncation(max_length=100)
+    got = CurateTokenizer(padded, {}).encode_arrays(docs)
+    assert [a.tolist() for a in got] == want

@@ -156,7 +156,7 @@ def _has_binary(kind: pa.DataType) -> bool:
     if pa.types.is_dictionary(kind):
         return _has_binary(kind.value_type)
     if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
-            or pa.types.is_binary_view(kind)):
+            or getattr(pa.types, "is_binary_view", lambda _: False)(kind)):  # pyarrow >= 16
         return True
     return any(_has_binary(kind.field(i).type) for i in range(kind.num_fields))
 

@@ -84,7 +84,7 @@ class WebDatasetEncoder(Encoder):
                 if image.get("bytes") is None:  # a struct without data: its entry, but no file to write
                     names.append({"file": None, **{k: v for k, v in image.items() if k != "bytes"}})
                     continue
-                name = f"{i:03d}.{_EXT_OF_MIME.get(image['mime'], 'bin')}"
+                name = f"{i:03d}.{_EXT_OF_MIME.get(image.get('mime'), 'bin')}"  # no mime (datasets' Image): .bin
                 sample[name] = image["bytes"]
                 names.append({"file": name, **{k: v for k, v in image.items() if k != "bytes"}})
             row["images"] = names
