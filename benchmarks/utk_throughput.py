@@ -19,7 +19,7 @@ Also reports best-fit fill rates at 32K and 128K on a long-tailed document-lengt
 
 Jobs run interleaved (each repeat runs every job once, in turn); medians and bests are reported.
 
-Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove] [--corpus web]
+Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove] [--corpus web|mid]
 [--compare-tree DIR]``
 """
 
@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--compare-tree", help="another checkout of curate (e.g. `git worktree add DIR <commit>`): its "
                                            "`curate run` of the same job is timed too, as curate_before")
-    ap.add_argument("--corpus", choices=["longtail", "web"], default="longtail",
+    ap.add_argument("--corpus", choices=["longtail", "web", "mid"], default="longtail",
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
-                         "web: web-length documents only")
+                         "web: web-length documents only (up to ~10K characters); "
+                         "mid: documents of up to ~30K characters")
     args = ap.parse_args(argv)
     from curate.testing import byte_compile
 
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         corpus = work / "corpus.jsonl"
         # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
-        tail = {"books": 0.002, "giants": 2} if args.corpus == "longtail" else {}
-        write_jsonl_corpus(corpus, args.mb * 1_000_000, **tail)
+        shape = {"longtail": {"books": 0.002, "giants": 2}, "web": {}, "mid": {"paragraphs_per_doc": (4, 200)}}
+        write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
         report["corpus"] = args.corpus
         report["versions"] = versions()
         report["settings"] = {
