@@ -487,3 +487,17 @@ def test_integer_ids_beyond_64_bits_stay_exact(tmp_path, monkeypatch, bulk):
                                                   for i, v in enumerate(big)).encode())
     got, _, _ = read_all("jsonl", tmp_path / "r", paths=[str(path)], id_field="id")
     assert [r["id"] for r in got] == [str(v) for v in big]
+
+
+def test_utf16_and_bare_cr_files_are_named_before_the_run(tmp_path):
+    """Both would read as garbage or as one huge line: refused up front with what to do about them."""
+    lines = "".join(json.dumps({"id": f"r{i}", "text": f"doc {i}"}) + "\n" for i in range(3))
+    for name, data, words in (("le.jsonl", lines.encode("utf-16"), "UTF-16"),
+                              ("be.jsonl", lines.encode("utf-16-be"), "UTF-16"),
+                              ("cr.jsonl", lines.replace("\n", "\r").encode(), "bare CR")):
+        path = _write(tmp_path / name, data)
+        with pytest.raises(ConfigError, match=words) as err:
+            _reader("jsonl", paths=[str(path)]).shards()
+        assert str(path) in str(err.value)
+    one = _write(tmp_path / "one.jsonl", b'{"id": "a", "text": "one record"}\r')  # a single record: fine
+    assert [r["text"] for r in read_all("jsonl", tmp_path / "r", paths=[str(one)])[0]] == ["one record"]

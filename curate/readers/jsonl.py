@@ -120,6 +120,9 @@ def check_file(uri: str, compression: str | None) -> None:
             raise ConfigError(f"{uri}: not plain JSON Lines: {sniff.describe(found)}; name it by its "
                               f"compression (.gz, .zst …) or set source.compression: {found}")
         sniff.expect(uri, ("json", "empty"), "JSON Lines", data)
+        if b"\r" in data and b"\n" not in data and data.rstrip(b"\r").count(b"\r"):
+            raise ConfigError(f"{uri}: not JSON Lines: its lines end with a bare CR (old Mac line ends), so it "
+                              "reads as one line; convert them to LF first (e.g. tr '\\r' '\\n')")
     elif compression in sniff.CODECS and found != compression:
         if compression in ("gzip", "zstd", "bz2", "xz") and sniff.cut_in_magic(data, compression):
             return  # the whole file is the start of the magic: read, it is a truncated_input

@@ -44,6 +44,7 @@ DESCRIBE = {
     "lz4": ("lz4-compressed data", None),
     "zip": ("a zip archive", None),
     "empty": ("an empty file (0 bytes)", None),
+    "utf16": ("text in UTF-16 or UTF-32", "re-encode it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"),
 }
 
 #: Compression codecs (fsspec names) whose streams start with a known magic.
@@ -60,7 +61,8 @@ def looks_like(data: bytes) -> str | None:
     """The format ``data`` (a file's first bytes) starts like, or None when it is not recognized.
 
     One of ``empty``, ``parquet``, ``arrow``, ``gzip``, ``zstd``, ``bz2``, ``xz``, ``lz4``, ``zip``,
-    ``tar`` (``ustar`` at offset 257), ``json`` (``{`` after optional BOM and whitespace).
+    ``tar`` (``ustar`` at offset 257), ``utf16`` (UTF-16/32 text), ``json`` (``{`` after optional BOM and
+    whitespace).
     """
     if not data:
         return "empty"
@@ -71,6 +73,8 @@ def looks_like(data: bytes) -> str | None:
         return "zstd"  # a zstd skippable frame first (pzstd writes one)
     if data[257:262] == b"ustar":
         return "tar"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or data[:2] in (b"{\x00", b"\x00{"):
+        return "utf16"  # a UTF-16/32 byte-order mark, or a "{" that is two bytes wide
     if data.removeprefix(BOM).lstrip().startswith(b"{"):
         return "json"
     return None
