@@ -69,20 +69,6 @@ JOBS = {
             n += sum(len(e.ids) for e in tk.encode_batch_fast(batch, add_special_tokens=False))
         print(n)
     """,
-    "bare_offsets": """
-        import orjson
-        from tokenizers import Tokenizer
-        tk = Tokenizer.from_file("{tok}/tokenizer.json")
-        n, batch = 0, []
-        with open("{corpus}", "rb") as fh:
-            for line in fh:
-                batch.append(orjson.loads(line)["text"])
-                if len(batch) == 1000:
-                    n += sum(len(e.ids) for e in tk.encode_batch(batch, add_special_tokens=False)); batch = []
-        if batch:
-            n += sum(len(e.ids) for e in tk.encode_batch(batch, add_special_tokens=False))
-        print(n)
-    """,
     "datasets": """
         import datasets, numpy as np, pyarrow as pa, pyarrow.compute as pc
         from transformers import AutoTokenizer
@@ -111,6 +97,10 @@ JOBS = {
         ], tasks=2, workers=2, logging_dir="{work}/dt-logs").run()  # dt-in holds 2 files: one per task
     """,
 }
+
+
+#: the same loop through plain encode_batch, which also computes each token's offsets (context, not a peer)
+JOBS["bare_offsets"] = JOBS["bare"].replace("encode_batch_fast", "encode_batch")
 
 
 def split_lines(corpus: Path, folder: Path, parts: int) -> None:

@@ -647,24 +647,7 @@ def test_fraction_one_keeps_everything(tmp_path):
 # ====== 10c. CCNet
 
 
-ARPA = """\\data\\
-ngram 1=5
-ngram 2=3
-
-\\1-grams:
--1.0\t<unk>\t0
--99\t<s>\t-0.3
--0.5\tthe\t-0.2
--0.7\tcat\t-0.1
--0.6\t</s>\t0
-
-\\2-grams:
--0.2\t<s> the
--0.3\tthe cat
--0.1\tcat </s>
-
-\\end\\
-"""
+from tests.test_perplexity import ARPA  # noqa: E402  (the hand-written bigram model, shared)
 
 
 def _ccnet_pp(model, text, rounded=True):
