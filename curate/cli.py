@@ -32,6 +32,8 @@ def _load(manifest: Path, output: Optional[str] = None, workers: Optional[int] =
     if workers is not None:
         if m.executor.kind != "local":
             raise ConfigError("--workers applies to the local executor only")
+        if workers < 1:
+            raise ConfigError(f"--workers {workers}: must be at least 1")
         params = m.executor.params.model_copy(update={"workers": workers})
         m.executor = dataclasses.replace(m.executor, params=params)
     return m
@@ -197,18 +199,15 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Per phase: shards done, running, failed (with log paths) and pending, from the run directory."""
-    from curate.manifest import Manifest
+    from curate.manifest import load
     from curate.planner import Plan
     from curate.steps import holder, slurm_jobs
     from curate.steps import status as phase_status
 
     resolved = run_dir / "manifest.resolved.yaml"
-    if not resolved.exists():
+    if not resolved.is_file():
         raise ConfigError(f"{run_dir}: not a curate run directory (no manifest.resolved.yaml)")
-    import yaml
-
-    m = Manifest.from_dict(yaml.safe_load(resolved.read_text()), str(resolved))
-    m.output = str(run_dir)
+    m = load(resolved, output=str(run_dir))
     plan = Plan.build(m)
     phases = phase_status(plan)
     finished = (run_dir / "stats.json").exists() and all(
@@ -278,12 +277,18 @@ def inspect(
     """Print samples from an output, whatever its format (or render them to an HTML page)."""
     from curate.inspect_output import show, write_html
 
-    if html is not None:
-        shown = write_html(path, n, offset, html)
-        out.print(f"{shown} samples → {escape(str(html))}")
-        return
-    if show(path, n, offset, width, out) == 0:
-        out.print("[yellow]no samples[/yellow]")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    try:
+        if html is not None:
+            shown = write_html(path, n, offset, html)
+            out.print(f"{shown} samples → {escape(str(html))}")
+        elif show(path, n, offset, width, out) == 0:
+            out.print("[yellow]no samples[/yellow]")
+    except orjson.JSONDecodeError as e:
+        raise ConfigError(f"{path}: a damaged or half-written JSON file (index.json or stats.json): {e}") from None
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 @app.command()
@@ -307,9 +312,16 @@ def report(
 def stats(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Print a run's merged stats.json."""
     path = run_dir / "stats.json"
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"{run_dir}: no stats.json (the run has not finished)")
-    _print_stats(orjson.loads(path.read_bytes()))
+    try:
+        merged = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise ConfigError(f"{path}: damaged or half-written ({e}); run the same `curate run` again to "
+                          "write it anew") from None
+    if not isinstance(merged, dict) or not isinstance(merged.get("stages"), dict):
+        raise ConfigError(f"{path}: not a curate stats file (no `stages` mapping)")
+    _print_stats(merged)
 
 
 @app.command()

@@ -103,11 +103,14 @@ class Manifest:
             errors.pydantic(e, (), "", list(_Envelope.model_fields))
             errors.raise_if_any()
             raise  # pragma: no cover - raise_if_any always raises here
+        _no_bool_numbers({k: v for k, v in data.items() if k == "seed"}, env, (), "", errors)
         source = _part(env.source, ("source",), "source", errors)
         sink_items = env.sink if isinstance(env.sink, list) else [env.sink]
         sink_prefix: Loc = ("sink",)
         sinks = [_part(s, sink_prefix + ((i,) if isinstance(env.sink, list) else ()), "sink", errors)
                  for i, s in enumerate(sink_items)]
+        if not sink_items:
+            errors.add(sink_prefix, "needs at least one sink (a mapping with a `kind`, or a list of them)")
         _check_sink_folders([s for s in sinks if s], errors)
         executor = _part(env.executor, ("executor",), "executor", errors)
         stages = _stages(env.stages, errors)
@@ -160,7 +163,13 @@ def load(path: str | os.PathLike, *, output: str | None = None) -> Manifest:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: manifest not found")
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the manifest is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start})") from None
     manifest = loads(text, str(path))
     if output:
         manifest.output = output
@@ -178,7 +187,13 @@ def loads(text: str, path: str = "<manifest>") -> Manifest:
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     lines: dict[Loc, int] = {}
     if node is not None:
-        _collect_lines(node, (), lines)
+        duplicates: list[tuple[Loc, int, int]] = []
+        _collect_lines(node, (), lines, duplicates)
+        if duplicates:
+            errors = _Errors(path, {})
+            for loc, line, first in duplicates:
+                errors.items.append(f"{path}:{line}: {_field_name(loc)}: duplicate key (first given on line {first})")
+            errors.raise_if_any()
     return Manifest.from_dict(data, path, lines)
 
 
@@ -237,16 +252,29 @@ def _field_name(loc: Loc) -> str:
     return out
 
 
-def _collect_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+def _collect_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int],
+                   duplicates: list[tuple[Loc, int, int]], seen: set[int] | None = None) -> None:
+    """Record the line of every key and item; a key given twice in one mapping goes to ``duplicates``
+    as (field, line, first line). Merge keys (``<<``) may be overridden, as YAML allows."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked (lines and duplicates are the anchor's)
+        return
+    seen.add(id(node))
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
         for key, value in node.value:
             k = key.value
-            lines[loc + (k,)] = key.start_mark.line + 1
-            _collect_lines(value, loc + (k,), lines)
+            line = key.start_mark.line + 1
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, k) in first:
+                    duplicates.append((loc + (k,), line, first[(key.tag, k)]))
+                first.setdefault((key.tag, k), line)
+            lines[loc + (k,)] = line
+            _collect_lines(value, loc + (k,), lines, duplicates, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _collect_lines(item, loc + (i,), lines)
+            _collect_lines(item, loc + (i,), lines, duplicates, seen)
 
 
 def _interpolate(value: Any, loc: Loc, errors: _Errors) -> tuple[Any, dict[Loc, str]]:
@@ -258,6 +286,11 @@ def _interpolate(value: Any, loc: Loc, errors: _Errors) -> tuple[Any, dict[Loc, 
         if isinstance(v, list):
             return [walk(x, at + (i,)) for i, x in enumerate(v)]
         if not isinstance(v, str) or "${" not in v:
+            return v
+
+        if "${" in _VAR.sub("", v) or any("${" in (m.group(2) or "") for m in _VAR.finditer(v)):
+            errors.add(at, f"{v!r}: a `${{` that does not start a ${{VAR}} or ${{VAR:-default}} reference "
+                           "(names are letters, digits and _; references do not nest)")
             return v
 
         def sub(m: re.Match) -> str:
@@ -323,7 +356,36 @@ def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part
     except ValidationError as e:
         errors.pydantic(e, loc, f"{_field_name(loc)} ({kind})", list(params_cls.model_fields))
         return None
+    if not _no_bool_numbers(rest, params, loc, f"{_field_name(loc)} ({kind})", errors):
+        return None
     return Part(kind, params, loc)
+
+
+def _no_bool_numbers(raw: Any, value: Any, loc: Loc, label: str, errors: _Errors, inner: Loc = ()) -> bool:
+    """Refuse a boolean where a number is expected (pydantic would read ``yes``/``true`` as 1): walk the
+    raw mapping beside the validated model; True when there is none."""
+    if isinstance(raw, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            name = (label + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in inner)
+                    if label else _field_name(loc + inner))
+            errors.add(loc + inner, f"expected a number, got the boolean {str(raw).lower()} "
+                                    "(YAML reads yes/no/on/off/true/false unquoted as booleans)", name)
+            return False
+        return True
+    ok = True
+    if isinstance(raw, dict) and isinstance(value, BaseModel):
+        for name, f in type(value).model_fields.items():
+            key = f.alias if f.alias in raw else name
+            if key in raw:
+                ok &= _no_bool_numbers(raw[key], getattr(value, name), loc, label, errors, inner + (key,))
+    elif isinstance(raw, dict) and isinstance(value, dict):
+        for key, item in raw.items():
+            if key in value:
+                ok &= _no_bool_numbers(item, value[key], loc, label, errors, inner + (key,))
+    elif isinstance(raw, list) and isinstance(value, (list, tuple)) and len(raw) == len(value):
+        for i, (item, got) in enumerate(zip(raw, value)):
+            ok &= _no_bool_numbers(item, got, loc, label, errors, inner + (i,))
+    return ok
 
 
 def _sink_folder(part: Part) -> tuple[str, ...]:
@@ -369,20 +431,22 @@ def _tokenizer(section: dict[str, Any], errors: _Errors) -> BaseModel | None:
     from curate.tokenizer import TokenizerSpec
 
     try:
-        return TokenizerSpec.model_validate(section)
+        spec = TokenizerSpec.model_validate(section)
     except ValidationError as e:
         errors.pydantic(e, ("tokenizer",), "tokenizer", list(TokenizerSpec.model_fields))
         return None
+    return spec if _no_bool_numbers(section, spec, ("tokenizer",), "tokenizer", errors) else None
 
 
 def _card(section: dict[str, Any], errors: _Errors) -> BaseModel | None:
     from curate.dataset_card import CardParams
 
     try:
-        return CardParams.model_validate(section)
+        card = CardParams.model_validate(section)
     except ValidationError as e:
         errors.pydantic(e, ("card",), "card", list(CardParams.model_fields))
         return None
+    return card if _no_bool_numbers(section, card, ("card",), "card", errors) else None
 
 
 def _stages(items: list[Any], errors: _Errors) -> list[StageSpec]:
@@ -420,6 +484,8 @@ def _stages(items: list[Any], errors: _Errors) -> list[StageSpec]:
             p = cls.Params.model_validate(params)
         except ValidationError as e:
             errors.pydantic(e, loc, f"stages[{i}] ({name})", list(cls.Params.model_fields))
+            continue
+        if not _no_bool_numbers(params, p, loc, f"stages[{i}] ({name})", errors):
             continue
         seen[name] = seen.get(name, 0) + 1
         label = name if counts[name] == 1 else f"{name}_{seen[name]}"

@@ -298,7 +298,13 @@ class RunDir:
         (only if it is a run directory: it must hold a ``fingerprint`` file).
         """
         if self.fingerprint.exists():
-            old = orjson.loads(self.fingerprint.read_bytes())
+            try:
+                old = orjson.loads(self.fingerprint.read_bytes())
+            except orjson.JSONDecodeError as e:
+                if not restart:
+                    raise ConfigError(f"{self.fingerprint}: damaged ({e}); this run directory cannot be "
+                                      "resumed: pass --restart to start over or choose another output") from None
+                old = {}
             if old.get("digest") == fingerprint["digest"] and not restart:
                 return True
             if not restart:
