@@ -12,6 +12,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.schema import meta_value
+
 FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "jsonl", ".tar": "webdataset"}
 
 
@@ -122,10 +124,7 @@ def show(path: str | Path, n: int, offset: int, width: int, console) -> int:
             if key in ("text", "texts") or (key == "utk_chunks" and tok):
                 continue
             if key == "meta" and isinstance(value, str):
-                try:
-                    value = orjson.loads(value)
-                except orjson.JSONDecodeError:
-                    pass  # a meta column curate did not write: shown as the string it is
+                value = meta_value(value)
             if isinstance(value, list) and len(value) > 16:
                 value = f"[{len(value)} items] {value[:16]} …"
             grid.add_row(Text(str(key)), Pretty(_short_bytes(value)))  # Text: never read as markup

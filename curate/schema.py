@@ -90,6 +90,15 @@ def documents_batch(
     )
 
 
+def meta_value(meta: str):
+    """A ``meta`` string as the JSON value it holds, or the string itself when it is not JSON (a
+    ``schema: table`` source's own ``meta`` column, which curate did not write)."""
+    try:
+        return orjson.loads(meta)
+    except orjson.JSONDecodeError:
+        return meta
+
+
 def _meta_json(meta: dict | str | None) -> str | None:
     if meta is None or isinstance(meta, str):
         return meta

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from curate.plugins import register_sink
 from curate.readers.webdataset import IMAGE_EXTENSIONS
+from curate.schema import meta_value
 from curate.sinks.base import Encoder, Sink, SinkParams, dumps_rows
 
 _EXT_OF_MIME = {mime: ext for ext, mime in reversed(list(IMAGE_EXTENSIONS.items()))}
@@ -93,10 +94,7 @@ class WebDatasetEncoder(Encoder):
             np.save(buf, array, allow_pickle=False)
             sample[f"{col}.npy"] = buf.getvalue()
         if isinstance(row.get("meta"), str):
-            try:
-                row["meta"] = orjson.loads(row["meta"])
-            except orjson.JSONDecodeError:
-                pass  # not JSON (a `schema: table` source's own column): kept as the string it is
+            row["meta"] = meta_value(row["meta"])
         sample["json"] = dumps_rows([row], "webdataset", self.schema, orjson.OPT_SORT_KEYS)[0]
         return sample
 
