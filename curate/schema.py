@@ -13,6 +13,7 @@ heterogeneous sources share one schema.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Literal
 
@@ -88,6 +89,14 @@ def documents_batch(
          pa.array(metas, pa.string())],
         schema=DOCUMENTS,
     )
+
+
+def json_default(obj):
+    """orjson's ``default`` for Arrow values: bytes become base64 text (JSON has no bytes); anything
+    else is a TypeError."""
+    if isinstance(obj, (bytes, bytearray)):
+        return base64.b64encode(obj).decode()
+    raise TypeError(f"{type(obj).__name__} has no JSON form")
 
 
 def meta_value(meta: str):

@@ -10,7 +10,6 @@ text is null or blank (``missing_text_field``, ``empty_text``), or whose ``id_fi
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 
 import orjson
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 
 from curate.errors import ConfigError
 from curate.readers.base import Shard
-from curate.schema import DOCUMENTS
+from curate.schema import DOCUMENTS, json_default
 
 
 def needed_columns(names: list[str], p) -> list[str] | None:
@@ -162,10 +161,12 @@ def _has_binary(kind: pa.DataType) -> bool:
 
 
 def _jsonable(value):
-    """What orjson writes for a value it has no JSON form for: bytes as base64, anything else as text."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    return str(value)
+    """What orjson writes for a value it has no JSON form for: bytes as base64 (as the JSON sinks write
+    them), anything else as text."""
+    try:
+        return json_default(value)
+    except TypeError:
+        return str(value)
 
 
 def rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:

@@ -15,7 +15,6 @@ original value.
 
 from __future__ import annotations
 
-import base64
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +24,7 @@ import pyarrow as pa
 from pydantic import ByteSize, Field, field_validator
 
 from curate.rundir import TMP_PREFIX, AtomicFile
+from curate.schema import json_default
 from curate.secrets import redact_obj
 from curate.sinks.paths import check_sink_path, encode_component, json_value, partition_folder
 from curate.stage import StageParams
@@ -48,13 +48,6 @@ class SinkParams(StageParams):
         if value is not None and not value:
             raise ValueError("must name a column")
         return value
-
-
-def json_default(obj):
-    """orjson's fallback for the JSON-writing sinks: bytes become base64 text; nothing else has a form."""
-    if isinstance(obj, (bytes, bytearray)):
-        return base64.b64encode(obj).decode()
-    raise TypeError
 
 
 def dumps_rows(rows: list[dict], kind: str, schema: pa.Schema | None = None, option: int = 0) -> list[bytes]:
