@@ -86,6 +86,24 @@ class TokenizerSpec(StageParams):
         return self
 
 
+def _cut_loop(text: str, longer_than: int, cut_after) -> list[str]:
+    """``text`` cut while what is left is longer than ``longer_than``: ``cut_after(start)`` gives the next
+    cut after ``start`` (None: no more cuts)."""
+    pieces, start = [], 0
+    while len(text) - start > longer_than:
+        cut = cut_after(start)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _start_of(match: re.Match | None) -> int | None:
+    return None if match is None else match.start()
+
+
 #: Characters per piece when the tokenizer allows free cuts (measured on the Mistral tokenizer: pieces of
 #: 300 characters cost more encoder CPU than whole documents, 1,000 the least, 4,000 about as much as whole).
 PIECE_CHARS = 1000
@@ -176,21 +194,14 @@ class CurateTokenizer:
     def encode_arrays(self, texts: Sequence[str], group_chars: int = 500_000) -> list[np.ndarray]:
         """Token ids (int32 arrays) of each text, no special tokens added.
 
-        Long texts are cut at verified points into pieces; pieces are encoded in parallel
+        Long texts are cut into pieces (:meth:`split`); pieces are encoded in parallel
         (``encode_batch``) in groups of about ``group_chars`` characters, so memory stays bounded
         and one huge document keeps every core busy instead of one.
         """
         pieces: list[str] = []
         owners: list[int] = []
-        free = self._free_cut
         for i, text in enumerate(texts):
-            if free is not None:
-                cut = self._free_pieces(text, free) if len(text) > 2 * PIECE_CHARS else [text]
-                if any(len(piece) > self.split_chars for piece in cut):  # no spaces to cut at (CJK …)
-                    cut = [q for piece in cut for q in (self.split(piece) if len(piece) > self.split_chars
-                                                        else [piece])]
-            else:
-                cut = self.split(text) if len(text) > self.split_chars else [text]
+            cut = self.split(text)
             pieces += cut
             owners += [i] * len(cut)
         parts: list[list[np.ndarray]] = [[] for _ in texts]
@@ -212,30 +223,24 @@ class CurateTokenizer:
             return self.tk.encode_batch_fast(pieces, add_special_tokens=False)
         return self.tk.encode_batch(pieces, add_special_tokens=False)
 
-    @staticmethod
-    def _free_pieces(text: str, cut_before: re.Pattern) -> list[str]:
-        """``text`` in pieces of about :data:`PIECE_CHARS`, each cut at a :func:`free_cuts` space."""
-        pieces, start = [], 0
-        while len(text) - start > 2 * PIECE_CHARS:
-            match = cut_before.search(text, start + PIECE_CHARS, len(text) - PIECE_CHARS)
-            if match is None:
-                break
-            pieces.append(text[start:match.start()])
-            start = match.start()
-        pieces.append(text[start:])
-        return pieces
-
     def split(self, text: str) -> list[str]:
-        """Cut ``text`` into pieces of about ``split_chars`` at points that keep the ids unchanged."""
-        pieces, start = [], 0
-        while len(text) - start > self.split_chars:
-            cut = self._safe_cut(text, start + self.split_chars, start)
-            if cut is None:
-                break
-            pieces.append(text[start:cut])
-            start = cut
-        pieces.append(text[start:])
-        return pieces
+        """Cut ``text`` into pieces whose ids, one after the other, are the whole text's ids.
+
+        With :func:`free_cuts`, pieces of about :data:`PIECE_CHARS` (a piece left longer than
+        ``split_chars``, having no space to cut at, is cut at verified points); otherwise pieces of about
+        ``split_chars`` at points verified on a window around each (:meth:`_safe_cut`).
+        """
+        if self._free_cut is None:
+            return self._verified_pieces(text)
+        free = self._free_cut.search
+        pieces = _cut_loop(text, 2 * PIECE_CHARS,
+                           lambda start: _start_of(free(text, start + PIECE_CHARS, len(text) - PIECE_CHARS)))
+        if all(len(p) <= self.split_chars for p in pieces):
+            return pieces
+        return [q for p in pieces for q in self._verified_pieces(p)]
+
+    def _verified_pieces(self, text: str) -> list[str]:
+        return _cut_loop(text, self.split_chars, lambda start: self._safe_cut(text, start + self.split_chars, start))
 
     def _safe_cut(self, text: str, near: int, floor: int, window: int = 512) -> int | None:
         """A position near ``near`` where left and right encode as the whole does (window-checked)."""
