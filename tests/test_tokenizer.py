@@ -334,3 +334,36 @@ def test_a_padding_or_truncation_saved_in_the_tokenizer_changes_no_ids(tmp_path,
     padded.enable_truncation(max_length=100)
     got = CurateTokenizer(padded, {}).encode_arrays(docs)
     assert [a.tolist() for a in got] == want
+
+
+def test_free_cut_tokenizing_after_an_exception_and_a_killed_worker_reruns_exactly(tmp_path, llama_folder):
+    """tokenize → utk → pack with the Mistral tokenizer (free cuts): an exception inside tokenize, then a
+    worker SIGKILLed mid-sink; each time a plain rerun gives the bytes of a run that never failed."""
+    from tests.conftest import make_text, write_jsonl
+    from tests.test_faults import _cli_run, _run, output_digest
+
+    for f in range(3):
+        write_jsonl(tmp_path / "in" / f"p{f}.jsonl",
+                    [{"id": f"d{f}-{i}", "text": make_text(f * 50 + i, 300 + 97 * i)} for i in range(12)])
+    m = write_manifest(tmp_path / "m.yaml", f"""
+name: free-cuts
+seed: 5
+source: {{kind: jsonl, paths: ["{tmp_path}/in/*.jsonl"], id_field: id, batch_rows: 4}}
+tokenizer: {{path: "{llama_folder}"}}
+stages:
+  - tokenize: {{}}
+  - utk: {{seq_len: 2048}}
+  - pack: {{seq_len: 2048}}
+sink: {{kind: parquet}}
+executor: {{kind: local, workers: 2}}
+""")
+    assert _run(m, tmp_path / "clean") is None
+    clean = output_digest(tmp_path / "clean")
+    fault = [{"point": "stage", "label": "tokenize", "shard": "00001", "after": 1}]
+    assert _run(m, tmp_path / "raised", fault) is not None
+    assert _run(m, tmp_path / "raised") is None
+    assert output_digest(tmp_path / "raised") == clean
+    killed = [{"point": "sink", "shard": "00002", "after": 1, "action": "kill", "once": str(tmp_path / "fired")}]
+    assert _cli_run(m, tmp_path / "killed", faults=killed).returncode == 0
+    assert (tmp_path / "fired").exists()
+    assert output_digest(tmp_path / "killed") == clean
