@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.errors import ConfigError
@@ -190,6 +191,34 @@ class CurateTokenizer:
         if texts and sum(map(len, texts)) <= 500_000:  # one group, nothing to cut: no arrays in between
             return [enc.ids for enc in self._encode(list(texts))]
         return [a.tolist() for a in self.encode_arrays(texts)]
+
+    @cached_property
+    def word_memo(self):
+        """A :class:`curate.word_memo.WordMemo` when the tokenizer allows free cuts, else None."""
+        if self._free_cut is None:
+            return None
+        from curate.word_memo import WordMemo
+
+        return WordMemo(self, self.tk.pre_tokenizer.replacement)
+
+    def encode_column(self, texts: pa.Array | pa.ChunkedArray, eos: int | None = None) -> pa.ListArray:
+        """Token ids of an Arrow string column as a ``list<int32>`` array, ``eos`` (if given) ending each.
+
+        Where the tokenizer allows free cuts, texts are encoded by distinct words (:mod:`curate.word_memo`,
+        the same ids for a fraction of the encoder's work); otherwise through :meth:`encode_arrays`.
+        """
+        from curate.arrays import int_lists, numeric
+
+        if self.word_memo is None or texts.null_count or len(texts) == 0:
+            ids = self.encode_arrays(texts.to_pylist())
+            if eos is not None:
+                ids = [np.append(row, np.int32(eos)) for row in ids]
+            return int_lists(ids, np.int32)
+        offsets, values = self.word_memo.encode(texts)
+        if eos is not None:
+            values = np.insert(values, offsets[1:], np.int32(eos))
+            offsets = offsets + np.arange(len(offsets))
+        return pa.ListArray.from_arrays(numeric(offsets.astype(np.int32)), numeric(values.astype(np.int32, copy=False)))
 
     def encode_arrays(self, texts: Sequence[str], group_chars: int = 500_000) -> list[np.ndarray]:
         """Token ids (int32 arrays) of each text, no special tokens added.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,3 +138,18 @@ def make_stage(name: str, run_dir: Path | str = "/tmp/unused", **params):
     ctx = RunContext(0, Shard("00000", "k", "mem"), RunDir(run_dir))
     stage.setup(ctx)
     return stage, ctx
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    """A real Llama/Mistral SentencePiece tokenizer (shipped by mistral_common) as a HF folder."""
+    pytest.importorskip("transformers", reason="the `text` extra is not installed")
+    pytest.importorskip("sentencepiece", reason="the `text` extra is not installed")
+    mistral_common = pytest.importorskip("mistral_common", reason="the `text` extra is not installed")
+    folder = tmp_path_factory.mktemp("llama")
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False, "legacy": False}))
+    return folder

@@ -155,24 +155,6 @@ def test_a_chosen_string_the_tokenizer_already_uses_is_a_config_error(tmp_path, 
                 ["<S>", "<D>"], lambda: iter([]))
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    """A real Llama/Mistral SentencePiece tokenizer (shipped by mistral_common) as a HF folder."""
-    pytest.importorskip("transformers", reason="the `text` extra is not installed")
-    pytest.importorskip("sentencepiece", reason="the `text` extra is not installed")
-    mistral_common = pytest.importorskip("mistral_common", reason="the `text` extra is not installed")
-    import os
-    import shutil
-
-    folder = tmp_path_factory.mktemp("llama")
-    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
-                folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": False, "add_eos_token": False, "legacy": False}))
-    return folder
-
-
 def test_real_llama_tokenizer_through_autotokenizer(tmp_path, llama_folder, texts):
     """No tokenizer.json: loaded by AutoTokenizer, same ids as transformers gives, splits verified."""
     from transformers import AutoTokenizer

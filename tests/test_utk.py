@@ -324,10 +324,9 @@ def test_impossible_parameters_are_refused_at_setup_with_the_tokenizer(run_dir, 
 
 
 # ---------------------------------------------------------------------- a real tokenizer whose BOS is <s>
-from tests.test_tokenizer import llama_folder  # noqa: E402,F401  (the fixture)
 
 
-def test_markers_never_take_a_real_tokenizers_special_ids_and_decode_back(tmp_path, llama_folder):  # noqa: F811
+def test_markers_never_take_a_real_tokenizers_special_ids_and_decode_back(tmp_path, llama_folder):
     """Llama/Mistral SentencePiece: BOS is ``<s>``, UtK's backtrace separator is named ``<s>`` too."""
     import sentencepiece
     from tokenizers import Tokenizer

@@ -68,10 +68,7 @@ class Tokenize(Stage):
 
     @staticmethod
     def _encode(tok, texts: pa.Array, eos: int | None) -> pa.ListArray:
-        ids = tok.encode_arrays(texts.to_pylist())
-        if eos is not None:
-            ids = [np.append(row, np.int32(eos)) for row in ids]
-        return id_lists(ids)
+        return tok.encode_column(texts, eos)
 
 
 def _encoded_ahead(batches, encode):

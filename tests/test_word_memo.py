@@ -1,0 +1,146 @@
+"""Encoding by distinct words (curate.word_memo): the ids are always the tokenizer's for each whole text."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import curate.word_memo as word_memo
+from curate.testing import _paragraphs
+from curate.tokenizer import CurateTokenizer, TokenizerSpec, free_cuts, prepare
+
+
+@pytest.fixture(scope="module")
+def paragraphs() -> list[str]:
+    return _paragraphs()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, llama_folder) -> CurateTokenizer:
+    run = tmp_path_factory.mktemp("run") / "tokenizer"
+    prepare(TokenizerSpec(path=str(llama_folder)), run, ["<D>", "<|knot_1_head|>"], lambda: iter([]))
+    return CurateTokenizer.load_run(run)
+
+
+def _fresh(tok: CurateTokenizer) -> CurateTokenizer:
+    """The same tokenizer with an empty memo (tests must not share what an earlier one learned)."""
+    from tokenizers import Tokenizer
+
+    return CurateTokenizer(Tokenizer.from_str(tok.tk.to_str()), tok.specials, tok.split_chars)
+
+
+def _whole(tok: CurateTokenizer, docs: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tok.tk.to_str())
+    plain.encode_special_tokens = True
+    return [e.ids for e in plain.encode_batch(docs, add_special_tokens=False)]
+
+
+def _hostile(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    alphabet = list("ab z\n\t▁é😀<s>") + [" ", "  ", "▁▁", "\u3000", "中文", ".", "\r\n", "\x00", "\u200b"]
+    docs = ["".join(rng.choice(alphabet, int(rng.integers(0, 160)))) for _ in range(n)]
+    return docs + [" leading", "trailing ", "  two  spaces  ", "▁ ▁ ▁", "x" * 500, "中" * 300 + " a" * 50, "",
+                   " ", "▁", "   ", "a <s> b </s>c <D> d <|knot_1_head|> e " * 20, "\n \n ", "a▁ b▁  c ▁"]
+
+
+def _lists(arr: pa.ListArray) -> list[list[int]]:
+    return arr.to_pylist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_word_pattern_cuts_exactly_where_free_cuts_are(seed):
+    """Its matches, joined, are the text; a match starts at 0 or at a space after a character other than
+    a space or ``▁`` — every such space, no other place."""
+    pattern = re.compile(word_memo.word_pattern("▁"))
+    free = re.compile("(?<=[^ ▁]) ")
+    for text in _hostile(400, seed):
+        words = pattern.findall(text)
+        assert "".join(words) == text
+        starts = np.cumsum([0] + [len(w) for w in words[:-1]]).tolist() if words else []
+        assert starts == ([0] if text else []) + [m.start() for m in free.finditer(text) if m.start() > 0]
+        assert all(words)
+
+
+def test_polars_finds_the_same_words_as_python():
+    """The column path uses polars' (Rust) regular expressions; they must agree with Python's on the pattern."""
+    import polars as pl
+
+    docs = _hostile(300, 7)
+    pattern = word_memo.word_pattern("▁")
+    got = pl.Series(docs).str.extract_all(pattern).to_list()
+    assert [g or [] for g in got] == [re.findall(pattern, d) for d in docs]
+
+
+def test_column_ids_equal_whole_text_ids_on_hostile_and_real_text(llama, paragraphs):
+    tok = _fresh(llama)
+    assert tok.word_memo is not None
+    docs = _hostile(1500) + ["\n\n".join(paragraphs[i:i + 40]) for i in range(0, 400, 40)]
+    want = _whole(tok, docs)
+    assert _lists(tok.encode_column(pa.array(docs))) == want
+    assert _lists(tok.encode_column(pa.array(docs))) == want  # again, every word now from the memo
+    chunked = pa.chunked_array([pa.array(docs[:700], pa.large_string()), pa.array(docs[700:], pa.large_string())])
+    assert _lists(tok.encode_column(chunked)) == want
+    assert _lists(tok.encode_column(pa.array(docs, pa.string_view()))) == want
+
+
+def test_end_of_text_ids_close_every_document_even_empty_ones(llama):
+    tok = _fresh(llama)
+    docs = ["", "hello world", "", "   ", "a"]
+    got = _lists(tok.encode_column(pa.array(docs), eos=2))
+    assert got == [ids + [2] for ids in _whole(tok, docs)]
+    assert _lists(tok.encode_column(pa.array([], pa.string()), eos=2)) == []
+    assert _lists(tok.encode_column(pa.array(["", ""]))) == [[], []]
+
+
+def test_a_memo_that_starts_over_and_words_too_long_to_keep_change_no_ids(llama, paragraphs, monkeypatch):
+    monkeypatch.setattr(word_memo, "MAX_WORDS", 50)
+    monkeypatch.setattr(word_memo, "CACHE_CHARS", 4)
+    tok = _fresh(llama)
+    tok.split_chars = 1000  # a word with no space longer than this is cut by the tokenizer's verified cuts
+    batches = [[" ".join(paragraphs[i:i + 5]), "x" * 3000, "y" * 999 + " z"] for i in range(0, 60, 5)]
+    for docs in batches:
+        assert _lists(tok.encode_column(pa.array(docs))) == _whole(tok, docs)
+        memo = tok.word_memo
+        assert len(memo._index) <= 50
+        assert all(len(w) <= 4 for w in memo._index)
+        assert len(memo._starts) == len(memo._lengths) == len(memo._index)
+
+
+def test_null_texts_take_the_plain_path_and_fail_as_before(llama):
+    with pytest.raises(TypeError):
+        _fresh(llama).encode_column(pa.array(["a", None]))
+
+
+def test_threads_sharing_one_memo_get_their_own_ids(llama, paragraphs):
+    tok = _fresh(llama)
+    work = [[" ".join(paragraphs[i:i + 9])] * 3 + _hostile(30, i) for i in range(8)]
+    want = [_whole(tok, docs) for docs in work]
+    got: dict[int, list] = {}
+
+    def encode(k: int) -> None:
+        got[k] = _lists(tok.encode_column(pa.array(work[k])))
+
+    threads = [threading.Thread(target=encode, args=(k,)) for k in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[k] for k in range(len(work))] == want
+
+
+def test_tokenizers_without_free_cuts_encode_as_before(paragraphs):
+    """Byte-level BPE (GPT-2 style): no memo, the column path gives encode_arrays' ids."""
+    from curate.tokenizer import TrainSpec, train_bpe
+
+    tk = train_bpe(TrainSpec(vocab_size=500), paragraphs[:200])
+    assert free_cuts(tk) is None
+    tok = CurateTokenizer(tk, {})
+    assert tok.word_memo is None
+    docs = _hostile(100)
+    assert _lists(tok.encode_column(pa.array(docs))) == [a.tolist() for a in tok.encode_arrays(docs)]
