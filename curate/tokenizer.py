@@ -22,8 +22,10 @@ encoding them together (checked on a window around the cut), so the ids equal wh
 SentencePiece-style BPE tokenizers (Llama 2, Mistral, … as Hugging Face converts them) encode a whole
 text as one word, and their merge loop slows as the word grows. Where the tokenizer provably allows
 it (:func:`free_cuts`), every text is cut into pieces of about :data:`PIECE_CHARS` characters before
-a space, with no check needed: the same ids, ~13% less encoder CPU on documents of up to 30K characters
-(web-length ones, mostly under 2,000 characters, gain little).
+a space, with no check needed: the same ids, ~13% less encoder CPU on documents of up to 30K characters.
+The same property lets the ``tokenize`` stage cut at *every* such space and encode each distinct word
+once (:meth:`CurateTokenizer.encode_column`, :mod:`curate.word_memo`): natural text repeats its words,
+so most of the encoder's work is never done twice.
 """
 
 from __future__ import annotations
@@ -113,32 +115,63 @@ PIECE_CHARS = 1000
 def free_cuts(tk) -> re.Pattern | None:
     """A pattern matching the spaces before which any text can be cut with its ids unchanged, or None.
 
-    Holds for a BPE model (no dropout, no word prefix or suffix, merges not skipped) behind a Metaspace
-    pre-tokenizer that does not split (``split: false``) and no normalizer — the text, spaces turned
-    into the metaspace ``▁``, is one BPE word — when no vocabulary token has the metaspace right after
-    another character, the metaspace itself is a token, and no added token holds a space or the
-    metaspace or takes the spaces around it. Cut before a space that follows a character other than a
-    space or ``▁``: no token can span the cut, so no merge joins its sides, and BPE (which merges by
-    rank, each merge local) gives the whole text the ids of the two sides, one after the other. The
-    side after the cut starts with ``▁``, so Metaspace adds no prefix to it, as in the whole text.
+    Holds for a BPE model (no dropout, no word prefix or suffix, merges not skipped) that sees the whole
+    text, spaces turned into the metaspace ``▁``, as one BPE word — a Metaspace pre-tokenizer that does
+    not split (``split: false``) and no normalizer, or (:func:`drops_cut_space`) the older conversion's
+    normalizer ``Prepend("▁")`` then ``Replace(" ", "▁")`` and no pre-tokenizer — when no vocabulary
+    token has the metaspace right after another character, the metaspace itself is a token, and no added
+    token holds a space or the metaspace or takes the spaces around it. Cut before a space that follows a
+    character other than a space or ``▁``: no token can span the cut, so no merge joins its sides, and
+    BPE (which merges by rank, each merge local) gives the whole text the ids of the two sides, one after
+    the other. With Metaspace the side after the cut starts with ``▁``, so no prefix is added to it, as
+    in the whole text; with the ``Prepend`` normalizer that side is encoded without its first space,
+    which the normalizer puts back as the ``▁`` it adds (see :func:`drops_cut_space`).
     """
+    form = _one_word_form(tk)
+    return None if form is None else re.compile(f"(?<=[^ {re.escape(form[0])}]) ")
+
+
+def drops_cut_space(tk) -> bool:
+    """True for the ``Prepend``/``Replace`` normalizer form of :func:`free_cuts` (Llama 2's published
+    ``tokenizer.json``): each side after a cut is encoded without the space the cut is before, since the
+    normalizer adds its ``▁`` to every non-empty text. Holds only while special tokens are encoded as
+    text (as :class:`CurateTokenizer` does) and the tokenizer has no non-special added token: an added
+    token splits the text, and the normalizer would prefix each part."""
+    form = _one_word_form(tk)
+    return form is not None and form[1]
+
+
+def _one_word_form(tk) -> tuple[str, bool] | None:
+    """``(metaspace, drops_cut_space)`` for a tokenizer that allows free cuts, else None."""
     from tokenizers import models, pre_tokenizers
 
-    pre = tk.pre_tokenizer
-    if tk.normalizer is not None or not isinstance(pre, pre_tokenizers.Metaspace) or pre.split:
+    pre, norm = tk.pre_tokenizer, tk.normalizer
+    if norm is None and isinstance(pre, pre_tokenizers.Metaspace) and not pre.split:
+        meta, drops = pre.replacement, False
+    elif pre is None and norm is not None:
+        state = orjson.loads(norm.__getstate__())
+        parts = state.get("normalizers") if state.get("type") == "Sequence" else None
+        if not (isinstance(parts, list) and len(parts) == 2 and parts[0].get("type") == "Prepend"
+                and parts[1] == {"type": "Replace", "pattern": {"String": " "}, "content": parts[0].get("prepend")}):
+            return None
+        meta, drops = parts[0]["prepend"], True
+        if not isinstance(meta, str) or len(meta) != 1 or meta == " " or not getattr(tk, "encode_special_tokens", False):
+            return None
+    else:
         return None
     model = tk.model
     if not isinstance(model, models.BPE) or model.dropout or model.continuing_subword_prefix \
             or model.end_of_word_suffix or getattr(model, "ignore_merges", False):
         return None
-    meta = pre.replacement
     vocab = tk.get_vocab(with_added_tokens=False)
     if meta not in vocab or any(meta in t.lstrip(meta) for t in vocab):
         return None
     for added in tk.get_added_tokens_decoder().values():
         if " " in added.content or meta in added.content or added.lstrip or added.rstrip or added.single_word:
             return None
-    return re.compile(f"(?<=[^ {re.escape(meta)}]) ")
+        if drops and not added.special:
+            return None
+    return meta, drops
 
 
 class CurateTokenizer:
@@ -157,6 +190,7 @@ class CurateTokenizer:
         self.split_chars = split_chars
         self._names = {i: s for s, i in specials.items()}
         self._free_cut = free_cuts(tokenizer)
+        self._drop_cut_space = self._free_cut is not None and drops_cut_space(tokenizer)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -195,11 +229,12 @@ class CurateTokenizer:
     @cached_property
     def word_memo(self):
         """A :class:`curate.word_memo.WordMemo` when the tokenizer allows free cuts, else None."""
-        if self._free_cut is None:
+        form = _one_word_form(self.tk) if self._free_cut is not None else None
+        if form is None:
             return None
         from curate.word_memo import WordMemo
 
-        return WordMemo(self, self.tk.pre_tokenizer.replacement)
+        return WordMemo(self, *form)
 
     def encode_column(self, texts: pa.Array | pa.ChunkedArray, eos: int | None = None) -> pa.ListArray:
         """Token ids of an Arrow string column as a ``list<int32>`` array, ``eos`` (if given) ending each.
@@ -257,13 +292,16 @@ class CurateTokenizer:
 
         With :func:`free_cuts`, pieces of about :data:`PIECE_CHARS` (a piece left longer than
         ``split_chars``, having no space to cut at, is cut at verified points); otherwise pieces of about
-        ``split_chars`` at points verified on a window around each (:meth:`_safe_cut`).
+        ``split_chars`` at points verified on a window around each (:meth:`_safe_cut`). For the
+        :func:`drops_cut_space` form the pieces after the first lack the space their cut was before.
         """
         if self._free_cut is None:
             return self._verified_pieces(text)
         free = self._free_cut.search
         pieces = _cut_loop(text, 2 * PIECE_CHARS,
                            lambda start: _start_of(free(text, start + PIECE_CHARS, len(text) - PIECE_CHARS)))
+        if self._drop_cut_space:
+            pieces[1:] = [p[1:] for p in pieces[1:]]
         if all(len(p) <= self.split_chars for p in pieces):
             return pieces
         return [q for p in pieces for q in self._verified_pieces(p)]

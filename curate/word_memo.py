@@ -50,9 +50,14 @@ def word_pattern(meta: str) -> str:
 class WordMemo:
     """Ids of texts by distinct words (see the module docstring). One per tokenizer; thread-safe."""
 
-    def __init__(self, tokenizer, meta: str):
+    def __init__(self, tokenizer, meta: str, drops_cut_space: bool = False):
         self.tok = tokenizer  # a CurateTokenizer whose tokenizer allows free cuts
         self.pattern = word_pattern(meta)
+        # The Prepend-normalizer form (curate.tokenizer.drops_cut_space): every non-empty text gets a
+        # space in front, so every word starts with one, and a word is encoded without that space (the
+        # normalizer adds the metaspace back); a lone space is the metaspace token itself.
+        self.drops = drops_cut_space
+        self.meta_id = tokenizer.tk.token_to_id(meta)
         self._lock = threading.Lock()
         self._reset()
 
@@ -89,7 +94,11 @@ class WordMemo:
     def _encode_slice(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         import polars as pl
 
-        words = pl.Series(texts).str.extract_all(self.pattern)
+        series = pl.Series(texts)
+        if self.drops:
+            series = pl.select(pl.when(series.str.len_bytes() > 0).then(pl.lit(" ") + series)
+                               .otherwise(series)).to_series()
+        words = series.str.extract_all(self.pattern)
         per_text = words.list.len().to_numpy().astype(np.int64, copy=False)
         flat = words.explode().drop_nulls().to_arrow()
         del words
@@ -149,6 +158,15 @@ class WordMemo:
 
     def _encode_words(self, words: list[str]) -> list[list[int]]:
         """Ids of each word: short ones in one ``encode_batch_fast`` call, long ones cut as the tokenizer does."""
+        if self.drops:
+            lone = [k for k, w in enumerate(words) if w == " "]
+            out = self._encode_texts([w[1:] if w != " " else "" for w in words])
+            for k in lone:
+                out[k] = [self.meta_id]
+            return out
+        return self._encode_texts(words)
+
+    def _encode_texts(self, words: list[str]) -> list[list[int]]:
         out: list = [None] * len(words)
         short = [k for k, w in enumerate(words) if len(w) <= self.tok.split_chars]
         for at in range(0, len(short), ENCODE_WORDS):  # the encoder's result objects are large: a few at a time

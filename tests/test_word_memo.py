@@ -26,6 +26,21 @@ def llama(tmp_path_factory, llama_folder) -> CurateTokenizer:
     return CurateTokenizer.load_run(run)
 
 
+@pytest.fixture(scope="module")
+def llama_prepend(llama) -> CurateTokenizer:
+    """The same vocabulary in the form Llama 2's published tokenizer.json has: a ``Prepend("▁")`` then
+    ``Replace(" ", "▁")`` normalizer and no pre-tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(llama.tk.to_str())
+    state["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    state["pre_tokenizer"] = None
+    return CurateTokenizer(Tokenizer.from_str(json.dumps(state)), llama.specials, llama.split_chars)
+
+
 def _fresh(tok: CurateTokenizer) -> CurateTokenizer:
     """The same tokenizer with an empty memo (tests must not share what an earlier one learned)."""
     from tokenizers import Tokenizer
@@ -77,8 +92,10 @@ def test_polars_finds_the_same_words_as_python():
     assert [g or [] for g in got] == [re.findall(pattern, d) for d in docs]
 
 
-def test_column_ids_equal_whole_text_ids_on_hostile_and_real_text(llama, paragraphs):
-    tok = _fresh(llama)
+@pytest.mark.parametrize("form", ["metaspace", "prepend"])
+def test_column_ids_equal_whole_text_ids_on_hostile_and_real_text(llama, llama_prepend, paragraphs, form):
+    tok = _fresh(llama if form == "metaspace" else llama_prepend)
+    assert tok.word_memo.drops == (form == "prepend")
     assert tok.word_memo is not None
     docs = _hostile(1500) + ["\n\n".join(paragraphs[i:i + 40]) for i in range(0, 400, 40)]
     want = _whole(tok, docs)
@@ -89,19 +106,22 @@ def test_column_ids_equal_whole_text_ids_on_hostile_and_real_text(llama, paragra
     assert _lists(tok.encode_column(pa.array(docs, pa.string_view()))) == want
 
 
-def test_end_of_text_ids_close_every_document_even_empty_ones(llama):
-    tok = _fresh(llama)
-    docs = ["", "hello world", "", "   ", "a"]
+@pytest.mark.parametrize("form", ["metaspace", "prepend"])
+def test_end_of_text_ids_close_every_document_even_empty_ones(llama, llama_prepend, form):
+    tok = _fresh(llama if form == "metaspace" else llama_prepend)
+    docs = ["", "hello world", "", "   ", "a", " ", "b "]
     got = _lists(tok.encode_column(pa.array(docs), eos=2))
     assert got == [ids + [2] for ids in _whole(tok, docs)]
     assert _lists(tok.encode_column(pa.array([], pa.string()), eos=2)) == []
     assert _lists(tok.encode_column(pa.array(["", ""]))) == [[], []]
 
 
-def test_a_memo_that_starts_over_and_words_too_long_to_keep_change_no_ids(llama, paragraphs, monkeypatch):
+@pytest.mark.parametrize("form", ["metaspace", "prepend"])
+def test_a_memo_that_starts_over_and_words_too_long_to_keep_change_no_ids(llama, llama_prepend, paragraphs, form,
+                                                                           monkeypatch):
     monkeypatch.setattr(word_memo, "MAX_WORDS", 50)
     monkeypatch.setattr(word_memo, "CACHE_CHARS", 4)
-    tok = _fresh(llama)
+    tok = _fresh(llama if form == "metaspace" else llama_prepend)
     tok.split_chars = 1000  # a word with no space longer than this is cut by the tokenizer's verified cuts
     batches = [[" ".join(paragraphs[i:i + 5]), "x" * 3000, "y" * 999 + " z"] for i in range(0, 60, 5)]
     for docs in batches:
@@ -144,3 +164,50 @@ def test_tokenizers_without_free_cuts_encode_as_before(paragraphs):
     assert tok.word_memo is None
     docs = _hostile(100)
     assert _lists(tok.encode_column(pa.array(docs))) == [a.tolist() for a in tok.encode_arrays(docs)]
+
+
+def test_the_prepend_form_allows_free_cuts_only_when_nothing_can_split_the_text(llama_prepend):
+    """Llama 2's normalizer form: cut pieces are encoded without their first space. A non-special added
+    token would split the text (and the normalizer prefix each part), special tokens left as markers
+    would too, and any other normalizer could change spaces: no free cuts then."""
+    import json
+
+    from tokenizers import Tokenizer, normalizers
+
+    from curate.tokenizer import drops_cut_space
+
+    tok = _fresh(llama_prepend)
+    assert free_cuts(tok.tk) is not None and drops_cut_space(tok.tk)
+    assert tok.split("word " * 600)[1][:4] == "word"  # the space before the cut is left out
+
+    def variant(change, as_text: bool = True):
+        tk = Tokenizer.from_str(tok.tk.to_str())
+        tk.encode_special_tokens = as_text
+        change(tk)
+        return tk
+
+    assert free_cuts(variant(lambda tk: None)) is not None
+    assert free_cuts(variant(lambda tk: None, as_text=False)) is None
+    assert free_cuts(variant(lambda tk: tk.add_tokens(["<plain>"]))) is None
+    assert free_cuts(variant(lambda tk: tk.add_special_tokens(["<ok>"]))) is not None
+    assert free_cuts(variant(lambda tk: setattr(tk, "normalizer", normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "_")])))) is None
+    assert free_cuts(variant(lambda tk: setattr(tk, "normalizer", normalizers.Sequence(
+        [normalizers.Replace(" ", "▁"), normalizers.Prepend("▁")])))) is None
+    assert free_cuts(variant(lambda tk: setattr(tk, "normalizer", normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])))) is None
+    state = json.loads(tok.tk.to_str())
+    state["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    assert free_cuts(Tokenizer.from_str(json.dumps(state))) is None  # both at once: not a known form
+
+
+def test_prepend_form_free_cut_pieces_give_whole_ids(llama_prepend, paragraphs, monkeypatch):
+    """The non-column path (encode_arrays, used by the other stages) with cut pieces for that form."""
+    import curate.tokenizer as tokenizer_module
+
+    tok = _fresh(llama_prepend)
+    docs = _hostile(600, 3) + ["\n\n".join(paragraphs[i:i + 30]) for i in range(0, 300, 30)]
+    want = _whole(tok, docs)
+    for piece_chars in (1, 5, 40):
+        monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+        assert [a.tolist() for a in tok.encode_arrays(docs, group_chars=3000)] == want, piece_chars
