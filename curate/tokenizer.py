@@ -155,7 +155,8 @@ def _one_word_form(tk) -> tuple[str, bool] | None:
                 and parts[1] == {"type": "Replace", "pattern": {"String": " "}, "content": parts[0].get("prepend")}):
             return None
         meta, drops = parts[0]["prepend"], True
-        if not isinstance(meta, str) or len(meta) != 1 or meta == " " or not getattr(tk, "encode_special_tokens", False):
+        as_text = getattr(tk, "encode_special_tokens", False)
+        if not isinstance(meta, str) or len(meta) != 1 or meta == " " or not as_text:
             return None
     else:
         return None
