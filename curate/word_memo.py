@@ -7,8 +7,10 @@ follows a character other than a space or the metaspace ``▁`` with its ids unc
 such space splits a text into words whose ids, one after the other, are the text's ids. Natural text
 repeats its words (a few hundred thousand distinct ones in tens of millions), so :class:`WordMemo`:
 
-1. splits the Arrow column into words with one regular expression (polars, no Python string per word);
-2. finds the batch's distinct words (``pyarrow.compute.dictionary_encode``);
+1. finds the words in the Arrow column's UTF-8 buffer with numpy (a cut is a space byte whose previous
+   character, in the same text, is neither a space nor the metaspace) and views them as an Arrow string
+   array over the same buffer — no copy, no Python string per word;
+2. finds each slice's distinct words (``pyarrow.compute.dictionary_encode``);
 3. encodes only the words it has not seen before (the tokenizer's own ``encode_batch_fast``) and keeps
    their ids for later batches (at most :data:`MAX_WORDS` words of at most :data:`CACHE_CHARS` characters;
    then it starts over, so memory stays bounded);
@@ -21,7 +23,6 @@ tokenizer's ``split_chars`` goes through the tokenizer's own cutting (:meth:`Cur
 
 from __future__ import annotations
 
-import re
 import threading
 from itertools import chain
 
@@ -29,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: Distinct words kept between batches (then the memo starts over).
+#: Distinct words kept between batches, and ids held for them (then the memo starts over).
 MAX_WORDS = 1 << 18
+MAX_STORE = 1 << 22
 #: Words longer than this are encoded for their batch only, never kept.
 CACHE_CHARS = 128
 #: Text bytes split into words at a time.
@@ -39,33 +41,26 @@ SLICE_BYTES = 1 << 22
 ENCODE_WORDS = 8192
 
 
-def word_pattern(meta: str) -> str:
-    """A regular expression (Rust/RE2 syntax: no look-behind) whose matches, in order, are ``text``'s
-    pieces between free cuts: each cut sits before a space whose previous character is neither a space nor
-    ``meta``. A piece starts with any character; after that a space may only follow a space or ``meta``."""
-    m = re.escape(meta)
-    return f"(?s)(?:[ {m}] *|[^ {m}])(?:[^ ]*{m} +)*[^ ]*"
-
-
 class WordMemo:
     """Ids of texts by distinct words (see the module docstring). One per tokenizer; thread-safe."""
 
     def __init__(self, tokenizer, meta: str, drops_cut_space: bool = False):
         self.tok = tokenizer  # a CurateTokenizer whose tokenizer allows free cuts
-        self.pattern = word_pattern(meta)
-        # The Prepend-normalizer form (curate.tokenizer.drops_cut_space): every non-empty text gets a
-        # space in front, so every word starts with one, and a word is encoded without that space (the
-        # normalizer adds the metaspace back); a lone space is the metaspace token itself.
+        self.meta = np.frombuffer(meta.encode(), np.uint8)
+        # The Prepend-normalizer form (curate.tokenizer.drops_cut_space): a word after a cut is encoded
+        # without its first space (the normalizer adds the metaspace back; a lone space is the metaspace
+        # token itself), a text's first word as it is — so first words have their own memo.
         self.drops = drops_cut_space
         self.meta_id = tokenizer.tk.token_to_id(meta)
         self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
-        self._index: dict[str, int] = {}  # kept word -> its number
-        self._starts = np.zeros(0, np.int64)  # where kept word k's ids start in _store
+        self._index: dict[str, int] = {}  # kept word -> its number k
+        self._first: dict[str, int] = {}  # the same for texts' first words (drops form only)
+        self._starts = np.zeros(0, np.int64)  # where word k's ids start in _store
         self._lengths = np.zeros(0, np.int64)
-        self._store = np.zeros(0, np.int32)
+        self._store = np.zeros(0, np.int32)  # every id encoded since the last reset
 
     def encode(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """``(offsets, ids)`` of ``texts`` (no nulls): text ``i``'s ids are ``ids[offsets[i]:offsets[i+1]]``.
@@ -74,97 +69,119 @@ class WordMemo:
         between stay small whatever the batch size.
         """
         texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-        if pa.types.is_string_view(texts.type):  # no length kernel for views
-            texts = texts.cast(pa.large_string())
-        sizes = pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+            texts = texts.cast(pa.large_string())  # string views and the like
+        offsets = _value_offsets(texts)
         bounds = [0]
-        for end in np.flatnonzero(np.diff(np.cumsum(sizes) // SLICE_BYTES)) + 1:
+        for end in np.flatnonzero(np.diff((offsets[1:] - offsets[0]) // SLICE_BYTES)) + 1:
             bounds.append(int(end))
         bounds.append(len(texts))
         parts = [self._encode_slice(texts.slice(a, b - a)) for a, b in zip(bounds, bounds[1:]) if b > a]
-        offsets = np.zeros(len(texts) + 1, np.int64)
+        out = np.zeros(len(texts) + 1, np.int64)
         at, row = 0, 0
         for part_offsets, part_ids in parts:
-            offsets[row + 1:row + len(part_offsets)] = part_offsets[1:] + at
+            out[row + 1:row + len(part_offsets)] = part_offsets[1:] + at
             row += len(part_offsets) - 1
             at += len(part_ids)
         ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
-        return offsets, ids
+        return out, ids
 
     def _encode_slice(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        import polars as pl
-
-        series = pl.Series(texts)
-        if self.drops:
-            series = pl.select(pl.when(series.str.len_bytes() > 0).then(pl.lit(" ") + series)
-                               .otherwise(series)).to_series()
-        words = series.str.extract_all(self.pattern)
-        per_text = words.list.len().to_numpy().astype(np.int64, copy=False)
-        flat = words.explode().drop_nulls().to_arrow()
-        del words
-        if isinstance(flat, pa.ChunkedArray):
-            flat = flat.combine_chunks()
-        if len(flat) == 0:
-            return np.zeros(len(per_text) + 1, np.int64), np.zeros(0, np.int32)
-        coded = pc.dictionary_encode(flat)
-        del flat
+        offsets = _value_offsets(texts)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        if hi == lo:
+            return np.zeros(len(texts) + 1, np.int64), np.zeros(0, np.int32)
+        data = texts.buffers()[2]
+        bounds, first = self._word_bounds(np.frombuffer(data, np.uint8, hi - lo, lo), offsets - lo)
+        words = pa.LargeStringArray.from_buffers(len(bounds), pa.py_buffer(np.append(bounds, hi - lo) + lo), data)
+        per_text = np.diff(np.searchsorted(bounds, offsets - lo))
+        word_starts = np.empty(len(bounds), np.int64)
+        word_lengths = np.empty(len(bounds), np.int64)
         with self._lock:
-            starts, lengths, source = self._lookup(coded.dictionary)
-        index = coded.indices.to_numpy()
-        lens = lengths[index]
-        word_ends = np.cumsum(lens)
+            groups = [(np.ones(len(bounds), bool), self._index)]
+            if self.drops:
+                is_first = np.zeros(len(bounds), bool)
+                is_first[first] = True
+                groups = [(~is_first, self._index), (is_first, self._first)]
+            for mask, index in groups:
+                part = words.filter(pa.array(mask)) if len(groups) > 1 else words
+                if len(part) == 0:
+                    continue
+                coded = pc.dictionary_encode(part)
+                starts, lengths = self._lookup(coded.dictionary, index, first=index is self._first)
+                codes = coded.indices.to_numpy()
+                word_starts[mask], word_lengths[mask] = starts[codes], lengths[codes]
+            source = self._store
+            if len(self._index) + len(self._first) > MAX_WORDS or len(self._store) > MAX_STORE:
+                self._reset()
+        word_ends = np.cumsum(word_lengths)
         total = int(word_ends[-1])
         # token t of word w is source[starts[w] + (t - first token of w)]
         kind = np.int32 if len(source) + total < 2**31 else np.int64  # half the memory for the gather
-        gather = np.repeat((starts[index] - (word_ends - lens)).astype(kind), lens)
+        gather = np.repeat((word_starts - (word_ends - word_lengths)).astype(kind), word_lengths)
         gather += np.arange(total, dtype=kind)
         ids = source[gather]
         del gather
-        offsets = np.zeros(len(per_text) + 1, np.int64)
+        out = np.zeros(len(texts) + 1, np.int64)
         ends = np.cumsum(per_text)
         has_words = ends > 0
-        offsets[1:][has_words] = word_ends[ends[has_words] - 1]
-        return offsets, ids
+        out[1:][has_words] = word_ends[ends[has_words] - 1]
+        return out, ids
 
-    def _lookup(self, distinct: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(starts, lengths, source)``: where each distinct word's ids lie in ``source``."""
+    def _word_bounds(self, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Byte positions where words start in ``data`` (UTF-8 of texts at ``offsets``), and which of
+        them are texts' starts: every non-empty text's start, and every space (byte 32) that follows, in
+        the same text, a character other than a space or the metaspace."""
+        space = np.flatnonzero(data == 32)
+        text_start = offsets[np.searchsorted(offsets, space, side="right") - 1]
+        cut = space > text_start
+        cut &= data[np.maximum(space - 1, 0)] != 32
+        k = len(self.meta)
+        after_meta = space - k >= text_start
+        for j in range(k):
+            after_meta &= data[np.maximum(space - k + j, 0)] == self.meta[j]
+        cut &= ~after_meta
+        starts = offsets[:-1][offsets[1:] > offsets[:-1]]
+        bounds = np.concatenate((starts, space[cut]))
+        bounds.sort()
+        return bounds, np.searchsorted(bounds, starts)
+
+    def _lookup(self, distinct: pa.Array, index: dict[str, int], first: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, lengths)`` in ``_store`` of each distinct word's ids, encoding those ``index`` lacks."""
         words = distinct.to_pylist()
-        get = self._index.get
+        get = index.get
         where = np.fromiter((get(w, -1) for w in words), np.int64, len(words))
         missing = where < 0
         known = np.where(missing, 0, where)
         starts = self._starts[known] if len(self._starts) else np.zeros(len(known), np.int64)
         lengths = self._lengths[known] if len(self._lengths) else np.zeros(len(known), np.int64)
         if not missing.any():
-            return starts, lengths, self._store
+            return starts, lengths
         new = np.flatnonzero(missing)
         texts = [words[k] for k in new]
-        encoded = self._encode_words(texts)
+        encoded = self._encode_words(texts, first)
         new_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         new_ids = np.fromiter(chain.from_iterable(encoded), np.int32, int(new_lengths.sum()))
         new_starts = len(self._store) + np.concatenate(([0], np.cumsum(new_lengths)[:-1]))
-        source = np.concatenate((self._store, new_ids))
+        self._store = np.concatenate((self._store, new_ids))
         starts[new], lengths[new] = new_starts, new_lengths
         kept = [k for k, t in enumerate(texts) if len(t) <= CACHE_CHARS]
-        if len(self._index) + len(kept) > MAX_WORDS:
-            self._reset()
-        elif kept:  # the kept words join the memo; the others lie in ``source`` for this batch only
-            first = len(self._starts)
-            self._index.update((texts[k], first + n) for n, k in enumerate(kept))
+        if kept:  # kept words are found again later; the others' ids are used by this slice only
+            base = len(self._starts)
+            index.update((texts[k], base + n) for n, k in enumerate(kept))
             self._starts = np.concatenate((self._starts, new_starts[kept]))
             self._lengths = np.concatenate((self._lengths, new_lengths[kept]))
-            self._store = source
-        return starts, lengths, source
+        return starts, lengths
 
-    def _encode_words(self, words: list[str]) -> list[list[int]]:
-        """Ids of each word: short ones in one ``encode_batch_fast`` call, long ones cut as the tokenizer does."""
-        if self.drops:
-            lone = [k for k, w in enumerate(words) if w == " "]
-            out = self._encode_texts([w[1:] if w != " " else "" for w in words])
-            for k in lone:
+    def _encode_words(self, words: list[str], first: bool) -> list[list[int]]:
+        """Ids of each word: short ones in ``encode_batch_fast`` calls, long ones cut as the tokenizer does."""
+        if not self.drops or first:
+            return self._encode_texts(words)
+        out = self._encode_texts([w[1:] for w in words])  # every word after a cut starts with its space
+        for k, w in enumerate(words):
+            if w == " ":
                 out[k] = [self.meta_id]
-            return out
-        return self._encode_texts(words)
+        return out
 
     def _encode_texts(self, words: list[str]) -> list[list[int]]:
         out: list = [None] * len(words)
@@ -178,3 +195,10 @@ class WordMemo:
             for k, ids in zip(long, self.tok.encode_arrays([words[k] for k in long]), strict=True):
                 out[k] = ids.tolist()
         return out
+
+
+def _value_offsets(texts: pa.Array) -> np.ndarray:
+    """The byte offsets (int64, ``len + 1``) of a string or large_string array's values in its data buffer."""
+    kind = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    raw = np.frombuffer(texts.buffers()[1], kind, len(texts) + 1, texts.offset * np.dtype(kind).itemsize)
+    return raw.astype(np.int64)

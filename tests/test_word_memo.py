@@ -69,27 +69,25 @@ def _lists(arr: pa.ListArray) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_word_pattern_cuts_exactly_where_free_cuts_are(seed):
-    """Its matches, joined, are the text; a match starts at 0 or at a space after a character other than
-    a space or ``▁`` — every such space, no other place."""
-    pattern = re.compile(word_memo.word_pattern("▁"))
+def test_words_start_exactly_where_free_cuts_are(llama, seed):
+    """Word starts found on the UTF-8 buffer are each non-empty text's start and every space whose
+    previous character (same text) is neither a space nor ``▁`` — what the free-cut pattern matches."""
+    docs = _hostile(400, seed)
+    arr = pa.array(docs)
+    memo = _fresh(llama).word_memo
+    offsets = word_memo._value_offsets(arr)
+    data = np.frombuffer(arr.buffers()[2], np.uint8)
+    bounds, first = memo._word_bounds(data[offsets[0]:offsets[-1]], offsets - offsets[0])
     free = re.compile("(?<=[^ ▁]) ")
-    for text in _hostile(400, seed):
-        words = pattern.findall(text)
-        assert "".join(words) == text
-        starts = np.cumsum([0] + [len(w) for w in words[:-1]]).tolist() if words else []
-        assert starts == ([0] if text else []) + [m.start() for m in free.finditer(text) if m.start() > 0]
-        assert all(words)
-
-
-def test_polars_finds_the_same_words_as_python():
-    """The column path uses polars' (Rust) regular expressions; they must agree with Python's on the pattern."""
-    import polars as pl
-
-    docs = _hostile(300, 7)
-    pattern = word_memo.word_pattern("▁")
-    got = pl.Series(docs).str.extract_all(pattern).to_list()
-    assert [g or [] for g in got] == [re.findall(pattern, d) for d in docs]
+    want, want_first = [], []
+    for text, start in zip(docs, offsets[:-1]):
+        if not text:
+            continue
+        want_first.append(len(want))
+        want.append(int(start))
+        want += [int(start) + len(text[:m.start()].encode()) for m in free.finditer(text) if m.start() > 0]
+    assert bounds.tolist() == want
+    assert first.tolist() == want_first
 
 
 @pytest.mark.parametrize("form", ["metaspace", "prepend"])
@@ -104,6 +102,19 @@ def test_column_ids_equal_whole_text_ids_on_hostile_and_real_text(llama, llama_p
     chunked = pa.chunked_array([pa.array(docs[:700], pa.large_string()), pa.array(docs[700:], pa.large_string())])
     assert _lists(tok.encode_column(chunked)) == want
     assert _lists(tok.encode_column(pa.array(docs, pa.string_view()))) == want
+
+
+def test_slices_of_a_batch_and_a_sliced_column_give_the_same_ids(llama, monkeypatch):
+    """The column is encoded in slices of whole texts; an input that is itself a slice (non-zero offset
+    into its buffers) or a large_string column works the same."""
+    tok = _fresh(llama)
+    docs = _hostile(300, 11)
+    want = _whole(tok, docs)
+    for slice_bytes in (1, 64, 1 << 22):
+        monkeypatch.setattr(word_memo, "SLICE_BYTES", slice_bytes)
+        assert _lists(tok.encode_column(pa.array(docs))) == want
+        assert _lists(tok.encode_column(pa.array(["pad me"] * 7 + docs).slice(7))) == want
+        assert _lists(tok.encode_column(pa.array(docs, pa.large_string()).slice(5, 100))) == want[5:105]
 
 
 @pytest.mark.parametrize("form", ["metaspace", "prepend"])
@@ -127,9 +138,9 @@ def test_a_memo_that_starts_over_and_words_too_long_to_keep_change_no_ids(llama,
     for docs in batches:
         assert _lists(tok.encode_column(pa.array(docs))) == _whole(tok, docs)
         memo = tok.word_memo
-        assert len(memo._index) <= 50
-        assert all(len(w) <= 4 for w in memo._index)
-        assert len(memo._starts) == len(memo._lengths) == len(memo._index)
+        assert len(memo._index) + len(memo._first) <= 50
+        assert all(len(w) <= 4 for w in [*memo._index, *memo._first])
+        assert len(memo._starts) == len(memo._lengths) == len(memo._index) + len(memo._first)
 
 
 def test_null_texts_take_the_plain_path_and_fail_as_before(llama):
