@@ -20,7 +20,7 @@ Also reports best-fit fill rates at 32K and 128K on a long-tailed document-lengt
 Jobs run interleaved (each repeat runs every job once, in turn); medians and bests are reported.
 
 Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove] [--corpus web|mid]
-[--compare-tree DIR]``
+[--jsonl FILE] [--compare-tree DIR]`` (``--jsonl``: your own held-out text instead of the generated corpus)
 """
 
 from __future__ import annotations
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--compare-tree", help="another checkout of curate (e.g. `git worktree add DIR <commit>`): its "
                                            "`curate run` of the same job is timed too, as curate_before")
+    ap.add_argument("--jsonl", help="time the jobs on this JSONL file (a `text` field per line) instead of a "
+                                    "generated corpus: held-out text of your own")
     ap.add_argument("--corpus", choices=["longtail", "web", "mid"], default="longtail",
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
                          "web: web-length documents only (up to ~10K characters); "
@@ -228,10 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {}
     try:
         corpus = work / "corpus.jsonl"
-        # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
-        shape = {"longtail": {"books": 0.002, "giants": 2}, "web": {}, "mid": {"paragraphs_per_doc": (4, 200)}}
-        write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
-        report["corpus"] = args.corpus
+        if args.jsonl:
+            shutil.copy(args.jsonl, corpus)
+            report["corpus"] = str(args.jsonl)
+        else:
+            # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
+            shape = {"longtail": {"books": 0.002, "giants": 2}, "web": {}, "mid": {"paragraphs_per_doc": (4, 200)}}
+            write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
+            report["corpus"] = args.corpus
         report["versions"] = versions()
         report["settings"] = {
             "bare": "tokenizers encode_batch_fast, 1,000 documents a batch, Rust threads on all cores",

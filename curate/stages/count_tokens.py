@@ -10,6 +10,10 @@ image whose header cannot be read costs the smallest image's tokens and is count
 different lengths, or a position with both or neither) are dropped as ``misaligned_row`` and written to
 ``failures/``, so what comes out is valid interleaved data. ``select`` on ``n_tokens`` then keeps rows
 within a budget, and every later length decision uses the same count.
+
+With ``v2pe_stride`` it also adds ``n_positions`` (int32): the positions the row spans under V2PE
+(:mod:`curate.v2pe`) — text tokens and image markers one each, each image's own tokens
+``ceil(stride × tokens / v2pe_unit)`` — to check long multimodal rows against a model's position window.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.image_tokens import ImageTokenParams
+from curate.v2pe import image_positions as image_positions_of
 from curate.registry import register_stage
 from curate.stage import Stage, StageParams
 
@@ -30,9 +35,17 @@ class CountTokens(Stage):
     class Params(StageParams):
         image_tokens: ImageTokenParams = Field(default_factory=ImageTokenParams,
                                                description="how many tokens an image costs the target VLM")
+        v2pe_stride: int | None = Field(None, ge=1, le=4096, description="also write n_positions: the "
+                                        "positions a row spans under V2PE with this stride (e.g. 64)")
+        v2pe_unit: int = Field(256, ge=1, description="V2PE: image tokens whose positions advance by `stride` "
+                               "in all (InternVL's tokens per tile)")
 
     provides = ("n_tokens", "n_image_tokens")
     needs_tokenizer = True
+
+    def columns_out(self, columns_in: list[str]) -> list[str]:
+        cols = super().columns_out(columns_in)
+        return cols + ["n_positions"] if self.params.v2pe_stride and "n_positions" not in cols else cols
 
     def __init__(self, params, label=None):
         super().__init__(params, label)
@@ -58,6 +71,8 @@ class CountTokens(Stage):
             lengths = np.array([len(ids) for ids in tok.encode_arrays(flat)], np.int64) if flat else np.zeros(0, np.int64)
             text_tokens = np.bincount(owner, weights=lengths, minlength=len(texts)).astype(np.int64)
             image_tokens = np.zeros(len(texts), np.int64)
+            image_positions = np.zeros(len(texts), np.int64)  # V2PE: what the images span
+            stride = self.params.v2pe_stride
             for r, row in enumerate(images):
                 for im in row or []:
                     if im is None:
@@ -69,14 +84,22 @@ class CountTokens(Stage):
                         if not (w and h):
                             st.count("unknown_image_size")
                         im = {"width": w, "height": h}
-                    image_tokens[r] += self.counter.count(im["width"], im["height"])
+                    cost = self.counter.count(im["width"], im["height"])
+                    image_tokens[r] += cost
+                    if stride:
+                        own = cost - self.counter.extra  # the markers are text tokens
+                        image_positions[r] += self.counter.extra + image_positions_of(own, stride,
+                                                                                     self.params.v2pe_unit)
             out = batch
-            for name in ("n_tokens", "n_image_tokens"):
+            for name in ("n_tokens", "n_image_tokens", "n_positions"):
                 if name in out.schema.names:
                     out = out.drop_columns([name])
             total = (text_tokens + image_tokens).astype(np.int32)
             out = out.append_column("n_tokens", pa.array(total, pa.int32()))
             out = out.append_column("n_image_tokens", pa.array(image_tokens.astype(np.int32), pa.int32()))
+            if stride:
+                positions = (text_tokens + image_positions).astype(np.int32)
+                out = out.append_column("n_positions", pa.array(positions, pa.int32()))
             st.count("image_tokens", int(image_tokens.sum()))
             yield out
 
