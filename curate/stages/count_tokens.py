@@ -23,9 +23,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.image_tokens import ImageTokenParams
-from curate.v2pe import image_positions as image_positions_of
 from curate.registry import register_stage
 from curate.stage import Stage, StageParams
+from curate.v2pe import image_positions as image_positions_of
 
 
 @register_stage("count_tokens")
