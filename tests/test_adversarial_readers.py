@@ -443,6 +443,38 @@ def test_tar_cut_at_many_offsets_keeps_a_prefix_and_counts_the_cut(tmp_path, mod
             assert len(fails) == 1 and fails[0]["reason"] in DAMAGE and fails[0]["file"] == str(path), (cut, fails)
 
 
+def test_a_multi_member_tar_gz_is_read_to_its_end_and_its_cuts_counted(tmp_path):
+    """bgzip / ``pigz -i`` / concatenated ``.tar.gz`` parts: one gzip member after another. Every sample
+    is read (tarfile's own gzip stream stops after the first member); a cut inside a later member is a
+    counted truncation with every whole sample before it kept."""
+    members = [(f"s{i:03d}.{ext}", (make_text(i, 30).encode() if ext == "txt" else b'{"n": %d}' % i))
+               for i in range(60) for ext in ("txt", "json")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    plain = buf.getvalue()
+    parts = [plain[a:a + 4096] for a in range(0, len(plain), 4096)]  # members split anywhere, even mid-header
+    multi = b"".join(gzip.compress(part) for part in parts)
+    texts = [make_text(i, 30) for i in range(60)]
+    path = _write(tmp_path / "whole" / "a.tar.gz", multi)
+    got, _, rd = read_all("webdataset", tmp_path / "r", paths=[str(path)])
+    assert [r["text"] for r in got] == texts
+    assert failures(rd) == []
+    for cut in (len(multi) // 3, len(multi) * 2 // 3):
+        path = _write(tmp_path / str(cut) / "a.tar.gz", multi[:cut])
+        got, _, rd = read_all("webdataset", tmp_path / f"r{cut}", paths=[str(path)])
+        assert 0 < len(got) < 60 and [r["text"] for r in got] == texts[:len(got)]
+        fails = failures(rd)
+        assert len(fails) == 1 and fails[0]["reason"] == "truncated_input" and fails[0]["file"] == str(path)
+    junk = _write(tmp_path / "junk" / "a.tar.gz", multi[:len(multi) // 2] + b"\x1f\x8bnot gzip at all" * 4)
+    got, _, rd = read_all("webdataset", tmp_path / "rj", paths=[str(junk)])
+    assert [r["text"] for r in got] == texts[:len(got)] and len(got) < 60
+    assert [f["reason"] for f in failures(rd)] in (["corrupt_input"], ["truncated_input"])
+
+
 # ------------------------------------------------------------------------------------ end to end
 def test_a_mixed_bad_corpus_end_to_end_counts_every_record(tmp_path):
     folder = tmp_path / "in put [1]"

@@ -17,9 +17,11 @@ the position of the last whole sample, ``offset`` the byte where reading stopped
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Literal
 
@@ -29,11 +31,18 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.context import READ_LABEL
-from curate.plugins import register_source
 from curate.errors import ConfigError
+from curate.plugins import register_source
 from curate.readers import sniff
-from curate.readers.base import (DamagedInput, DocumentBuilder, Reader, ReaderParams, Shard, content_key,
-                                 list_files)
+from curate.readers.base import (
+    DamagedInput,
+    DocumentBuilder,
+    Reader,
+    ReaderParams,
+    Shard,
+    content_key,
+    list_files,
+)
 from curate.schema import INTERLEAVED
 
 IMAGE_EXTENSIONS = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
@@ -164,8 +173,9 @@ def iter_samples(fh, url: str, ignored: list[str] | None = None) -> Iterator[dic
     current: dict | None = None
     count = 0
     pending = None  # the key of the member being read when the tar broke off
+    stream, mode = _gunzipped(fh)
     try:
-        with tarfile.open(fileobj=fh, mode="r|*", tarinfo=_EndAwareTarInfo) as tf:
+        with tarfile.open(fileobj=stream, mode=mode, tarinfo=_EndAwareTarInfo) as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -214,6 +224,44 @@ def iter_samples(fh, url: str, ignored: list[str] | None = None) -> Iterator[dic
     else:
         damage.detail += "; an unknown number of samples is lost"
     raise damage
+
+
+def _gunzipped(fh):
+    """``(stream, tarfile mode)``: a gzip-compressed tar is decompressed by :mod:`gzip`, which reads every
+    member of a multi-member file (``bgzip``, ``pigz -i``, concatenated ``.tar.gz`` parts) — tarfile's own
+    stream reader stops after the first one. Other inputs go to tarfile as they are."""
+    head = b""
+    try:
+        if fh.seekable():
+            head = fh.read(2)
+            fh.seek(0)
+    except (OSError, ValueError):
+        head = b""
+    if head != b"\x1f\x8b":
+        return fh, "r|*"
+    return _TarSource(gzip.GzipFile(fileobj=fh, mode="rb")), "r|"
+
+
+class _TarSource:
+    """A decompressed stream for tarfile: what breaks the decompression becomes tarfile's ReadError, with
+    tarfile's wording for a stream that ends early, so damage is reported as for any other tar."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.inner.read(size)
+        except EOFError as e:
+            raise tarfile.ReadError(f"unexpected end of data ({e})") from None
+        except (zlib.error, gzip.BadGzipFile) as e:
+            raise tarfile.ReadError(f"corrupt compressed data ({e})") from None
+
+    def tell(self) -> int:
+        return self.inner.fileobj.tell() if self.inner.fileobj is not None else 0
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
