@@ -103,6 +103,22 @@ def _cut_loop(text: str, longer_than: int, cut_after) -> list[str]:
     return pieces
 
 
+def _pattern_start(text: str, i: int, floor: int) -> int:
+    """``i`` moved back (not below ``floor``) out of a run of one character or a two-character pattern."""
+    while i > floor and (text[i - 1] == text[i] or (i + 1 < len(text) and text[i - 1] == text[i + 1])):
+        i -= 1
+    return i
+
+
+def _pattern_end(text: str, j: int, cap: int) -> int | None:
+    """``j`` moved forward out of such a run; None when the run goes on past ``cap``."""
+    while 2 <= j < len(text) and (text[j] == text[j - 1] or text[j] == text[j - 2]):
+        if j >= cap:
+            return None
+        j += 1
+    return j
+
+
 def _start_of(match: re.Match | None) -> int | None:
     return None if match is None else match.start()
 
@@ -254,6 +270,9 @@ class CurateTokenizer:
         if eos is not None:
             values = np.insert(values, offsets[1:], np.int32(eos))
             offsets = offsets + np.arange(len(offsets))
+        if offsets[-1] > np.iinfo(np.int32).max:
+            raise ValueError(f"a batch of {offsets[-1]:,} tokens does not fit a list<int32> column: read smaller "
+                             "batches (source.batch_bytes)")
         return pa.ListArray.from_arrays(numeric(offsets.astype(np.int32)), numeric(values.astype(np.int32, copy=False)))
 
     def encode_arrays(self, texts: Sequence[str], group_chars: int = 500_000) -> list[np.ndarray]:
@@ -308,16 +327,28 @@ class CurateTokenizer:
         return [q for p in pieces for q in self._verified_pieces(p)]
 
     def _verified_pieces(self, text: str) -> list[str]:
+        if self._drop_cut_space:  # each side would get the normalizer's prefix: no verified cut can hold
+            return [text]
         return _cut_loop(text, self.split_chars, lambda start: self._safe_cut(text, start + self.split_chars, start))
 
     def _safe_cut(self, text: str, near: int, floor: int, window: int = 512) -> int | None:
-        """A position near ``near`` where left and right encode as the whole does (window-checked)."""
+        """A position near ``near`` where left and right encode as the whole does (window-checked).
+
+        A window never starts or ends inside a run of one character or of a two-character pattern: BPE
+        pairs such a run from its start, so windows cut into one can agree where the whole text does not
+        (a run of spaces one longer pairs differently). A run reaching further than ``split_chars`` past a
+        window's edge rules the candidate out.
+        """
         limit = min(len(text), near + self.split_chars // 2)
         for match in re.finditer(r"\n+(?=\S)|\s(?=\S)", text[near:limit]):
             cut = near + match.end() if text[near + match.start()] == "\n" else near + match.start()
             if cut <= floor:
                 continue
-            left, right = text[max(floor, cut - window):cut], text[cut:cut + window]
+            start = _pattern_start(text, max(floor, cut - window), floor)
+            end = _pattern_end(text, min(len(text), cut + window), min(len(text), cut + window + self.split_chars))
+            if end is None:
+                continue
+            left, right = text[start:cut], text[cut:end]
             whole = self.tk.encode(left + right, add_special_tokens=False).ids
             parts = (self.tk.encode(left, add_special_tokens=False).ids
                      + self.tk.encode(right, add_special_tokens=False).ids)

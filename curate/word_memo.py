@@ -68,9 +68,10 @@ class WordMemo:
         Texts are taken in slices of about :data:`SLICE_BYTES` (whole texts), so the per-word arrays in
         between stay small whatever the batch size.
         """
+        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)) or \
+                (isinstance(texts, pa.ChunkedArray) and texts.num_chunks > 1):
+            texts = texts.cast(pa.large_string())  # string views, and chunks that may join past 2 GB
         texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-            texts = texts.cast(pa.large_string())  # string views and the like
         offsets = _value_offsets(texts)
         bounds = [0]
         for end in np.flatnonzero(np.diff((offsets[1:] - offsets[0]) // SLICE_BYTES)) + 1:
