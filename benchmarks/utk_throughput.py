@@ -7,7 +7,7 @@ docstrings, ``--mb`` MB, mostly web-length documents with a long tail of book-le
 its whole process tree's peak RSS is sampled.
 
 1. ``bare``: ``tokenizers`` ``encode_batch_fast`` over batches of 1,000 documents (the ceiling: ids only,
-   as curate encodes). ``bare_offsets`` is the same loop with plain ``encode_batch``, which also computes
+   as curate encodes; special-token strings in the text encoded as text, as curate does). ``bare_offsets`` is the same loop with plain ``encode_batch``, which also computes
    each token's character offsets: more work than curate does, so curate's ratio to it is reported as
    context beside the goal figure, never as the goal figure.
 2. ``curate``: ``curate run`` of tokenize → utk (32K windows) → pack (best fit, 32K) → Parquet, 2 workers.
@@ -59,6 +59,7 @@ JOBS = {
         import orjson
         from tokenizers import Tokenizer
         tk = Tokenizer.from_file("{tok}/tokenizer.json")
+        tk.encode_special_tokens = True  # "<s>" in a document is text, as curate encodes it: the same ids
         n, batch = 0, []
         with open("{corpus}", "rb") as fh:
             for line in fh:

@@ -11,9 +11,10 @@ repeats its words (a few hundred thousand distinct ones in tens of millions), so
    character, in the same text, is neither a space nor the metaspace) and views them as an Arrow string
    array over the same buffer — no copy, no Python string per word;
 2. finds each slice's distinct words (``pyarrow.compute.dictionary_encode``);
-3. encodes only the words it has not seen before (the tokenizer's own ``encode_batch_fast``) and keeps
-   their ids for later batches (at most :data:`MAX_WORDS` words of at most :data:`CACHE_CHARS` characters;
-   then it starts over, so memory stays bounded);
+3. encodes only the words it has not seen before — joined into strings of ~2,000 characters (each join
+   is a free cut), one encoder call for many words, the ids split back at the words' ends by the bytes
+   each token stands for — and keeps their ids for later batches (at most :data:`MAX_WORDS` words of
+   at most :data:`CACHE_CHARS` characters; then it starts over, so memory stays bounded);
 4. gathers every word's ids into each document's ids with numpy.
 
 The ids are exactly the tokenizer's for each whole text (tests check it on hostile texts and on the real
@@ -23,6 +24,7 @@ tokenizer's ``split_chars`` goes through the tokenizer's own cutting (:meth:`Cur
 
 from __future__ import annotations
 
+import re
 import threading
 from itertools import chain
 
@@ -37,6 +39,8 @@ MAX_STORE = 1 << 22
 CACHE_CHARS = 128
 #: Text bytes split into words at a time.
 SLICE_BYTES = 1 << 22
+#: Characters of new words joined into one encoder input.
+JOIN_CHARS = 2000
 #: New words encoded per ``encode_batch_fast`` call (each call's result objects take ~1 KB per word).
 ENCODE_WORDS = 8192
 
@@ -47,6 +51,8 @@ class WordMemo:
     def __init__(self, tokenizer, meta: str, drops_cut_space: bool = False):
         self.tok = tokenizer  # a CurateTokenizer whose tokenizer allows free cuts
         self.meta = np.frombuffer(meta.encode(), np.uint8)
+        self.meta_char = meta
+        self._token_bytes = _token_bytes(tokenizer.tk)
         # The Prepend-normalizer form (curate.tokenizer.drops_cut_space): a word after a cut is encoded
         # without its first space (the normalizer adds the metaspace back; a lone space is the metaspace
         # token itself), a text's first word as it is — so first words have their own memo.
@@ -175,7 +181,62 @@ class WordMemo:
         return starts, lengths
 
     def _encode_words(self, words: list[str], first: bool) -> list[list[int]]:
-        """Ids of each word: short ones in ``encode_batch_fast`` calls, long ones cut as the tokenizer does."""
+        """Ids of each word. Words after a cut (they start with a space and, but for a text's last word,
+        end with another character) are joined into strings of about :data:`JOIN_CHARS` characters —
+        each join is a free cut — and encoded in one call, each string's ids then split at the words'
+        ends (:meth:`_split_joined`); the encoder's cost per call is paid per string, not per word.
+        The rest, and any string whose ids cannot be split exactly, are encoded one by one."""
+        if first or self._token_bytes is None:
+            return self._each(words, first)
+        meta = self.meta_char
+        out: list = [None] * len(words)
+        joinable = [k for k, w in enumerate(words) if w[:1] == " " and w[-1] not in (" ", meta)
+                    and len(w) <= CACHE_CHARS]
+        groups: list[list[int]] = []
+        size = JOIN_CHARS
+        for k in joinable:
+            if size >= JOIN_CHARS:
+                groups.append([])
+                size = 0
+            groups[-1].append(k)
+            size += len(words[k])
+        per_call = max(1, ENCODE_WORDS // 64)  # bounded result objects, as in _each
+        for at in range(0, len(groups), per_call):
+            chunk = groups[at:at + per_call]
+            strings = ["".join(words[k] for k in g) for g in chunk]
+            if self.drops:  # the normalizer puts the first space back as its prefix
+                strings = [t[1:] for t in strings]
+            for g, enc in zip(chunk, self.tok._encode(strings), strict=True):
+                parts = self._split_joined(enc.ids, [words[k] for k in g])
+                if parts is not None:
+                    for k, ids in zip(g, parts, strict=True):
+                        out[k] = ids
+        rest = [k for k, ids in enumerate(out) if ids is None]
+        for k, ids in zip(rest, self._each([words[k] for k in rest], first), strict=True):
+            out[k] = ids
+        return out
+
+    def _split_joined(self, ids: list[int], words: list[str]) -> list[list[int]] | None:
+        """``ids`` of the joined ``words`` split word by word, by the bytes each token stands for in the
+        normalized text (spaces as the metaspace); None unless every word ends exactly where a token does
+        (an unknown token, a length that does not add up)."""
+        arr = np.asarray(ids, np.int64)
+        sizes = self._token_bytes[arr]
+        if (sizes <= 0).any():
+            return None
+        ends = np.cumsum(sizes)
+        extra = len(self.meta) - 1
+        word_ends = np.cumsum([len(w.encode()) + extra * w.count(" ") for w in words])
+        if ends[-1] != word_ends[-1]:
+            return None
+        cut = np.searchsorted(ends, word_ends)
+        if not np.array_equal(ends[cut], word_ends):
+            return None
+        bounds = np.concatenate(([0], cut + 1)).tolist()
+        return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def _each(self, words: list[str], first: bool) -> list[list[int]]:
+        """Ids of each word, one encoder input per word."""
         if not self.drops or first:
             return self._encode_texts(words)
         out = self._encode_texts([w[1:] for w in words])  # every word after a cut starts with its space
@@ -203,3 +264,26 @@ def _value_offsets(texts: pa.Array) -> np.ndarray:
     kind = np.int64 if pa.types.is_large_string(texts.type) else np.int32
     raw = np.frombuffer(texts.buffers()[1], kind, len(texts) + 1, texts.offset * np.dtype(kind).itemsize)
     return raw.astype(np.int64)
+
+
+def _token_bytes(tk) -> np.ndarray | None:
+    """For each token id, the UTF-8 bytes it stands for in the normalized text (a byte-fallback token
+    ``<0xNN>``: 1); 0 for ids whose extent is not known (unknown token, added tokens, unused ids).
+    None for a model whose pieces are not like that (not BPE)."""
+    from tokenizers import models
+
+    if not isinstance(tk.model, models.BPE):
+        return None
+    vocab = tk.get_vocab(with_added_tokens=False)
+    out = np.zeros(max(tk.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=0) + 1), np.int64)
+    byte_token = re.compile(r"<0x[0-9A-F]{2}>")
+    fallback = bool(getattr(tk.model, "byte_fallback", False))
+    unk = getattr(tk.model, "unk_token", None)
+    for token, i in vocab.items():
+        if token == unk:
+            continue
+        out[i] = 1 if fallback and byte_token.fullmatch(token) else len(token.encode())
+    for i in tk.get_added_tokens_decoder():
+        if i < len(out):
+            out[i] = 0
+    return out

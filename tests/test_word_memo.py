@@ -222,3 +222,29 @@ def test_prepend_form_free_cut_pieces_give_whole_ids(llama_prepend, paragraphs, 
     for piece_chars in (1, 5, 40):
         monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
         assert [a.tolist() for a in tok.encode_arrays(docs, group_chars=3000)] == want, piece_chars
+
+
+def test_new_words_are_encoded_joined_and_split_back_exactly(llama, paragraphs, monkeypatch):
+    """New words go to the encoder joined (one input per ~2,000 characters) and their ids are split back
+    by the bytes each token stands for; on real text with the real tokenizer that split succeeds for
+    every string (no word falls back to being encoded alone but texts' first words)."""
+    tok = _fresh(llama)
+    memo = tok.word_memo
+    calls = {"joined": 0, "failed": 0, "alone": 0}
+    split, each = memo._split_joined, memo._each
+
+    def spy_split(ids, words):
+        got = split(ids, words)
+        calls["joined" if got is not None else "failed"] += 1
+        return got
+
+    def spy_each(words, first):
+        calls["alone"] += len(words)
+        return each(words, first)
+
+    monkeypatch.setattr(memo, "_split_joined", spy_split)
+    monkeypatch.setattr(memo, "_each", spy_each)
+    docs = ["\n\n".join(paragraphs[i:i + 20]) for i in range(0, 2000, 20)]
+    assert _lists(tok.encode_column(pa.array(docs))) == _whole(tok, docs)
+    assert calls["joined"] > 10 and calls["failed"] == 0
+    assert calls["alone"] <= 2 * len(docs)  # first and last words of texts only
