@@ -28,6 +28,9 @@ def numeric(values: np.ndarray | Sequence, dtype=None) -> pa.Array:
 def int_lists(rows: Sequence, dtype=np.int32) -> pa.ListArray:
     """A ``list<int>`` array from rows of ints (Python lists or numpy arrays)."""
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    if total > np.iinfo(np.int32).max:
+        raise ValueError(f"{total:,} values do not fit one list<int> array (int32 offsets): use smaller batches")
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate([np.asarray(r, dtype=dtype) for r in rows]) if len(rows) else np.zeros(0, dtype)
@@ -90,6 +93,9 @@ def joined(values: Sequence[bytes], total: int) -> pa.Buffer:
 def string_lists(rows: Sequence[Sequence[str]]) -> pa.ListArray:
     """A ``list<string>`` array from rows of strings."""
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    if total > np.iinfo(np.int32).max:
+        raise ValueError(f"{total:,} values do not fit one list<int> array (int32 offsets): use smaller batches")
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(numeric(offsets), strings([s for r in rows for s in r]))
@@ -99,6 +105,9 @@ def struct_lists(rows: Sequence[Sequence[dict]], fields: dict[str, np.dtype]) ->
     """A ``list<struct>`` array from rows of dicts with numeric ``fields``."""
     flat = [item for r in rows for item in r]
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    if total > np.iinfo(np.int32).max:
+        raise ValueError(f"{total:,} values do not fit one list<int> array (int32 offsets): use smaller batches")
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     children = [numeric(np.fromiter((d[k] for d in flat), dtype=t, count=len(flat))) for k, t in fields.items()]

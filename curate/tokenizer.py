@@ -103,17 +103,26 @@ def _cut_loop(text: str, longer_than: int, cut_after) -> list[str]:
     return pieces
 
 
-def _pattern_start(text: str, i: int, floor: int) -> int:
-    """``i`` moved back (not below ``floor``) out of a run of one character or a two-character pattern."""
+#: How far a verified cut's window may reach out of a run (then the candidate, and the search, stop).
+RUN_REACH = 2048
+
+
+def _pattern_start(text: str, i: int, floor: int) -> int | None:
+    """``i`` moved back (not below ``floor``) out of a run of one character or a two-character pattern;
+    None when the run goes on for more than :data:`RUN_REACH` characters."""
+    stop = i - RUN_REACH
     while i > floor and (text[i - 1] == text[i] or (i + 1 < len(text) and text[i - 1] == text[i + 1])):
+        if i <= stop:
+            return None
         i -= 1
     return i
 
 
-def _pattern_end(text: str, j: int, cap: int) -> int | None:
-    """``j`` moved forward out of such a run; None when the run goes on past ``cap``."""
+def _pattern_end(text: str, j: int) -> int | None:
+    """``j`` moved forward out of such a run; None when it goes on for more than :data:`RUN_REACH`."""
+    stop = j + RUN_REACH
     while 2 <= j < len(text) and (text[j] == text[j - 1] or text[j] == text[j - 2]):
-        if j >= cap:
+        if j >= stop:
             return None
         j += 1
     return j
@@ -336,8 +345,9 @@ class CurateTokenizer:
 
         A window never starts or ends inside a run of one character or of a two-character pattern: BPE
         pairs such a run from its start, so windows cut into one can agree where the whole text does not
-        (a run of spaces one longer pairs differently). A run reaching further than ``split_chars`` past a
-        window's edge rules the candidate out.
+        (a run of spaces one longer pairs differently). A run reaching further than :data:`RUN_REACH`
+        past a window's edge ends the search with no cut (the next candidates would sit in the same run:
+        checking each would cost quadratic time), and the rest of the text stays one piece.
         """
         limit = min(len(text), near + self.split_chars // 2)
         for match in re.finditer(r"\n+(?=\S)|\s(?=\S)", text[near:limit]):
@@ -345,9 +355,9 @@ class CurateTokenizer:
             if cut <= floor:
                 continue
             start = _pattern_start(text, max(floor, cut - window), floor)
-            end = _pattern_end(text, min(len(text), cut + window), min(len(text), cut + window + self.split_chars))
-            if end is None:
-                continue
+            end = _pattern_end(text, min(len(text), cut + window))
+            if start is None or end is None:
+                return None
             left, right = text[start:cut], text[cut:end]
             whole = self.tk.encode(left + right, add_special_tokens=False).ids
             parts = (self.tk.encode(left, add_special_tokens=False).ids

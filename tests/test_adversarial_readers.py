@@ -447,15 +447,8 @@ def test_a_multi_member_tar_gz_is_read_to_its_end_and_its_cuts_counted(tmp_path)
     """bgzip / ``pigz -i`` / concatenated ``.tar.gz`` parts: one gzip member after another. Every sample
     is read (tarfile's own gzip stream stops after the first member); a cut inside a later member is a
     counted truncation with every whole sample before it kept."""
-    members = [(f"s{i:03d}.{ext}", (make_text(i, 30).encode() if ext == "txt" else b'{"n": %d}' % i))
-               for i in range(60) for ext in ("txt", "json")]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    plain = buf.getvalue()
+    plain = _tar([(f"s{i:03d}.{ext}", (make_text(i, 30).encode() if ext == "txt" else b'{"n": %d}' % i))
+                  for i in range(60) for ext in ("txt", "json")])
     parts = [plain[a:a + 4096] for a in range(0, len(plain), 4096)]  # members split anywhere, even mid-header
     multi = b"".join(gzip.compress(part) for part in parts)
     texts = [make_text(i, 30) for i in range(60)]

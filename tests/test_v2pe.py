@@ -102,3 +102,4 @@ def test_count_tokens_writes_the_positions_a_row_spans(run_dir, model):
         assert "n_positions" in stage.columns_out(["id", "texts", "images"])
     stage, ctx = make_stage("count_tokens", run_dir, image_tokens={"model": model})
     assert "n_positions" not in pa.Table.from_batches(list(stage.run(iter([_rows(sizes)]), ctx))).column_names
+    assert "n_positions" not in stage.columns_out(["id", "texts", "images", "n_positions"])  # a recount drops it

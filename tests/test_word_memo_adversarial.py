@@ -161,6 +161,20 @@ def test_verified_cuts_next_to_long_runs_and_two_character_patterns_keep_whole_i
     assert tok.encode_column(pa.array(docs)).to_pylist() == want
 
 
+@pytest.mark.parametrize("text", ["0\n" * 150_000, "- " * 150_000, "x" + " " * 250_000 + "y"])
+def test_long_repeated_patterns_are_cut_in_linear_time_with_whole_ids(base_state, text):
+    """A 300K-character run of a two-character pattern offers a verified-cut candidate every other
+    character; reaching out of the run for each one took ~20 minutes per piece. The search now stops at
+    the first run longer than the reach, and the ids are still the whole text's."""
+    import time
+
+    tok = _build(base_state)
+    started = time.perf_counter()
+    got = tok.encode_column(pa.array([text])).to_pylist()
+    assert time.perf_counter() - started < 30
+    assert got == _whole(tok, [text])
+
+
 def test_the_prepend_form_never_tries_verified_cuts(base_state):
     """In Llama 2's normalizer form a separately encoded side always gets one prefix more than the
     whole, so no verified cut can hold: a long word with no free cut is encoded whole, at once."""

@@ -170,10 +170,19 @@ def iter_samples(fh, url: str, ignored: list[str] | None = None) -> Iterator[dic
     after every whole sample: the sample being read when the bytes ran out is whole only when what
     follows it shows another key or the end of the archive; otherwise it is counted lost (``lost=1``).
     """
+    stream, mode = _gunzipped(fh)
+    try:
+        yield from _samples(stream, mode, fh, url, ignored)
+    finally:
+        if stream is not fh:
+            stream.close()
+
+
+def _samples(stream, mode: str, fh, url: str, ignored: list[str] | None) -> Iterator[dict]:
+    """:func:`iter_samples` over ``stream`` (``fh`` itself, or ``fh`` decompressed)."""
     current: dict | None = None
     count = 0
     pending = None  # the key of the member being read when the tar broke off
-    stream, mode = _gunzipped(fh)
     try:
         with tarfile.open(fileobj=stream, mode=mode, tarinfo=_EndAwareTarInfo) as tf:
             for member in tf:
@@ -233,8 +242,9 @@ def _gunzipped(fh):
     head = b""
     try:
         if fh.seekable():
+            at = fh.tell()
             head = fh.read(2)
-            fh.seek(0)
+            fh.seek(at)
     except (OSError, ValueError):
         head = b""
     if head != b"\x1f\x8b":

@@ -44,8 +44,8 @@ class CountTokens(Stage):
     needs_tokenizer = True
 
     def columns_out(self, columns_in: list[str]) -> list[str]:
-        cols = super().columns_out(columns_in)
-        return cols + ["n_positions"] if self.params.v2pe_stride and "n_positions" not in cols else cols
+        cols = [c for c in super().columns_out(columns_in) if c != "n_positions"]  # a recount drops a stale one
+        return cols + ["n_positions"] if self.params.v2pe_stride else cols
 
     def __init__(self, params, label=None):
         super().__init__(params, label)
