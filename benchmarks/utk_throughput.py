@@ -152,7 +152,7 @@ def curate_job(work: Path, corpus: Path, tok: Path, tag: str = "now") -> str:
     manifest = work / f"utk-{tag}.yaml"
     manifest.write_text(json.dumps({
         "name": "bench-utk", "seed": 7,
-        "source": {"kind": "jsonl", "paths": [str(corpus)], "shard_bytes": "16MB"},
+        "source": {"kind": "jsonl", "paths": [str(corpus)]},
         "tokenizer": {"path": str(tok)},
         "stages": [{"tokenize": {}}, {"utk": {"seq_len": 32768}}, {"pack": {"seq_len": 32768}}],
         "sink": {"kind": "parquet"}, "executor": {"kind": "local", "workers": 2}}))
@@ -214,10 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
                                            "`curate run` of the same job is timed too, as curate_before")
     ap.add_argument("--jsonl", help="time the jobs on this JSONL file (a `text` field per line) instead of a "
                                     "generated corpus: held-out text of your own")
-    ap.add_argument("--corpus", choices=["longtail", "web", "mid"], default="longtail",
+    ap.add_argument("--corpus", choices=["longtail", "web", "mid", "heldout", "heldout-longtail"], default="longtail",
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
                          "web: web-length documents only (up to ~10K characters); "
-                         "mid: documents of up to ~30K characters")
+                         "mid: documents of up to ~30K characters; "
+                         "heldout: web-length documents of held-out text (installed packages' docstrings, each "
+                         "paragraph once; at most what the machine has, ~45 MB here; ~2.5 min to collect); "
+                         "heldout-longtail: the same with 0.5%% book-length documents")
     args = ap.parse_args(argv)
     from curate.testing import byte_compile
 
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_tree:
         byte_compile(args.compare_tree)
 
-    from curate.testing import write_jsonl_corpus, write_report
+    from curate.testing import write_heldout_corpus, write_jsonl_corpus, write_report
 
     work = Path(tempfile.mkdtemp(prefix="curate-utk-"))
     report: dict = {}
@@ -237,13 +240,17 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
             shape = {"longtail": {"books": 0.002, "giants": 2}, "web": {}, "mid": {"paragraphs_per_doc": (4, 200)}}
-            write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
+            if args.corpus.startswith("heldout"):  # text the generated corpora never contain, each paragraph once
+                write_heldout_corpus(corpus, args.mb * 1_000_000, books=0.005 if "longtail" in args.corpus else 0)
+            else:
+                write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
             report["corpus"] = args.corpus
         report["versions"] = versions()
         report["settings"] = {
             "bare": "tokenizers encode_batch_fast, 1,000 documents a batch, Rust threads on all cores",
             "bare_offsets": "the same with encode_batch (offsets computed too): context, not the goal's peer",
-            "curate": "local executor, 2 workers, shard_bytes 16MB, utk 32K, pack best-fit 32K, Parquet",
+            "curate": "local executor, 2 workers, default shard_bytes (input / 16, 8-256 MB), utk 32K, "
+                      "pack best-fit 32K, Parquet",
             "datasets": "load_dataset(json) -> map(tokenize, batched 1,000, num_proc=2) -> "
                         "map(concat-and-chunk 32K on Arrow, num_proc=2) -> to_parquet",
             "datatrove": "LocalPipelineExecutor(tasks=2, workers=2): JsonlReader over 2 files -> DocumentTokenizer",

@@ -1,6 +1,7 @@
 """Helpers for tests and benchmarks: synthetic JSONL corpora of a given size, process-tree memory.
 
-The text is drawn at run time from what the machine has (its Python's docstrings), never committed.
+The text is drawn at run time from what the machine has (its Python's docstrings: the standard library's
+for the generated corpora, installed packages' for held-out text), never committed.
 """
 
 from __future__ import annotations
@@ -58,6 +59,75 @@ def write_jsonl_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: 
             chunk = b"\n".join(lines) + b"\n"
             fh.write(chunk)
             written += len(chunk)
+    return n
+
+
+def site_paragraphs(target_bytes: int | None = None) -> list[str]:
+    """Distinct paragraphs (over 40 characters) of the docstrings of the third-party packages installed
+    beside this Python (its ``site-packages``), in a stable order: real text that the generated corpora
+    (drawn from the standard library) never contain, code-heavy like much of what people train on.
+
+    Stops once about twice ``target_bytes`` is collected (all of them when None).
+    """
+    import ast
+    import hashlib
+    import site
+    import warnings
+
+    roots = sorted({p for p in site.getsitepackages() if os.path.isdir(p)})
+    out: list[str] = []
+    seen: set[bytes] = set()
+    size = 0
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as fh, warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        tree = ast.parse(fh.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                    continue
+                for node in ast.walk(tree):
+                    if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        continue
+                    for para in (ast.get_docstring(node) or "").split("\n\n"):
+                        para = para.strip()
+                        key = hashlib.blake2b(para.encode(), digest_size=16).digest()
+                        if len(para) > 40 and key not in seen:
+                            seen.add(key)
+                            out.append(para)
+                            size += len(para)
+                if target_bytes is not None and size >= 2 * target_bytes:
+                    return out
+    return out
+
+
+def write_heldout_corpus(path: str | Path, target_bytes: int, paragraphs_per_doc: tuple[int, int] = (4, 60),
+                         seed: int = 0, books: float = 0.0) -> int:
+    """Write about ``target_bytes`` of JSONL documents of held-out text (:func:`site_paragraphs`, each
+    paragraph used once, shuffled); returns the document count. ``books`` is the share of book-length
+    documents (1,000–5,000 paragraphs). Writes less when the machine has less text than asked for.
+    """
+    import numpy as np
+
+    pool = site_paragraphs(target_bytes)
+    rng = np.random.default_rng(seed)
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    lo, hi = paragraphs_per_doc
+    written, n, at = 0, 0, 0
+    with open(path, "wb") as fh:
+        while written < target_bytes and at < len(pool):
+            count = int(rng.integers(lo, hi))
+            if books and rng.random() < books:
+                count = int(rng.integers(1000, 5000))
+            line = orjson.dumps({"id": f"doc-{n}", "text": "\n\n".join(pool[at:at + count])}) + b"\n"
+            at += count
+            fh.write(line)
+            written += len(line)
+            n += 1
     return n
 
 

@@ -11,10 +11,10 @@ repeats its words (a few hundred thousand distinct ones in tens of millions), so
    character, in the same text, is neither a space nor the metaspace) and views them as an Arrow string
    array over the same buffer — no copy, no Python string per word;
 2. finds each slice's distinct words (``pyarrow.compute.dictionary_encode``);
-3. encodes only the words it has not seen before — joined into strings of ~2,000 characters (each join
+3. encodes only the words it has not seen before — joined into strings of ~2,000 bytes (each join
    is a free cut), one encoder call for many words, the ids split back at the words' ends by the bytes
    each token stands for — and keeps their ids for later batches (at most :data:`MAX_WORDS` words of
-   at most :data:`CACHE_CHARS` characters; then it starts over, so memory stays bounded);
+   at most :data:`CACHE_CHARS` characters; then it keeps the half met most often, so memory stays bounded);
 4. gathers every word's ids into each document's ids with numpy.
 
 The ids are exactly the tokenizer's for each whole text (tests check it on hostile texts and on the real
@@ -26,21 +26,21 @@ from __future__ import annotations
 
 import re
 import threading
-from itertools import chain
+from itertools import chain, compress, repeat
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: Distinct words kept between batches, and ids held for them (then the memo starts over).
+#: Distinct words kept between batches, and ids held for them (then the most-met half is kept).
 MAX_WORDS = 1 << 18
 MAX_STORE = 1 << 22
 #: Words longer than this are encoded for their batch only, never kept.
 CACHE_CHARS = 128
 #: Text bytes split into words at a time.
 SLICE_BYTES = 1 << 22
-#: Characters of new words joined into one encoder input.
-JOIN_CHARS = 2000
+#: Bytes of new words joined into one encoder input.
+JOIN_BYTES = 2000
 #: New words encoded per ``encode_batch_fast`` call (each call's result objects take ~1 KB per word).
 ENCODE_WORDS = 8192
 
@@ -66,7 +66,8 @@ class WordMemo:
         self._first: dict[str, int] = {}  # the same for texts' first words (drops form only)
         self._starts = np.zeros(0, np.int64)  # where word k's ids start in _store
         self._lengths = np.zeros(0, np.int64)
-        self._store = np.zeros(0, np.int32)  # every id encoded since the last reset
+        self._hits = np.zeros(0, np.int64)  # how often word k was met (what an eviction keeps)
+        self._store = np.zeros(0, np.int32)  # the ids of kept words and of the current slice's new words
 
     def encode(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         """``(offsets, ids)`` of ``texts`` (no nulls): text ``i``'s ids are ``ids[offsets[i]:offsets[i+1]]``.
@@ -105,22 +106,26 @@ class WordMemo:
         word_starts = np.empty(len(bounds), np.int64)
         word_lengths = np.empty(len(bounds), np.int64)
         with self._lock:
-            groups = [(np.ones(len(bounds), bool), self._index)]
+            groups = [(None, self._index)]
             if self.drops:
                 is_first = np.zeros(len(bounds), bool)
                 is_first[first] = True
                 groups = [(~is_first, self._index), (is_first, self._first)]
             for mask, index in groups:
-                part = words.filter(pa.array(mask)) if len(groups) > 1 else words
+                part = words if mask is None else words.filter(pa.array(mask))
                 if len(part) == 0:
                     continue
                 coded = pc.dictionary_encode(part)
-                starts, lengths = self._lookup(coded.dictionary, index, first=index is self._first)
                 codes = coded.indices.to_numpy()
-                word_starts[mask], word_lengths[mask] = starts[codes], lengths[codes]
+                counts = np.bincount(codes, minlength=len(coded.dictionary))
+                starts, lengths = self._lookup(coded.dictionary, counts, index, first=index is self._first)
+                if mask is None:
+                    word_starts, word_lengths = starts[codes], lengths[codes]
+                else:
+                    word_starts[mask], word_lengths[mask] = starts[codes], lengths[codes]
             source = self._store
             if len(self._index) + len(self._first) > MAX_WORDS or len(self._store) > MAX_STORE:
-                self._reset()
+                self._evict()
         word_ends = np.cumsum(word_lengths)
         total = int(word_ends[-1])
         # token t of word w is source[starts[w] + (t - first token of w)]
@@ -143,97 +148,147 @@ class WordMemo:
         text_start = offsets[np.searchsorted(offsets, space, side="right") - 1]
         cut = space > text_start
         cut &= data[np.maximum(space - 1, 0)] != 32
-        k = len(self.meta)
-        after_meta = space - k >= text_start
-        for j in range(k):
-            after_meta &= data[np.maximum(space - k + j, 0)] == self.meta[j]
-        cut &= ~after_meta
+        cut &= ~_ends_with(data, space, self.meta, text_start)
         starts = offsets[:-1][offsets[1:] > offsets[:-1]]
         bounds = np.concatenate((starts, space[cut]))
-        bounds.sort()
+        bounds.sort(kind="stable")  # two sorted runs: merged in linear time
         return bounds, np.searchsorted(bounds, starts)
 
-    def _lookup(self, distinct: pa.Array, index: dict[str, int], first: bool) -> tuple[np.ndarray, np.ndarray]:
-        """``(starts, lengths)`` in ``_store`` of each distinct word's ids, encoding those ``index`` lacks."""
+    def _lookup(self, distinct: pa.Array, counts: np.ndarray, index: dict[str, int],
+                first: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, lengths)`` in ``_store`` of each distinct word's ids (met ``counts`` times in the
+        slice), encoding and keeping those ``index`` lacks."""
         words = distinct.to_pylist()
-        get = index.get
-        where = np.fromiter((get(w, -1) for w in words), np.int64, len(words))
-        missing = where < 0
-        known = np.where(missing, 0, where)
-        starts = self._starts[known] if len(self._starts) else np.zeros(len(known), np.int64)
-        lengths = self._lengths[known] if len(self._lengths) else np.zeros(len(known), np.int64)
-        if not missing.any():
+        where = np.fromiter(map(index.get, words, repeat(-1)), np.int64, len(words))
+        known = np.flatnonzero(where >= 0)
+        starts = np.empty(len(words), np.int64)
+        lengths = np.empty(len(words), np.int64)
+        numbers = where[known]
+        starts[known], lengths[known] = self._starts[numbers], self._lengths[numbers]
+        self._hits[numbers] += counts[known]  # distinct words have distinct numbers
+        if len(known) == len(words):
             return starts, lengths
-        new = np.flatnonzero(missing)
+        new = np.flatnonzero(where < 0)
+        new_words = distinct.take(pa.array(new))
         texts = [words[k] for k in new]
-        encoded = self._encode_words(texts, first)
-        new_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        new_ids = np.fromiter(chain.from_iterable(encoded), np.int32, int(new_lengths.sum()))
-        new_starts = len(self._store) + np.concatenate(([0], np.cumsum(new_lengths)[:-1]))
-        self._store = np.concatenate((self._store, new_ids))
-        starts[new], lengths[new] = new_starts, new_lengths
-        kept = [k for k, t in enumerate(texts) if len(t) <= CACHE_CHARS]
-        if kept:  # kept words are found again later; the others' ids are used by this slice only
+        starts[new], lengths[new] = self._encode_new(new_words, texts, first)
+        kept = np.flatnonzero(pc.utf8_length(new_words).to_numpy(zero_copy_only=False) <= CACHE_CHARS)
+        if len(kept):  # kept words are found again later; the others' ids serve this slice only
             base = len(self._starts)
-            index.update((texts[k], base + n) for n, k in enumerate(kept))
-            self._starts = np.concatenate((self._starts, new_starts[kept]))
-            self._lengths = np.concatenate((self._lengths, new_lengths[kept]))
+            index.update(zip([texts[k] for k in kept], range(base, base + len(kept))))
+            self._starts = np.concatenate((self._starts, starts[new[kept]]))
+            self._lengths = np.concatenate((self._lengths, lengths[new[kept]]))
+            self._hits = np.concatenate((self._hits, counts[new[kept]]))
         return starts, lengths
 
-    def _encode_words(self, words: list[str], first: bool) -> list[list[int]]:
-        """Ids of each word. Words after a cut (they start with a space and, but for a text's last word,
-        end with another character) are joined into strings of about :data:`JOIN_CHARS` characters —
-        each join is a free cut — and encoded in one call, each string's ids then split at the words'
-        ends (:meth:`_split_joined`); the encoder's cost per call is paid per string, not per word.
-        The rest, and any string whose ids cannot be split exactly, are encoded one by one."""
-        if first or self._token_bytes is None:
-            return self._each(words, first)
-        meta = self.meta_char
-        out: list = [None] * len(words)
-        joinable = [k for k, w in enumerate(words) if w[:1] == " " and w[-1] not in (" ", meta)
-                    and len(w) <= CACHE_CHARS]
-        groups: list[list[int]] = []
-        size = JOIN_CHARS
-        for k in joinable:
-            if size >= JOIN_CHARS:
-                groups.append([])
-                size = 0
-            groups[-1].append(k)
-            size += len(words[k])
-        per_call = max(1, ENCODE_WORDS // 64)  # bounded result objects, as in _each
-        for at in range(0, len(groups), per_call):
-            chunk = groups[at:at + per_call]
-            strings = ["".join(words[k] for k in g) for g in chunk]
-            if self.drops:  # the normalizer puts the first space back as its prefix
-                strings = [t[1:] for t in strings]
-            for g, enc in zip(chunk, self.tok._encode(strings), strict=True):
-                parts = self._split_joined(enc.ids, [words[k] for k in g])
-                if parts is not None:
-                    for k, ids in zip(g, parts, strict=True):
-                        out[k] = ids
-        rest = [k for k, ids in enumerate(out) if ids is None]
-        for k, ids in zip(rest, self._each([words[k] for k in rest], first), strict=True):
-            out[k] = ids
+    def _evict(self) -> None:
+        """Keep the most-met words (at most half of :data:`MAX_WORDS`, their ids at most half of
+        :data:`MAX_STORE`), renumbered, their ids packed at the start of a new store, their counts
+        halved so that words common only long ago fade out."""
+        order = np.argsort(-self._hits, kind="stable")
+        room = np.searchsorted(np.cumsum(self._lengths[order]), MAX_STORE // 2, side="right")
+        keep = np.sort(order[:min(MAX_WORDS // 2, int(room))])
+        lengths = self._lengths[keep]
+        starts = np.zeros(len(keep), np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self._store = self._store[_ranges(self._starts[keep], lengths)]
+        number = np.full(len(self._starts), -1, np.int64)
+        number[keep] = np.arange(len(keep))
+        for index in (self._index, self._first):
+            old = np.fromiter(index.values(), np.int64, len(index))
+            new = number[old]
+            alive = new >= 0
+            words = list(compress(index, alive))
+            index.clear()
+            index.update(zip(words, new[alive].tolist()))
+        self._starts, self._lengths, self._hits = starts, lengths, self._hits[keep] // 2
+
+    def _encode_new(self, words: pa.Array, texts: list[str], first: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, lengths)`` of the ids of ``words`` (Arrow; ``texts`` the same as str), appended to
+        ``_store``. Words after a cut (they start with a space and, but for a text's last word, end with
+        another character) are joined into strings of about :data:`JOIN_BYTES` bytes — each join is a free
+        cut — encoded in one call and split back at the words' ends (:meth:`_encode_joined`); the
+        encoder's cost per call is paid per string, not per word. The rest, and the words of any string
+        whose ids cannot be split exactly, are encoded one by one (:meth:`_each`)."""
+        starts = np.full(len(texts), -1, np.int64)
+        lengths = np.zeros(len(texts), np.int64)
+        at = len(self._store)
+        pieces = [self._store]
+        if not first and self._token_bytes is not None:
+            joinable = self._joinable(words)
+            if joinable.any():
+                where = np.flatnonzero(joinable)
+                ids, word_start, word_length, ok = self._encode_joined(words.filter(pa.array(joinable)))
+                starts[where[ok]], lengths[where[ok]] = at + word_start[ok], word_length[ok]
+                pieces.append(ids)
+                at += len(ids)
+        rest = np.flatnonzero(starts < 0)
+        if len(rest):
+            lists = self._each([texts[k] for k in rest], first)
+            counts = np.fromiter(map(len, lists), np.int64, len(lists))
+            pieces.append(np.fromiter(chain.from_iterable(lists), np.int32, int(counts.sum())))
+            starts[rest] = at + np.cumsum(counts) - counts
+            lengths[rest] = counts
+        self._store = np.concatenate(pieces)
+        return starts, lengths
+
+    def _joinable(self, words: pa.Array) -> np.ndarray:
+        """Which ``words`` start with a space, end with a character other than a space or the metaspace
+        and have at most :data:`CACHE_CHARS` characters (a text's first and last words may not)."""
+        offsets = _value_offsets(words)
+        data = np.frombuffer(words.buffers()[2], np.uint8)
+        ends = offsets[1:]
+        out = (ends > offsets[:-1]) & (data[np.minimum(offsets[:-1], len(data) - 1)] == 32)
+        out &= data[np.maximum(ends - 1, 0)] != 32
+        out &= ~_ends_with(data, ends, self.meta, offsets[:-1])
+        out &= pc.utf8_length(words).to_numpy(zero_copy_only=False) <= CACHE_CHARS
         return out
 
-    def _split_joined(self, ids: list[int], words: list[str]) -> list[list[int]] | None:
-        """``ids`` of the joined ``words`` split word by word, by the bytes each token stands for in the
-        normalized text (spaces as the metaspace); None unless every word ends exactly where a token does
-        (an unknown token, a length that does not add up)."""
-        arr = np.asarray(ids, np.int64)
-        sizes = self._token_bytes[arr]
-        if (sizes <= 0).any():
-            return None
-        ends = np.cumsum(sizes)
-        extra = len(self.meta) - 1
-        word_ends = np.cumsum([len(w.encode()) + extra * w.count(" ") for w in words])
-        if ends[-1] != word_ends[-1]:
-            return None
-        cut = np.searchsorted(ends, word_ends)
-        if not np.array_equal(ends[cut], word_ends):
-            return None
-        bounds = np.concatenate(([0], cut + 1)).tolist()
-        return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    def _encode_joined(self, words: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Encode joinable ``words`` joined into strings of about :data:`JOIN_BYTES` bytes, and find each
+        word's ids among the strings' ids by the bytes each token stands for in the normalized text
+        (spaces as the metaspace). Returns ``(ids, starts, lengths, ok)``: the strings' ids one after the
+        other, and each word's first id and id count in them — ``ok`` False for the words of a string
+        whose ids do not split exactly at every word's end (an unknown token, a length that does not add up)."""
+        offsets = _value_offsets(words)
+        base = int(offsets[0])
+        offsets -= base
+        data = np.frombuffer(words.buffers()[2], np.uint8, int(offsets[-1]), base)
+        n = len(words)
+        group = offsets[:-1] // JOIN_BYTES
+        group_first = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+        group_end = np.append(group_first[1:], n)
+        skip = 1 if self.drops else 0  # the normalizer puts a string's first space back as its prefix
+        view = memoryview(words.buffers()[2])[base:]
+        per_call = max(1, ENCODE_WORDS // 64)  # bounded result objects, as in _each
+        lists: list[list[int]] = []
+        for at in range(0, len(group_first), per_call):
+            strings = [str(view[offsets[a] + skip:offsets[b]], "utf-8")
+                       for a, b in zip(group_first[at:at + per_call], group_end[at:at + per_call])]
+            lists += [enc.ids for enc in self.tok._encode(strings)]
+        counts = np.fromiter(map(len, lists), np.int64, len(lists))
+        ids = np.fromiter(chain.from_iterable(lists), np.int32, int(counts.sum()))
+        del lists
+        token_first = np.cumsum(counts) - counts
+        sizes = self._token_bytes[ids]
+        ends = np.cumsum(sizes)  # byte end of each token in the normalized strings, one after the other
+        ends_before = np.concatenate(([0], ends))[token_first]  # bytes of the strings before each one
+        spaces = np.concatenate(([0], np.cumsum(data == 32)))
+        normal = np.diff(offsets) + (len(self.meta) - 1) * (spaces[offsets[1:]] - spaces[offsets[:-1]])
+        word_ends = np.cumsum(normal)
+        in_group = np.repeat(np.arange(len(group_first)), group_end - group_first)
+        target = ends_before[in_group] + word_ends - (word_ends - normal)[group_first][in_group]
+        last = np.searchsorted(ends, target)  # the token each word should end with
+        found = last < len(ends)
+        found[found] = ends[last[found]] == target[found]
+        bad = np.concatenate(([0], np.cumsum(sizes <= 0)))
+        ok = (counts > 0) & (bad[token_first + counts] == bad[token_first])
+        ok &= np.logical_and.reduceat(found, group_first)
+        ok &= last[group_end - 1] == token_first + counts - 1
+        word_start = np.empty(n, np.int64)
+        word_start[1:] = last[:-1] + 1
+        word_start[group_first] = token_first
+        return ids, word_start, last + 1 - word_start, ok[in_group]
 
     def _each(self, words: list[str], first: bool) -> list[list[int]]:
         """Ids of each word, one encoder input per word."""
@@ -257,6 +312,24 @@ class WordMemo:
             for k, ids in zip(long, self.tok.encode_arrays([words[k] for k in long]), strict=True):
                 out[k] = ids.tolist()
         return out
+
+
+def _ends_with(data: np.ndarray, ends: np.ndarray, suffix: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Whether the bytes of ``data`` just before each of ``ends`` are ``suffix``, none of them before ``floor``."""
+    k = len(suffix)
+    out = ends - k >= floor
+    for j in range(k):
+        out &= data[np.clip(ends - k + j, 0, max(len(data) - 1, 0))] == suffix[j]
+    return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i] - 1`` for every ``i``, one after the other."""
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    out = np.repeat(starts - (ends - lengths), lengths)
+    out += np.arange(total, dtype=np.int64)
+    return out
 
 
 def _value_offsets(texts: pa.Array) -> np.ndarray:

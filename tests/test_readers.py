@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
@@ -108,6 +109,34 @@ def test_byte_ranges_with_long_lines_and_small_blocks(tmp_path, monkeypatch, see
                                 shard_bytes=rng.choice([511, 1024, 3000]))
     assert len(ctxs) > 20 and whole == split
     assert [f["line"] for f in failures(rd2)] == [f["line"] for f in failures(rd1)]
+
+
+def test_unset_shard_bytes_sizes_ranges_from_the_input_alone(tmp_path):
+    """An unset ``shard_bytes`` cuts plain files into the input's total / 16 (8–256 MB): a corpus of a few
+    tens of MB becomes several shards for the workers to share; small files stay one shard; compressed
+    files are one shard each and do not count; an explicit size wins."""
+    from curate.readers.jsonl import JsonlReader, range_bytes
+
+    assert range_bytes(None, 0) == range_bytes(None, 45_000_000) == 8_000_000
+    assert range_bytes(None, 200_000_000) == 12_500_000
+    assert range_bytes(None, 10**12) == 256_000_000
+    assert range_bytes(1234, 10**12) == 1234
+    line = orjson.dumps({"text": "x" * 990}) + b"\n"
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(line * 17_000)  # ~17 MB
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(line * 10)
+    with gzip.open(tmp_path / "packed.jsonl.gz", "wb") as fh:
+        fh.write(line * 50_000)  # 50 MB uncompressed, one shard
+    shards = JsonlReader(JsonlReader.Params(paths=[str(tmp_path)])).shards()
+    ranges = [(Path(s.uri).name, s.start, s.stop) for s in shards]
+    assert ranges == [("big.jsonl", 0, 8_000_000), ("big.jsonl", 8_000_000, 16_000_000),
+                      ("big.jsonl", 16_000_000, big.stat().st_size), ("packed.jsonl.gz", 0, None),
+                      ("small.jsonl", 0, None)]
+    explicit = JsonlReader(JsonlReader.Params(paths=[str(big)], shard_bytes="6MB")).shards()
+    assert [(s.start, s.stop) for s in explicit][:2] == [(0, 6_000_000), (6_000_000, 12_000_000)]
+    rows, _, _ = read_all("jsonl", tmp_path / "r", paths=[str(big)])
+    assert len(rows) == 17_000 and rows[-1]["id"].endswith(":17000")
 
 
 def test_batches_are_bounded_by_bytes(tmp_path):

@@ -231,20 +231,21 @@ def test_new_words_are_encoded_joined_and_split_back_exactly(llama, paragraphs, 
     tok = _fresh(llama)
     memo = tok.word_memo
     calls = {"joined": 0, "failed": 0, "alone": 0}
-    split, each = memo._split_joined, memo._each
+    joined, each = memo._encode_joined, memo._each
 
-    def spy_split(ids, words):
-        got = split(ids, words)
-        calls["joined" if got is not None else "failed"] += 1
-        return got
+    def spy_joined(words):
+        ids, starts, lengths, ok = joined(words)
+        calls["joined"] += int(ok.sum())
+        calls["failed"] += int((~ok).sum())
+        return ids, starts, lengths, ok
 
     def spy_each(words, first):
         calls["alone"] += len(words)
         return each(words, first)
 
-    monkeypatch.setattr(memo, "_split_joined", spy_split)
+    monkeypatch.setattr(memo, "_encode_joined", spy_joined)
     monkeypatch.setattr(memo, "_each", spy_each)
     docs = ["\n\n".join(paragraphs[i:i + 20]) for i in range(0, 2000, 20)]
     assert _lists(tok.encode_column(pa.array(docs))) == _whole(tok, docs)
-    assert calls["joined"] > 10 and calls["failed"] == 0
+    assert calls["joined"] > 1000 and calls["failed"] == 0  # words split back from joined strings
     assert calls["alone"] <= 2 * len(docs)  # first and last words of texts only

@@ -1,9 +1,10 @@
 """JSON Lines: plain, ``.gz`` or ``.zst`` (any fsspec compression), streamed in bounded blocks.
 
-A plain file larger than ``shard_bytes`` is split into byte ranges; a line belongs to the range
-holding its first byte, and line numbers stay those of the whole file. ``shards()`` finds, in one
-pass over such a file, where each range's first line starts and its line number (``Shard.extra``
-``start_pos``/``first_line``), so reading all ranges reads each byte about once. Compressed files
+A plain file larger than ``shard_bytes`` (unset: sized from the input, :func:`range_bytes`) is split
+into byte ranges; a line belongs to the range holding its first byte, and line numbers stay those of
+the whole file. ``shards()`` finds, in one pass over such a file, where each range's first line starts
+and its line number (``Shard.extra`` ``start_pos``/``first_line``), so reading all ranges reads each
+byte about once. Compressed files
 are one shard each (they cannot be seeked). A UTF-8 byte-order mark before the first line is skipped.
 
 Every bad line lands in ``failures/`` with file, line and one of the reasons ``invalid_utf8``,
@@ -57,21 +58,24 @@ _ZSTD_CHUNK = 1 << 16
 @register_source("jsonl")
 class JsonlReader(Reader):
     class Params(ReaderParams):
-        shard_bytes: ByteSize = Field(ByteSize(256_000_000), description="split plain files above this size")
+        shard_bytes: ByteSize | None = Field(
+            None, gt=0, description="split plain files into byte ranges of this size; unset: the plain files' "
+            "total size / 16, at least 8 MB and at most 256 MB (a small corpus still gives every worker work)")
         compression: str | None = Field("infer", description="'infer' from the extension, or a codec name")
 
     def shards(self) -> list[Shard]:
-        """One shard per compressed file, one per ``shard_bytes`` range of a plain file.
+        """One shard per compressed file, one per ``shard_bytes`` range of a plain file (:func:`range_bytes`).
 
         Raises ConfigError naming the file when its first bytes show another format (Parquet, a tar,
         gzip under a plain name, plain text under a ``.gz`` name …).
         """
         out: list[Shard] = []
-        for uri, info, rel in list_files(self.params.paths, (".jsonl", ".json", ".gz", ".zst", ".bz2", ".xz", ".ndjson")):
+        files = [(uri, info, rel, self._compression(uri)) for uri, info, rel in
+                 list_files(self.params.paths, (".jsonl", ".json", ".gz", ".zst", ".bz2", ".xz", ".ndjson"))]
+        step = range_bytes(self.params.shard_bytes, sum(info.get("size") or 0 for _, info, _, c in files if c is None))
+        for uri, info, rel, compression in files:
             size = info.get("size") or 0
-            compression = self._compression(uri)
             check_file(uri, compression)
-            step = int(self.params.shard_bytes)
             if compression is not None or size <= step:
                 out.append(Shard(f"{len(out):05d}", content_key(uri, info, 0, None), uri, rel, 0, None))
                 continue
@@ -105,6 +109,26 @@ class JsonlReader(Reader):
                         ctx.failure(bad.reason, bad.detail, file=shard.uri, line=bad.line, record=bad.record)
         finally:
             items.close()  # stops the read-ahead thread when the consumer stops early
+
+
+#: Bounds of the byte ranges an unset ``shard_bytes`` gives, and how many ranges it aims at.
+AUTO_RANGES = 16
+AUTO_MIN_BYTES = 8_000_000
+AUTO_MAX_BYTES = 256_000_000
+
+
+def range_bytes(shard_bytes: int | None, plain_bytes: int) -> int:
+    """The byte-range size plain files are split at: ``shard_bytes`` when set, else the plain files' total
+    ``plain_bytes`` / :data:`AUTO_RANGES`, kept within [:data:`AUTO_MIN_BYTES`, :data:`AUTO_MAX_BYTES`].
+
+    A fixed 256 MB made a 50 MB corpus one shard, run by one worker while the others waited; 16 ranges
+    keep 2–16 workers busy to the end, and the floor keeps each shard's fixed costs (its files, a packed
+    shard's last part-filled window) small beside its work. The size depends on the input alone, never
+    on the workers, so every executor writes the same files.
+    """
+    if shard_bytes is not None:
+        return int(shard_bytes)
+    return min(AUTO_MAX_BYTES, max(AUTO_MIN_BYTES, -(-plain_bytes // AUTO_RANGES)))
 
 
 def check_file(uri: str, compression: str | None) -> None:
