@@ -1,9 +1,11 @@
 """Tokenize → UtK → pack → Parquet, beside bare ``encode_batch``, ``datasets.map`` and datatrove, one run.
 
-All jobs read the same generated corpus (JSONL of real paragraphs from the machine's own Python
-docstrings, ``--mb`` MB, mostly web-length documents with a long tail of book-length ones and two
-~8 MB documents) and use the same real tokenizer: the Llama/Mistral SentencePiece model that
-``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job runs in its own process;
+All jobs read the same corpus and use the same real tokenizer. The corpus is generated (JSONL of real
+paragraphs drawn from the machine's own standard-library docstrings, ``--mb`` MB, mostly web-length
+documents with a long tail of book-length ones and two ~8 MB documents), or held-out text
+(``--corpus heldout``: installed packages' docstrings, each paragraph used once, so a word memo sees
+text as varied as a real corpus's), or your own file (``--jsonl``). The tokenizer is the Llama/Mistral
+SentencePiece model that ``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job runs in its own process;
 its whole process tree's peak RSS is sampled.
 
 1. ``bare``: ``tokenizers`` ``encode_batch_fast`` over batches of 1,000 documents (the ceiling: ids only,
@@ -19,8 +21,8 @@ Also reports best-fit fill rates at 32K and 128K on a long-tailed document-lengt
 
 Jobs run interleaved (each repeat runs every job once, in turn); medians and bests are reported.
 
-Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove] [--corpus web|mid]
-[--jsonl FILE] [--compare-tree DIR]`` (``--jsonl``: your own held-out text instead of the generated corpus)
+Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove]
+[--corpus web|mid|heldout|heldout-longtail] [--jsonl FILE] [--compare-tree DIR]`` (``--jsonl``: your own held-out text instead of the generated corpus)
 """
 
 from __future__ import annotations
