@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from curate.executors.local import THREAD_POOL_VARIABLES, size_thread_pools, threads_per_worker
+from curate.executors.local import (
+    LOAD_TIME_POOL_VARIABLES,
+    THREAD_POOL_VARIABLES,
+    load_time_pools_sized,
+    size_thread_pools,
+    threads_per_worker,
+)
 
 
 def _pools() -> dict[str, str | None]:
@@ -34,6 +41,36 @@ def test_spawned_workers_get_the_share_unless_the_user_set_the_pools(monkeypatch
     monkeypatch.setenv("RAYON_NUM_THREADS", "5")  # the user's choice wins
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=size_thread_pools, initargs=(3,)) as pool:
         assert pool.submit(_pools).result() == {"RAYON_NUM_THREADS": "5", "POLARS_MAX_THREADS": "3"}
+
+
+def _blas_threads() -> dict:
+    """The load-time pool variables this process started with, and the threads numpy's BLAS runs."""
+    import numpy as np
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # the BLAS pool exists once it has worked
+    got = {name: os.environ.get(name) for name in LOAD_TIME_POOL_VARIABLES}
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_info
+
+        got["blas"] = sum(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    return got
+
+
+def test_workers_load_their_blas_and_openmp_pools_at_the_share(monkeypatch):
+    """numpy's OpenBLAS sizes its pool when it loads, before a spawned worker's first line runs: the
+    driver sets the share while it starts workers, leaves the user's settings alone, and gets its own
+    environment back afterwards."""
+    for name in LOAD_TIME_POOL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "4")  # the user's choice wins
+    ctx = mp.get_context("spawn")
+    with load_time_pools_sized(1):
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            seen = pool.submit(_blas_threads).result()
+    assert {k: seen[k] for k in LOAD_TIME_POOL_VARIABLES} == {
+        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "4"}
+    assert seen.get("blas", 1) == 1
+    assert os.environ.get("OPENBLAS_NUM_THREADS") is None and os.environ["MKL_NUM_THREADS"] == "4"
 
 
 def test_the_tokenizer_pool_in_a_sized_worker_uses_that_many_threads(monkeypatch):

@@ -3,10 +3,11 @@
 Workers are started with ``spawn`` and rebuild the plan from the resolved manifest (nothing live is
 pickled). ``workers: 1`` runs in the driver process, which is simplest to debug.
 
-The machine's cores are shared out among the workers: each worker's Rust thread pools (the
-tokenizer's ``encode_batch``, polars) get ``cores // workers`` threads (at least one), so N workers do
-not each start a pool as large as the machine (64 workers on 64 cores would otherwise run 4,096 encoder
-threads). ``RAYON_NUM_THREADS`` / ``POLARS_MAX_THREADS`` set by the user win.
+The machine's cores are shared out among the workers: each worker's native thread pools (the
+tokenizer's ``encode_batch``, polars, numpy's BLAS, OpenMP, MKL) get ``cores // workers`` threads (at
+least one), so N workers do not each start a pool as large as the machine (64 workers on 64 cores would
+otherwise run 4,096 encoder threads). Variables the user set (``RAYON_NUM_THREADS``,
+``OPENBLAS_NUM_THREADS`` …) win.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class LocalExecutor(Executor):
             return
         ctx = mp.get_context("spawn")
         plan_dict = plan.to_dict()
+        with load_time_pools_sized(threads_per_worker(workers)):
+            self._map_pooled(ctx, plan_dict, phase, shards, workers, retry, done, progress)
+
+    def _map_pooled(self, ctx, plan_dict: dict, phase: Phase, shards: list[Shard], workers: int, retry: dict,
+                    done: Done, progress: Progress) -> None:
         losses: dict[str, int] = {}
         todo = list(shards)
         while todo:
@@ -261,6 +267,31 @@ def threads_per_worker(workers: int) -> int:
 
 #: Environment variables sizing the native thread pools a worker may start (read when the pool starts).
 THREAD_POOL_VARIABLES = ("RAYON_NUM_THREADS", "POLARS_MAX_THREADS")
+#: The same for pools that read their size when their library loads — before a spawned worker's first
+#: line runs (numpy's OpenBLAS, OpenMP, MKL): set in the driver while it starts its workers.
+LOAD_TIME_POOL_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def load_time_pools_sized(threads: int):
+    """Within this block, processes started from here size their load-time pools to ``threads`` (unless
+    the user set them); this process's own environment is restored afterwards.
+
+    numpy's OpenBLAS otherwise starts a thread per core in every worker; idle, those threads still
+    spin for a while after each wake-up. Measured: 2 workers on 2 cores, tokenize → utk → pack of 45 MB
+    of held-out text, 7.2–8.7 s with them against 6.7–7.8 s without (interleaved, 4 runs each).
+    """
+    saved = {name: os.environ.get(name) for name in LOAD_TIME_POOL_VARIABLES}
+    for name in LOAD_TIME_POOL_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def size_thread_pools(threads: int) -> dict[str, str]:
