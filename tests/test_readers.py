@@ -162,6 +162,30 @@ def test_parquet_row_group_shards_and_null_text(tmp_path):
     assert [(f["line"], f["reason"]) for f in failures(rd)] == [(10, "missing_text_field"), (20, "empty_text")]
 
 
+def test_parquet_shards_by_size_unless_rows_are_asked_for(tmp_path):
+    """Unset, row groups are grouped by their data size (the files' total / 16, 8–256 MB a shard), so a
+    few tens of MB of Parquet still gives the workers several shards; ``shard_rows`` groups by rows; a
+    row group is never split, and every row is read once with its row number."""
+    from curate.readers.parquet import ParquetReader
+
+    n = 4000
+    table = pa.table({"text": [f"{i:08d} " + "y" * 4990 for i in range(n)]})  # ~20 MB of text
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=100)  # 40 groups of ~0.5 MB
+    pq.write_table(table.slice(0, 10), tmp_path / "one.parquet")  # one row group
+    params = {"paths": [str(tmp_path / "big.parquet"), str(tmp_path / "one.parquet")]}
+    by_size = ParquetReader(ParquetReader.Params(**params)).shards()
+    big = [(s.start, s.stop, s.extra["first_row"]) for s in by_size if s.uri.endswith("big.parquet")]
+    assert len(big) == 3 and big[0][:2] == (0, 16) and big[-1][1] == 40  # 8 MB = 16 groups of ~0.5 MB
+    assert [b[2] for b in big] == [0, 1600, 3200]
+    assert [(s.start, s.stop) for s in by_size if s.uri.endswith("one.parquet")] == [(0, 1)]
+    by_rows = ParquetReader(ParquetReader.Params(**params, shard_rows=1000)).shards()
+    assert [(s.start, s.stop) for s in by_rows if s.uri.endswith("big.parquet")] == [(0, 10), (10, 20), (20, 30),
+                                                                                   (30, 40)]
+    rows, _, _ = read_all("parquet", tmp_path / "r", paths=[str(tmp_path / "big.parquet")])
+    assert len(rows) == n and [r["text"][:8] for r in rows] == [f"{i:08d}" for i in range(n)]
+    assert rows[-1]["id"] == f"big.parquet:{n - 1}"
+
+
 def test_arrow_and_hf_disk_and_load_dataset(tmp_path):
     import datasets
 

@@ -67,6 +67,27 @@ class FieldParams(BatchParams):
     meta_fields: list[str] | None = Field(None, description="fields kept in `meta`; default all others")
 
 
+#: Bounds of the shard size an unset ``shard_bytes`` gives, and how many shards it aims at.
+AUTO_RANGES = 16
+AUTO_MIN_BYTES = 8_000_000
+AUTO_MAX_BYTES = 256_000_000
+
+
+def range_bytes(shard_bytes: int | None, plain_bytes: int) -> int:
+    """The bytes of input per shard: ``shard_bytes`` when set, else the input's total ``plain_bytes``
+    (those that can be split) / :data:`AUTO_RANGES`, kept within [:data:`AUTO_MIN_BYTES`,
+    :data:`AUTO_MAX_BYTES`]. Used for JSONL byte ranges and Parquet row-group runs.
+
+    A fixed 256 MB made a 50 MB corpus one shard, run by one worker while the others waited; 16 ranges
+    keep 2–16 workers busy to the end, and the floor keeps each shard's fixed costs (its files, a packed
+    shard's last part-filled window) small beside its work. The size depends on the input alone, never
+    on the workers, so every executor writes the same files.
+    """
+    if shard_bytes is not None:
+        return int(shard_bytes)
+    return min(AUTO_MAX_BYTES, max(AUTO_MIN_BYTES, -(-plain_bytes // AUTO_RANGES)))
+
+
 class ReaderParams(FieldParams):
     """Parameters every file-based reader takes."""
 

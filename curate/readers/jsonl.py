@@ -39,7 +39,16 @@ from pydantic import ByteSize, Field
 from curate.errors import ConfigError
 from curate.plugins import register_source
 from curate.readers import sniff
-from curate.readers.base import DamagedInput, Reader, ReaderParams, Shard, content_key, list_files, meta_json
+from curate.readers.base import (
+    DamagedInput,
+    Reader,
+    ReaderParams,
+    Shard,
+    content_key,
+    list_files,
+    meta_json,
+    range_bytes,
+)
 from curate.readers.jsonl_blocks import BatchCutter, Fields, ParsedBlock, id_text, parse_block, read_ahead
 
 #: Bytes read at a time: just under the 1 MB above which glibc maps every allocation afresh in processes
@@ -109,26 +118,6 @@ class JsonlReader(Reader):
                         ctx.failure(bad.reason, bad.detail, file=shard.uri, line=bad.line, record=bad.record)
         finally:
             items.close()  # stops the read-ahead thread when the consumer stops early
-
-
-#: Bounds of the byte ranges an unset ``shard_bytes`` gives, and how many ranges it aims at.
-AUTO_RANGES = 16
-AUTO_MIN_BYTES = 8_000_000
-AUTO_MAX_BYTES = 256_000_000
-
-
-def range_bytes(shard_bytes: int | None, plain_bytes: int) -> int:
-    """The byte-range size plain files are split at: ``shard_bytes`` when set, else the plain files' total
-    ``plain_bytes`` / :data:`AUTO_RANGES`, kept within [:data:`AUTO_MIN_BYTES`, :data:`AUTO_MAX_BYTES`].
-
-    A fixed 256 MB made a 50 MB corpus one shard, run by one worker while the others waited; 16 ranges
-    keep 2–16 workers busy to the end, and the floor keeps each shard's fixed costs (its files, a packed
-    shard's last part-filled window) small beside its work. The size depends on the input alone, never
-    on the workers, so every executor writes the same files.
-    """
-    if shard_bytes is not None:
-        return int(shard_bytes)
-    return min(AUTO_MAX_BYTES, max(AUTO_MIN_BYTES, -(-plain_bytes // AUTO_RANGES)))
 
 
 def check_file(uri: str, compression: str | None) -> None:

@@ -20,19 +20,23 @@ from typing import Literal
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import ByteSize, Field
 
 from curate.errors import ConfigError
 from curate.plugins import register_source
 from curate.readers import sniff
-from curate.readers.base import Reader, ReaderParams, Shard, content_key, list_files
+from curate.readers.base import Reader, ReaderParams, Shard, content_key, list_files, range_bytes
 from curate.readers.columnar import check_columns, check_id_column, needed_columns, to_documents
 
 
 @register_source("parquet")
 class ParquetReader(Reader):
     class Params(ReaderParams):
-        shard_rows: int = Field(1_000_000, gt=0, description="row groups are grouped into shards of about this many rows")
+        shard_rows: int | None = Field(None, gt=0, description="row groups are grouped into shards of about this many "
+                                       "rows; unset: by size (shard_bytes)")
+        shard_bytes: ByteSize | None = Field(
+            None, gt=0, description="without shard_rows, row groups are grouped into shards of about this many bytes "
+            "of data (uncompressed); unset: the files' total / 16, at least 8 MB and at most 256 MB")
         schema_: Literal["documents", "table"] = Field(
             "documents", alias="schema", description="documents: map text/id/meta onto the documents schema; "
             "table: keep every column as it is (chat rows, earlier outputs)")
@@ -48,17 +52,23 @@ class ParquetReader(Reader):
         return ["id"]
 
     def shards(self) -> list[Shard]:
+        """Runs of whole row groups: about ``shard_rows`` rows each when set, else about ``shard_bytes`` of
+        data (:func:`curate.readers.base.range_bytes`; a row group is never split, so a file written as
+        one row group is one shard)."""
         out: list[Shard] = []
         first_names = None
-        for uri, info, rel in list_files(self.params.paths, (".parquet", ".pq")):
-            md = footer(uri)
+        files = [(uri, info, rel, footer(uri)) for uri, info, rel in list_files(self.params.paths, (".parquet", ".pq"))]
+        step = None if self.params.shard_rows else range_bytes(
+            self.params.shard_bytes, sum(md.row_group(i).total_byte_size for *_, md in files
+                                         for i in range(md.num_row_groups)))
+        for uri, info, rel, md in files:
             schema = md.schema.to_arrow_schema()
             if self.params.schema_ == "table":
                 _check_table(uri, schema, self.params, first_names)
                 first_names = first_names or schema.names
             else:
                 check_columns(uri, schema, self.params)
-            for start, stop, first_row in _groups(md, self.params.shard_rows):
+            for start, stop, first_row in _groups(md, self.params.shard_rows, step):
                 out.append(Shard(f"{len(out):05d}", content_key(uri, info, start, stop), uri, rel, start, stop,
                                  {"first_row": first_row}))
         return out
@@ -143,13 +153,18 @@ def _group_offset(group: pq.RowGroupMetaData) -> int | None:
     return col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
 
 
-def _groups(md: pq.FileMetaData, shard_rows: int):
-    start, rows, first_row, total = 0, 0, 0, 0
+def _groups(md: pq.FileMetaData, shard_rows: int | None, shard_bytes: int | None):
+    """``(first group, stop group, first row)`` of each run of row groups holding about ``shard_rows``
+    rows (when set) or ``shard_bytes`` bytes of data."""
+    start, rows, size, first_row, total = 0, 0, 0, 0, 0
     for i in range(md.num_row_groups):
-        rows += md.row_group(i).num_rows
-        if rows >= shard_rows or i == md.num_row_groups - 1:
+        group = md.row_group(i)
+        rows += group.num_rows
+        size += group.total_byte_size
+        full = rows >= shard_rows if shard_rows else size >= shard_bytes
+        if full or i == md.num_row_groups - 1:
             yield start, i + 1, first_row
             total += rows
-            start, first_row, rows = i + 1, total, 0
+            start, first_row, rows, size = i + 1, total, 0, 0
     if md.num_row_groups == 0:
         yield 0, 0, 0
