@@ -362,14 +362,21 @@ def _part(section: dict[str, Any], loc: Loc, what: str, errors: _Errors) -> Part
 
 
 def _no_bool_numbers(raw: Any, value: Any, loc: Loc, label: str, errors: _Errors, inner: Loc = ()) -> bool:
-    """Refuse a boolean where a number is expected (pydantic would read ``yes``/``true`` as 1): walk the
-    raw mapping beside the validated model; True when there is none."""
+    """Refuse a boolean where a number is expected (pydantic would read ``yes``/``true`` as 1) and an
+    integer that does not fit in 64 bits (numpy, Arrow and every file format would overflow on it later,
+    far from the manifest): walk the raw mapping beside the validated model; True when there is none."""
+    def name() -> str:
+        return (label + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in inner)
+                if label else _field_name(loc + inner))
+
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        shown = str(value) if len(str(value)) <= 30 else f"a {len(str(abs(value)))}-digit number"
+        errors.add(loc + inner, f"{shown} does not fit in 64 bits (at most {2**63 - 1:,})", name())
+        return False
     if isinstance(raw, bool):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            name = (label + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in inner)
-                    if label else _field_name(loc + inner))
             errors.add(loc + inner, f"expected a number, got the boolean {str(raw).lower()} "
-                                    "(YAML reads yes/no/on/off/true/false unquoted as booleans)", name)
+                                    "(YAML reads yes/no/on/off/true/false unquoted as booleans)", name())
             return False
         return True
     ok = True

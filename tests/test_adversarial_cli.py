@@ -102,11 +102,23 @@ def test_a_folder_or_missing_file_as_manifest(tmp_path):
     (".nan", "finite number"),
     ("[10]", "valid integer"),
     ('"many"', "valid integer"),
+    ("99999999999999999999", "99999999999999999999 does not fit in 64 bits"),
+    ('"9223372036854775808"', "does not fit in 64 bits"),
+    ("1" + "0" * 60, "a 61-digit number does not fit in 64 bits"),
 ])
 def test_bad_numbers_name_line_and_field(tmp_path, inputs, value, expected):
     m = write_manifest(tmp_path / "m.yaml", _base(inputs, f"  - heuristics: {{min_words: {value}}}"))
     msg = _refused("validate", str(m))
     assert f"{m}:4: stages[0] (heuristics).min_words: " in msg and expected in msg
+
+
+def test_numbers_past_64_bits_are_refused_wherever_they_are(tmp_path, inputs):
+    m = write_manifest(tmp_path / "m.yaml", "seed: 18446744073709551616\n" + _base(inputs))
+    assert f"{m}:1: seed: 18446744073709551616 does not fit in 64 bits" in _refused("validate", str(m))
+    m = write_manifest(tmp_path / "s.yaml", _base(inputs).replace("kind: parquet", "kind: parquet, shard_bytes: 10EB"))
+    assert "shard_bytes: 10000000000000000000 does not fit in 64 bits" in _refused("validate", str(m))
+    m = write_manifest(tmp_path / "ok.yaml", "seed: 9223372036854775807\n" + _base(inputs))
+    assert cli("validate", str(m), check=False).returncode == 0
 
 
 def test_a_boolean_seed_and_executor_workers_are_refused(tmp_path, inputs):

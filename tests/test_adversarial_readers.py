@@ -366,14 +366,20 @@ def test_parquet_cut_at_many_offsets_is_named(tmp_path):
         assert str(path) in str(e.value)
 
 
-def test_an_arrow_batch_that_fails_to_convert_names_the_rows_kept(tmp_path):
-    ids = pa.array([f"id{i}".encode() for i in range(10)] + [b"\xff"] * 10, pa.binary())
-    table = pa.table({"text": [make_text(i) for i in range(20)], "doc": ids})
-    path = _write(tmp_path / "a.arrow", _arrow_bytes(table, chunk=10))
-    got, _, rd = read_all("arrow", tmp_path / "r", paths=[str(path)], id_field="doc")
-    assert [r["id"] for r in got] == [f"id{i}" for i in range(10)]
-    fails = failures(rd)
-    assert [f["reason"] for f in fails] == ["unreadable_file"] and fails[0]["line"] == 9
+def test_binary_ids_that_are_not_utf8_fail_alone_with_their_row(tmp_path):
+    """A binary id column with bytes that are not UTF-8 costs only those rows (``invalid_utf8`` with the
+    row), not the rest of their batch or row group; null ids stay ``missing_id_field``."""
+    raw = [f"id{i}".encode() for i in range(20)]
+    raw[3], raw[12], raw[13], raw[19] = b"\xff", b"ok\xc3", None, b"\xed\xa0\x80"  # bad, cut, null, surrogate
+    table = pa.table({"text": [make_text(i) for i in range(20)], "doc": pa.array(raw, pa.binary())})
+    arrow = _write(tmp_path / "a.arrow", _arrow_bytes(table, chunk=10))
+    parquet = tmp_path / "b.parquet"
+    pq.write_table(table, parquet, row_group_size=20)
+    for kind, path in (("arrow", arrow), ("parquet", parquet)):
+        got, _, rd = read_all(kind, tmp_path / kind, paths=[str(path)], id_field="doc")
+        assert [r["id"] for r in got] == [f"id{i}" for i in range(20) if i not in (3, 12, 13, 19)], kind
+        assert [(f["reason"], f["line"]) for f in failures(rd)] == [
+            ("invalid_utf8", 3), ("invalid_utf8", 12), ("missing_id_field", 13), ("invalid_utf8", 19)], kind
 
 
 # ----------------------------------------------------------------------------------- WebDataset

@@ -507,3 +507,18 @@ def test_cut_tar_gz_is_a_counted_truncation(tmp_path):
     assert 0 < len(got) < 200
     assert [r["id"].split(":")[-1] for r in got] == [f"s{i:04d}" for i in range(len(got))]
     assert _only(rd, "truncated_input")["file"] == str(path)
+
+
+@pytest.mark.parametrize("keep", [10, 300, 700])
+def test_tar_gz_cut_before_its_first_sample_is_a_truncation(tmp_path, keep):
+    """A .tar.gz cut so early that no sample is whole (inside the gzip header's end, the first tar header
+    or the first member) is a truncated file, as a later cut is — not an unreadable one."""
+    samples = _samples(40, seed=3)
+    data, _ = _tar_bytes(samples)
+    full = gzip.compress(data, mtime=0)
+    path = write_bytes(tmp_path / "in" / "a.tar.gz", full[:keep])
+    got, _, rd = read_all("webdataset", tmp_path / "r", paths=[str(tmp_path / "in")])
+    assert got == []
+    fail = _only(rd, "truncated_input")
+    assert fail["file"] == str(path) and fail["line"] is None
+    assert "compressed stream ends early" in fail["detail"]

@@ -35,11 +35,15 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     text = batch.column(p.text_field).cast(pa.string())
     good = pc.and_(pc.is_valid(text), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
     good = good.fill_null(False)
+    id_text = None
     if p.id_field:
         good = pc.and_(good, pc.is_valid(batch.column(p.id_field)))
+        id_text = _utf8_rows(batch.column(p.id_field))
+        if id_text is not None:
+            good = pc.and_(good, id_text)
     rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
     if not pc.all(good).as_py():
-        _report_bad_rows(pc.invert(good), rows, text, shard, p, ctx)
+        _report_bad_rows(pc.invert(good), rows, text, shard, p, ctx, id_text)
         batch, text, rows = batch.filter(good), text.filter(good), rows.filter(good)
     if batch.num_rows == 0:
         return None
@@ -59,14 +63,41 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     return out
 
 
-def _report_bad_rows(bad: pa.Array, rows: pa.Array, text: pa.Array, shard: Shard, p, ctx) -> None:
-    """Send each ``bad`` row to ``failures/`` (file, 0-based row): a null or blank text first, else a
-    null id."""
-    for row, value in zip(rows.filter(bad).to_pylist(), text.filter(bad).to_pylist()):
+def _utf8_rows(ids: pa.Array) -> pa.Array | None:
+    """For a binary id column holding bytes that are not UTF-8: which rows are (null counts as UTF-8 here,
+    it is refused as a null id). None when the whole column reads as text (the usual case, one cast)."""
+    if not (pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type)
+            or pa.types.is_fixed_size_binary(ids.type)):
+        return None
+    try:
+        ids.cast(pa.string())
+        return None
+    except pa.ArrowInvalid:
+        pass
+
+    def text(value: bytes | None) -> bool:
+        try:
+            value is None or value.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    return pa.array([text(v) for v in ids.to_pylist()], pa.bool_())
+
+
+def _report_bad_rows(bad: pa.Array, rows: pa.Array, text: pa.Array, shard: Shard, p, ctx,
+                     id_text: pa.Array | None = None) -> None:
+    """Send each ``bad`` row to ``failures/`` (file, 0-based row): a null or blank text first, else an id
+    that is not UTF-8, else a null id."""
+    utf8 = id_text.filter(bad).to_pylist() if id_text is not None else [True] * len(rows.filter(bad))
+    for row, value, id_ok in zip(rows.filter(bad).to_pylist(), text.filter(bad).to_pylist(), utf8, strict=True):
         if value is None:
             ctx.failure("missing_text_field", f"column {p.text_field!r} is null", file=shard.uri, line=row)
         elif not value.strip():
             ctx.failure("empty_text", f"column {p.text_field!r}", file=shard.uri, line=row)
+        elif not id_ok:
+            ctx.failure("invalid_utf8", f"column {p.id_field!r} holds bytes that are not UTF-8", file=shard.uri,
+                        line=row)
         else:
             ctx.failure("missing_id_field", f"column {p.id_field!r} is null", file=shard.uri, line=row)
 

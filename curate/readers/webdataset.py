@@ -206,7 +206,7 @@ def _samples(stream, mode: str, fh, url: str, ignored: list[str] | None) -> Iter
             damage = _tar_end(tf, fh)
             next_key = _peek_key(fh, tf.offset) if damage is not None else None
     except tarfile.ReadError as e:
-        if count == 0 and current is None and pending is None:
+        if count == 0 and current is None and pending is None and _GZIP_CUT not in str(e):
             raise DamagedInput("unreadable_file", f"not a readable tar archive: {e}", offset=0) from None
         reason = "truncated_input" if "unexpected end" in str(e) else "corrupt_input"
         damage = DamagedInput(reason, f"tar archive breaks off: {e}", offset=_tell(fh))
@@ -252,6 +252,11 @@ def _gunzipped(fh):
     return _TarSource(gzip.GzipFile(fileobj=fh, mode="rb")), "r|"
 
 
+#: How :class:`_TarSource` words a gzip stream that ends before its end marker (a cut ``.tar.gz``: even
+#: one cut before its first sample is a truncation, not an unreadable file).
+_GZIP_CUT = "compressed stream ends early"
+
+
 class _TarSource:
     """A decompressed stream for tarfile: what breaks the decompression becomes tarfile's ReadError, with
     tarfile's wording for a stream that ends early, so damage is reported as for any other tar."""
@@ -263,7 +268,7 @@ class _TarSource:
         try:
             return self.inner.read(size)
         except EOFError as e:
-            raise tarfile.ReadError(f"unexpected end of data ({e})") from None
+            raise tarfile.ReadError(f"unexpected end of data ({_GZIP_CUT}: {e})") from None
         except (zlib.error, gzip.BadGzipFile) as e:
             raise tarfile.ReadError(f"corrupt compressed data ({e})") from None
 
