@@ -734,7 +734,7 @@ tokenizer: {{train: {{vocab_size: 300, min_frequency: 1}}}}
 stages:
   - image_size: {{min_side: 1, min_aspect: null, max_aspect: null}}
   - image_dedup: {{}}
-  - count_tokens: {{image_tokens: {{model: qwen2-vl}}}}
+  - count_tokens: {{image_tokens: {{model: qwen2-vl}}, v2pe_stride: 64}}
 sink:
   - {{kind: parquet}}
   - {{kind: jsonl}}
@@ -786,6 +786,11 @@ def test_cli_run_on_hostile_shards_then_killed_mid_shard_reruns_to_the_same_byte
     assert table.num_rows == stats["count_tokens"]["rows_out"] == n_in - len(MISALIGNED)
     ids = table.column("id").to_pylist()
     assert set(WEIRD_IDS) <= set(ids) and ids.count("img-photo_jpeg") == 2
+    # V2PE positions (stride 64 of 256: an image of k tokens spans ceil(k / 4)): as many as tokens in a row
+    # without images, fewer in one with any (a Qwen2-VL image is at least 4 tokens)
+    n_tok, n_img, n_pos = (table.column(c).to_pylist() for c in ("n_tokens", "n_image_tokens", "n_positions"))
+    assert all((p == t) if i == 0 else (p < t) for t, i, p in zip(n_tok, n_img, n_pos, strict=True))
+    assert any(i > 0 for i in n_img)
     records = failures(clean)
     assert {r["record"] for r in records if r["reason"] == "misaligned_row"} == MISALIGNED
     weird = [r for r in records if r["reason"] == "undecodable_image" and not r["record"].startswith("img-")]
