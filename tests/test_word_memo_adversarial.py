@@ -235,14 +235,20 @@ def test_threads_sharing_a_memo_that_keeps_starting_over_get_their_own_ids(base_
     words = ["the", "a", "▁", "  ", "\n", "é", "中文", "word", "x" * 10, "<s>", " \u0301"]
     work = [[" ".join(rng.choice(words) for _ in range(rng.randrange(0, 30))) for _ in range(40)] for _ in range(6)]
     want = [_whole(tok, docs) for docs in work]
+    assert encode_in_threads(tok, work, want, rounds=4) == []
+
+
+def encode_in_threads(tok, work: list[list[str]], want: list[list[list[int]]], rounds: int) -> list:
+    """Encode ``work[k]`` ``rounds`` times in thread k, all at once; the k whose ids differed from
+    ``want[k]`` and the errors raised."""
     errors: list = []
 
     def encode(k: int) -> None:
         try:
-            for _ in range(4):
+            for _ in range(rounds):
                 if tok.encode_column(pa.array(work[k])).to_pylist() != want[k]:
                     errors.append(k)
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # noqa: BLE001 - reported to the caller
             errors.append(repr(e))
 
     threads = [threading.Thread(target=encode, args=(k,)) for k in range(len(work))]
@@ -250,7 +256,7 @@ def test_threads_sharing_a_memo_that_keeps_starting_over_get_their_own_ids(base_
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    return errors
 
 
 @pytest.mark.parametrize("form", ["metaspace", "prepend"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 
 from curate import word_memo
 from curate.tokenizer import load_base
-from tests.test_word_memo_adversarial import VARIANTS, _build
+from tests.test_word_memo_adversarial import VARIANTS, _build, encode_in_threads
 
 #: Variants used here (all accepted by free_cuts): byte fallback off with a fused unknown token, plain
 #: added tokens (size 0), metaspaces of 1, 2, 3 and 4 bytes, and the Prepend ("drops") form.
@@ -534,20 +533,5 @@ def test_threads_with_tiny_limits_and_failing_joined_strings(built, name, monkey
     rng = random.Random(name)
     work = [_docs(rng, memo.meta_char, 25, k) for k in range(6)]
     want = [_whole(plain, docs) for docs in work]
-    errors: list = []
-
-    def run(k: int) -> None:
-        try:
-            for _ in range(3):
-                if tok.encode_column(pa.array(work[k])).to_pylist() != want[k]:
-                    errors.append(k)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(work))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert encode_in_threads(tok, work, want, rounds=3) == []
     _check_memo(memo, plain)
