@@ -5,8 +5,8 @@ paragraphs drawn from the machine's own standard-library docstrings, ``--mb`` MB
 documents with a long tail of book-length ones and two ~8 MB documents), or held-out text
 (``--corpus heldout``: installed packages' docstrings, each paragraph used once, so a word memo sees
 text as varied as a real corpus's), or your own file (``--jsonl``). The tokenizer is the Llama/Mistral
-SentencePiece model that ``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job runs in its own process;
-its whole process tree's peak RSS is sampled.
+SentencePiece model that ``mistral_common`` ships, loaded as a Hugging Face fast tokenizer. Each job
+runs in its own process; its whole process tree's peak RSS is sampled.
 
 1. ``bare``: ``tokenizers`` ``encode_batch_fast`` over batches of 1,000 documents (the ceiling: ids only,
    as curate encodes; special-token strings in the text encoded as text, as curate does). ``bare_offsets`` is the same loop with plain ``encode_batch``, which also computes
@@ -22,7 +22,8 @@ Also reports best-fit fill rates at 32K and 128K on a long-tailed document-lengt
 Jobs run interleaved (each repeat runs every job once, in turn); medians and bests are reported.
 
 Usage: ``python benchmarks/utk_throughput.py [--mb 200] [--repeat 1] [--skip datatrove]
-[--corpus web|mid|heldout|heldout-longtail] [--jsonl FILE] [--compare-tree DIR]`` (``--jsonl``: your own held-out text instead of the generated corpus)
+[--corpus web|mid|heldout|heldout-mid|heldout-longtail] [--jsonl FILE] [--compare-tree DIR]``
+(``--jsonl``: your own held-out text instead of the generated corpus)
 """
 
 from __future__ import annotations
@@ -216,12 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
                                            "`curate run` of the same job is timed too, as curate_before")
     ap.add_argument("--jsonl", help="time the jobs on this JSONL file (a `text` field per line) instead of a "
                                     "generated corpus: held-out text of your own")
-    ap.add_argument("--corpus", choices=["longtail", "web", "mid", "heldout", "heldout-longtail"], default="longtail",
+    ap.add_argument("--corpus", choices=["longtail", "web", "mid", "heldout", "heldout-mid", "heldout-longtail"],
+                    default="longtail",
                     help="longtail (default): web-length documents plus book-length ones and two ~8 MB giants; "
                          "web: web-length documents only (up to ~10K characters); "
                          "mid: documents of up to ~30K characters; "
                          "heldout: web-length documents of held-out text (installed packages' docstrings, each "
                          "paragraph once; at most what the machine has, ~45 MB here; ~2.5 min to collect); "
+                         "heldout-mid: the same in documents of up to ~30K characters; "
                          "heldout-longtail: the same with 0.5%% book-length documents")
     args = ap.parse_args(argv)
     from curate.testing import byte_compile
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
             # web-length documents, 0.2% book-length ones and two ~8 MB giants: the long tail of real data
             shape = {"longtail": {"books": 0.002, "giants": 2}, "web": {}, "mid": {"paragraphs_per_doc": (4, 200)}}
             if args.corpus.startswith("heldout"):  # text the generated corpora never contain, each paragraph once
-                write_heldout_corpus(corpus, args.mb * 1_000_000, books=0.005 if "longtail" in args.corpus else 0)
+                write_heldout_corpus(corpus, args.mb * 1_000_000, books=0.005 if "longtail" in args.corpus else 0,
+                                     paragraphs_per_doc=(4, 200) if args.corpus == "heldout-mid" else (4, 60))
             else:
                 write_jsonl_corpus(corpus, args.mb * 1_000_000, **shape[args.corpus])
             report["corpus"] = args.corpus
