@@ -369,9 +369,10 @@ def _no_bool_numbers(raw: Any, value: Any, loc: Loc, label: str, errors: _Errors
         return (label + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in inner)
                 if label else _field_name(loc + inner))
 
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+    top = 2**64 if loc + inner == ("seed",) else 2**63  # the run's seed is only hashed: unsigned 64-bit too
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < top:
         shown = str(value) if len(str(value)) <= 30 else f"a {len(str(abs(value)))}-digit number"
-        errors.add(loc + inner, f"{shown} does not fit in 64 bits (at most {2**63 - 1:,})", name())
+        errors.add(loc + inner, f"{shown} does not fit in 64 bits (at most {top - 1:,})", name())
         return False
     if isinstance(raw, bool):
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -191,17 +191,19 @@ class WordMemo:
         lengths = self._lengths[keep]
         starts = np.zeros(len(keep), np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        self._store = self._store[_ranges(self._starts[keep], lengths)]
+        store = self._store[_ranges(self._starts[keep], lengths)]
         number = np.full(len(self._starts), -1, np.int64)
         number[keep] = np.arange(len(keep))
+        kept = []
         for index in (self._index, self._first):
-            old = np.fromiter(index.values(), np.int64, len(index))
-            new = number[old]
+            new = number[np.fromiter(index.values(), np.int64, len(index))]
             alive = new >= 0
-            words = list(compress(index, alive))
-            index.clear()
-            index.update(zip(words, new[alive].tolist()))
-        self._starts, self._lengths, self._hits = starts, lengths, self._hits[keep] // 2
+            kept.append(dict(zip(compress(index, alive), new[alive].tolist())))
+        # everything is built before any of it is swapped in: a failure above (out of memory) leaves the
+        # memo as it was, never numbers pointing into another store
+        hits = self._hits[keep] // 2
+        self._index, self._first = kept
+        self._store, self._starts, self._lengths, self._hits = store, starts, lengths, hits
 
     def _encode_new(self, words: pa.Array, texts: list[str], first: bool) -> tuple[np.ndarray, np.ndarray]:
         """``(starts, lengths)`` of the ids of ``words`` (Arrow; ``texts`` the same as str), appended to

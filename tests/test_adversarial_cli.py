@@ -115,6 +115,8 @@ def test_bad_numbers_name_line_and_field(tmp_path, inputs, value, expected):
 def test_numbers_past_64_bits_are_refused_wherever_they_are(tmp_path, inputs):
     m = write_manifest(tmp_path / "m.yaml", "seed: 18446744073709551616\n" + _base(inputs))
     assert f"{m}:1: seed: 18446744073709551616 does not fit in 64 bits" in _refused("validate", str(m))
+    m = write_manifest(tmp_path / "u.yaml", "seed: 18446744073709551615\n" + _base(inputs))  # unsigned: fine
+    assert cli("validate", str(m), check=False).returncode == 0
     m = write_manifest(tmp_path / "s.yaml", _base(inputs).replace("kind: parquet", "kind: parquet, shard_bytes: 10EB"))
     assert "shard_bytes: 10000000000000000000 does not fit in 64 bits" in _refused("validate", str(m))
     m = write_manifest(tmp_path / "ok.yaml", "seed: 9223372036854775807\n" + _base(inputs))

@@ -375,11 +375,17 @@ def test_binary_ids_that_are_not_utf8_fail_alone_with_their_row(tmp_path):
     arrow = _write(tmp_path / "a.arrow", _arrow_bytes(table, chunk=10))
     parquet = tmp_path / "b.parquet"
     pq.write_table(table, parquet, row_group_size=20)
-    for kind, path in (("arrow", arrow), ("parquet", parquet)):
-        got, _, rd = read_all(kind, tmp_path / kind, paths=[str(path)], id_field="doc")
-        assert [r["id"] for r in got] == [f"id{i}" for i in range(20) if i not in (3, 12, 13, 19)], kind
+    dictionary = tmp_path / "c.parquet"  # read back as a dictionary of binary values
+    pq.write_table(table.set_column(1, "doc", table.column("doc").dictionary_encode()), dictionary)
+    views = [("parquet", dictionary)]
+    if hasattr(pa, "binary_view"):
+        viewed = table.set_column(1, "doc", table.column("doc").cast(pa.binary_view()))
+        views.append(("arrow", _write(tmp_path / "d.arrow", _arrow_bytes(viewed, chunk=20))))
+    for kind, path in (("arrow", arrow), ("parquet", parquet), *views):
+        got, _, rd = read_all(kind, tmp_path / path.stem, paths=[str(path)], id_field="doc")
+        assert [r["id"] for r in got] == [f"id{i}" for i in range(20) if i not in (3, 12, 13, 19)], path
         assert [(f["reason"], f["line"]) for f in failures(rd)] == [
-            ("invalid_utf8", 3), ("invalid_utf8", 12), ("missing_id_field", 13), ("invalid_utf8", 19)], kind
+            ("invalid_utf8", 3), ("invalid_utf8", 12), ("missing_id_field", 13), ("invalid_utf8", 19)], path
 
 
 # ----------------------------------------------------------------------------------- WebDataset

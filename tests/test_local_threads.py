@@ -60,17 +60,23 @@ def test_workers_load_their_blas_and_openmp_pools_at_the_share(monkeypatch):
     """numpy's OpenBLAS sizes its pool when it loads, before a spawned worker's first line runs: the
     driver sets the share while it starts workers, leaves the user's settings alone, and gets its own
     environment back afterwards."""
-    for name in LOAD_TIME_POOL_VARIABLES:
+    for name in (*LOAD_TIME_POOL_VARIABLES, "GOTO_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MKL_NUM_THREADS", "4")  # the user's choice wins
     ctx = mp.get_context("spawn")
     with load_time_pools_sized(1):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             seen = pool.submit(_blas_threads).result()
-    assert {k: seen[k] for k in LOAD_TIME_POOL_VARIABLES} == {
-        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "4"}
+    assert {k: seen[k] for k in LOAD_TIME_POOL_VARIABLES} == dict.fromkeys(LOAD_TIME_POOL_VARIABLES, "1")
     assert seen.get("blas", 1) == 1
-    assert os.environ.get("OPENBLAS_NUM_THREADS") is None and os.environ["MKL_NUM_THREADS"] == "4"
+    assert all(os.environ.get(name) is None for name in LOAD_TIME_POOL_VARIABLES)  # the driver's own, restored
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the usual single knob: the user's choice wins for every pool
+    with load_time_pools_sized(1):
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            seen = pool.submit(_blas_threads).result()
+    assert {k: seen[k] for k in LOAD_TIME_POOL_VARIABLES} == {
+        "OPENBLAS_NUM_THREADS": None, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": None}
+    assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ.get("OPENBLAS_NUM_THREADS") is None
 
 
 def test_the_tokenizer_pool_in_a_sized_worker_uses_that_many_threads(monkeypatch):

@@ -181,6 +181,8 @@ def test_parquet_shards_by_size_unless_rows_are_asked_for(tmp_path):
     by_rows = ParquetReader(ParquetReader.Params(**params, shard_rows=1000)).shards()
     assert [(s.start, s.stop) for s in by_rows if s.uri.endswith("big.parquet")] == [(0, 10), (10, 20), (20, 30),
                                                                                    (30, 40)]
+    with pytest.raises(ValueError, match="shard_rows or shard_bytes, not both"):
+        ParquetReader.Params(**params, shard_rows=10, shard_bytes="1MB")
     rows, _, _ = read_all("parquet", tmp_path / "r", paths=[str(tmp_path / "big.parquet")])
     assert len(rows) == n and [r["text"][:8] for r in rows] == [f"{i:08d}" for i in range(n)]
     assert rows[-1]["id"] == f"big.parquet:{n - 1}"

@@ -32,6 +32,7 @@ def needed_columns(names: list[str], p) -> list[str] | None:
 def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) -> pa.RecordBatch | None:
     """Convert one columnar batch; ``first_row`` is the file row number of its first row."""
     check_columns(shard.uri, batch.schema, p)
+    batch = _without_views(batch)
     text = batch.column(p.text_field).cast(pa.string())
     good = pc.and_(pc.is_valid(text), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
     good = good.fill_null(False)
@@ -48,7 +49,10 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     if batch.num_rows == 0:
         return None
     if p.id_field:
-        ids = batch.column(p.id_field).cast(pa.string())
+        ids = batch.column(p.id_field)
+        if pa.types.is_dictionary(ids.type):  # its dictionary may still hold a value no kept row uses
+            ids = ids.dictionary_decode()
+        ids = ids.cast(pa.string())
     else:
         ids = pc.binary_join_element_wise(pa.scalar(shard.rel), rows.cast(pa.string()), ":")
     meta = _meta(batch, p)
@@ -63,11 +67,25 @@ def to_documents(batch: pa.RecordBatch, first_row: int, shard: Shard, p, ctx) ->
     return out
 
 
+def _without_views(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with its string_view/binary_view columns as large_string/large_binary: pyarrow's filter
+    and take have no kernel for view types in some versions, and dropping a bad row filters the batch."""
+    views = {"string_view": pa.large_string(), "binary_view": pa.large_binary()}
+    kinds = [views.get(str(f.type)) for f in batch.schema]
+    if not any(kinds):
+        return batch
+    columns = [c.cast(k) if k is not None else c for c, k in zip(batch.columns, kinds, strict=True)]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
 def _utf8_rows(ids: pa.Array) -> pa.Array | None:
     """For a binary id column holding bytes that are not UTF-8: which rows are (null counts as UTF-8 here,
     it is refused as a null id). None when the whole column reads as text (the usual case, one cast)."""
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()  # Parquet reads a dictionary-encoded column back as one
     if not (pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type)
-            or pa.types.is_fixed_size_binary(ids.type)):
+            or pa.types.is_fixed_size_binary(ids.type)
+            or getattr(pa.types, "is_binary_view", lambda _: False)(ids.type)):  # pyarrow >= 16
         return None
     try:
         ids.cast(pa.string())

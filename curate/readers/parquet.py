@@ -20,7 +20,7 @@ from typing import Literal
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, model_validator
 
 from curate.errors import ConfigError
 from curate.plugins import register_source
@@ -40,6 +40,12 @@ class ParquetReader(Reader):
         schema_: Literal["documents", "table"] = Field(
             "documents", alias="schema", description="documents: map text/id/meta onto the documents schema; "
             "table: keep every column as it is (chat rows, earlier outputs)")
+
+        @model_validator(mode="after")
+        def _one_way_to_size(self):
+            if self.shard_rows is not None and self.shard_bytes is not None:
+                raise ValueError("set shard_rows or shard_bytes, not both (each sizes the shards its own way)")
+            return self
 
     def output_kind(self) -> str:
         return "table" if self.params.schema_ == "table" else "documents"
