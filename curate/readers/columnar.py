@@ -87,11 +87,8 @@ def _utf8_rows(ids: pa.Array) -> pa.Array | None:
             or pa.types.is_fixed_size_binary(ids.type)
             or getattr(pa.types, "is_binary_view", lambda _: False)(ids.type)):  # pyarrow >= 16
         return None
-    try:
-        ids.cast(pa.string())
+    if _casts_to_text(ids):
         return None
-    except pa.ArrowInvalid:
-        pass
 
     def text(value: bytes | None) -> bool:
         try:
@@ -101,6 +98,15 @@ def _utf8_rows(ids: pa.Array) -> pa.Array | None:
             return False
 
     return pa.array([text(v) for v in ids.to_pylist()], pa.bool_())
+
+
+def _casts_to_text(ids: pa.Array) -> bool:
+    """Whether every value of the binary column ``ids`` is UTF-8 (Arrow's cast checks them all at once)."""
+    try:
+        ids.cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _report_bad_rows(bad: pa.Array, rows: pa.Array, text: pa.Array, shard: Shard, p, ctx,
